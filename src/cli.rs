@@ -1,0 +1,145 @@
+//! The command line: parsing, logging setup and dispatch to one module per
+//! subcommand.
+
+mod key;
+mod serve;
+mod status;
+mod ticket;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::{config::DEFAULT_DATA_DIR, endpoint::RelayChoice};
+
+/// Peer-to-peer remote Nix builds over Iroh.
+///
+/// A builder runs `drv-thru serve`; its admin hands out one-time tickets
+/// (`drv-thru ticket create`) or trusts a client's key for good. Clients
+/// build on it with a ticket or as a trusted client, and get the outputs
+/// back as store paths signed by the builder.
+#[derive(Debug, Parser)]
+#[command(
+    name = "drv-thru",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// More log output on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Relays: `default` (n0's public relays and address lookup),
+    /// `disabled` (direct addresses only, fully offline) or a relay URL.
+    #[arg(long, global = true, env = "DRV_THRU_RELAY", value_name = "MODE|URL")]
+    relay: Option<RelayChoice>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a builder.
+    Serve(serve::Args),
+    /// Create and manage build tickets (on the builder).
+    #[command(subcommand)]
+    Ticket(ticket::Command),
+    /// Show a builder's active builds, queue and recent results.
+    Status(status::Args),
+    /// Manage this client's Iroh key.
+    #[command(subcommand)]
+    Key(key::Command),
+}
+
+/// Where the builder keeps its state, shared by the builder-side commands.
+#[derive(Debug, Clone, clap::Args)]
+struct DataDirArg {
+    /// The builder's state directory (keys, tickets, admin socket).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "DRV_THRU_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+/// How a command failed, for the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// A usage, configuration, network or server problem (exit 2).
+    Error(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(err: E) -> Self {
+        Self::Error(err.into())
+    }
+}
+
+fn init_logging(verbose: u8, default: &str) {
+    let filter = match verbose {
+        0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+        1 => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("drv_thru=debug,iroh=info")),
+        _ => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("drv_thru=trace,iroh=debug")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Parses the command line, runs the command and reports its outcome.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server's log is its interface; a client command logs only
+    // warnings unless asked.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "drv_thru=info,iroh=warn",
+        _ => "drv_thru=warn,iroh=error",
+    };
+    init_logging(cli.verbose, default_filter);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let relay = cli.relay.clone().unwrap_or_default();
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args, cli.relay).await,
+            Command::Ticket(command) => ticket::run(command).await,
+            Command::Status(args) => status::run(args, relay).await,
+            Command::Key(command) => key::run(command),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Error(err)) => {
+            report(&err, cli.verbose > 0);
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints an error as one line, or with its causes one per line when
+/// verbose. A closed stdout (`| head`) is not an error worth a message.
+fn report(err: &anyhow::Error, verbose: bool) {
+    if err
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    {
+        return;
+    }
+    if verbose {
+        eprintln!("error: {err}");
+        for cause in err.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+    } else {
+        eprintln!("error: {err:#}");
+    }
+}

@@ -1,0 +1,206 @@
+//! Reaching a builder: over Iroh as a ticket holder or trusted client, or
+//! over the local admin socket. Turns transport and status errors into
+//! messages that say what to do.
+
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::{Context, anyhow};
+use iroh::{Endpoint, EndpointAddr, EndpointId, RelayUrl};
+use tonic::{
+    Code, Status,
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+use crate::{
+    config::{self, NamedBuilder},
+    endpoint::{EndpointOptions, RelayChoice},
+    keys,
+    nix::signing,
+    ticket::Ticket,
+};
+
+/// A channel that presents a ticket with every call (or nothing).
+pub type BuilderChannel = InterceptedService<Channel, Credentials>;
+
+/// Adds the ticket's `authorization` metadata to every request.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials(Option<AsciiMetadataValue>);
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Which builder to use and how to authenticate to it.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A ticket: address, signing key and credentials in one.
+    Ticket(Box<Ticket>),
+    /// A named builder from `builders.json` (trusted-client access).
+    Named(Box<NamedBuilder>),
+    /// An endpoint id given directly (trusted-client access).
+    Direct {
+        /// The builder's endpoint id.
+        endpoint_id: EndpointId,
+        /// A relay to reach it through.
+        relay_url: Option<RelayUrl>,
+        /// Direct addresses to dial.
+        addrs: Vec<SocketAddr>,
+    },
+}
+
+impl Target {
+    /// The address to dial.
+    pub fn addr(&self) -> anyhow::Result<EndpointAddr> {
+        Ok(match self {
+            Self::Ticket(ticket) => ticket.builder().clone(),
+            Self::Named(builder) => {
+                let mut addr = EndpointAddr::new(builder.endpoint_id);
+                if let Some(relay) = &builder.relay_url {
+                    let relay: RelayUrl = relay.parse().with_context(|| {
+                        format!(
+                            "builder {:?} in {}: invalid relay_url {relay:?}",
+                            builder.name,
+                            builder.source.display()
+                        )
+                    })?;
+                    addr = addr.with_relay_url(relay);
+                }
+                builder
+                    .addrs
+                    .iter()
+                    .fold(addr, |addr, direct| addr.with_ip_addr(*direct))
+            }
+            Self::Direct {
+                endpoint_id,
+                relay_url,
+                addrs,
+            } => {
+                let addr = EndpointAddr::new(*endpoint_id);
+                let addr = match relay_url {
+                    Some(relay) => addr.with_relay_url(relay.clone()),
+                    None => addr,
+                };
+                addrs
+                    .iter()
+                    .fold(addr, |addr, direct| addr.with_ip_addr(*direct))
+            }
+        })
+    }
+
+    /// The signing key this client trusts for the builder's outputs, if it
+    /// was configured or handed over with a ticket.
+    pub fn trusted_signing_key(&self) -> Option<&signing::PublicKey> {
+        match self {
+            Self::Ticket(ticket) => Some(ticket.signing_key()),
+            Self::Named(builder) => builder.public_key.as_ref(),
+            Self::Direct { .. } => None,
+        }
+    }
+
+    fn credentials(&self) -> Credentials {
+        match self {
+            Self::Ticket(ticket) => Credentials(Some(
+                ticket
+                    .secret()
+                    .authorization(ticket.id())
+                    .parse()
+                    .expect("the authorization value is ASCII"),
+            )),
+            Self::Named(_) | Self::Direct { .. } => Credentials::default(),
+        }
+    }
+}
+
+/// A live connection to a builder.
+#[derive(Debug)]
+pub struct Connection {
+    /// Our endpoint; closing it ends the connection.
+    pub endpoint: Endpoint,
+    /// The gRPC channel with credentials attached.
+    pub channel: BuilderChannel,
+}
+
+impl Connection {
+    /// Closes the endpoint, telling the builder we are gone.
+    pub async fn close(self) {
+        self.endpoint.close().await;
+    }
+}
+
+/// Connects to `target` with this user's client key (created on first use).
+///
+/// One persistent key per user, also for ticket builds, so a ticket bound to
+/// `drv-thru key show`'s id works.
+pub async fn connect(
+    target: &Target,
+    relay: RelayChoice,
+    key_file: Option<&Path>,
+) -> anyhow::Result<Connection> {
+    let key_path = match key_file {
+        Some(path) => path.to_owned(),
+        None => keys::default_client_key_path().ok_or_else(|| {
+            anyhow!("cannot find the client key: neither XDG_CONFIG_HOME nor HOME is set")
+        })?,
+    };
+    let secret_key = keys::load_or_create_endpoint_key(&key_path)?;
+    let endpoint = EndpointOptions::new(secret_key).relay(relay).bind().await?;
+    let addr = target.addr()?;
+    match crate::transport::iroh::connect(&endpoint, addr).await {
+        Ok(channel) => Ok(Connection {
+            channel: InterceptedService::new(channel, target.credentials()),
+            endpoint,
+        }),
+        Err(err) => {
+            endpoint.close().await;
+            Err(err.into())
+        }
+    }
+}
+
+/// Resolves `--builder NAME` against the builders files.
+pub fn named(name: &str) -> anyhow::Result<Target> {
+    let builder = config::find_builder(&config::builders_files(), name)?;
+    Ok(Target::Named(Box::new(builder)))
+}
+
+/// Connects to the admin socket of the server using `data_dir`.
+pub async fn admin(data_dir: &Path) -> anyhow::Result<Channel> {
+    let path = config::admin_socket_path(data_dir);
+    crate::transport::unix::connect(&path).await.map_err(|err| {
+        let hint = match err.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
+                "no drv-thru server is running with data directory {} (start `drv-thru serve`, or pass --data-dir)",
+                data_dir.display()
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "permission denied on {}: run as root or as a member of the builder's admin group",
+                path.display()
+            ),
+            _ => format!("cannot reach the server's admin socket {}", path.display()),
+        };
+        anyhow::Error::new(err).context(hint)
+    })
+}
+
+/// Turns a refused or failed call into an error that says what happened.
+pub fn status_error(status: Status) -> anyhow::Error {
+    let message = status.message().trim();
+    match status.code() {
+        Code::Unavailable => anyhow!("the builder is unreachable or went away: {message}"),
+        Code::Unimplemented => anyhow!(
+            "the builder does not support this request (is it an older drv-thru?): {message}"
+        ),
+        Code::DeadlineExceeded => anyhow!("the builder did not answer in time: {message}"),
+        _ if message.is_empty() => anyhow!("the builder refused the request ({:?})", status.code()),
+        _ => anyhow!("{message}"),
+    }
+}

@@ -1,0 +1,521 @@
+//! Configuration files: the server's JSON config (written by the NixOS
+//! module) and the client's `builders.json`.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use iroh::EndpointId;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    endpoint::RelayChoice,
+    nix::signing,
+    units::{ByteSize, HumanDuration},
+};
+
+/// The default server data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/drv-thru";
+
+/// The system-wide builders file the NixOS module writes.
+pub const SYSTEM_BUILDERS_FILE: &str = "/etc/drv-thru/builders.json";
+
+/// Errors loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not valid JSON of the expected shape.
+    #[error("{path} is invalid: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's explanation, with line and column.
+        source: serde_json::Error,
+    },
+    /// A value that parsed but makes no sense.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Limits that apply to one admitted build session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Wall-clock limit of one build.
+    #[serde(default = "Limits::default_build_time")]
+    pub max_build_time: HumanDuration,
+    /// NAR bytes one session may upload.
+    #[serde(default = "Limits::default_upload_bytes")]
+    pub max_upload_bytes: ByteSize,
+}
+
+impl Limits {
+    fn default_build_time() -> HumanDuration {
+        HumanDuration::from_secs(30 * 60)
+    }
+
+    fn default_upload_bytes() -> ByteSize {
+        ByteSize::new(20 << 30)
+    }
+}
+
+impl Default for Limits {
+    /// 30 minutes of build time and 20 GiB of upload, as documented.
+    fn default() -> Self {
+        Self {
+            max_build_time: Self::default_build_time(),
+            max_upload_bytes: Self::default_upload_bytes(),
+        }
+    }
+}
+
+/// A client allowed to build without a ticket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedClient {
+    /// The client's Iroh endpoint id (`drv-thru key show`).
+    pub public_key: EndpointId,
+    /// Its per-session limits.
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+/// `drv-thru serve --config FILE`: everything the server needs, in one JSON
+/// file. Unknown fields are errors so a typo never silently disables a
+/// setting.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// State directory: keys, tickets, the admin socket and the cache.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The Iroh secret key; defaults to `DATA_DIR/secret.key`.
+    #[serde(default)]
+    pub secret_key_file: Option<PathBuf>,
+    /// UDP socket to listen on; port 0 picks any free port.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// `"default"`, `"disabled"` or a relay URL.
+    #[serde(default)]
+    pub relay: RelayChoice,
+    /// Members of this group may use the admin socket (tickets, status).
+    #[serde(default)]
+    pub admin_group: Option<String>,
+    /// Builds that may run at once.
+    #[serde(default = "default_max_concurrent_builds")]
+    pub max_concurrent_builds: u32,
+    /// Cache entries filled in parallel; `null` picks from the CPU count.
+    #[serde(default)]
+    pub output_cache_max_parallel_fills: Option<u32>,
+    /// Finished builds kept for `status`.
+    #[serde(default = "default_recent_builds_limit")]
+    pub recent_builds_limit: u32,
+    /// Iroh connections served at once; more are refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Clients that may build without a ticket, by name.
+    #[serde(default)]
+    pub trusted_clients: BTreeMap<String, TrustedClient>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+
+fn default_max_concurrent_builds() -> u32 {
+    1
+}
+
+fn default_recent_builds_limit() -> u32 {
+    20
+}
+
+fn default_max_connections() -> u32 {
+    256
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            secret_key_file: None,
+            listen: None,
+            relay: RelayChoice::default(),
+            admin_group: None,
+            max_concurrent_builds: default_max_concurrent_builds(),
+            output_cache_max_parallel_fills: None,
+            recent_builds_limit: default_recent_builds_limit(),
+            max_connections: default_max_connections(),
+            trusted_clients: BTreeMap::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Loads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = read_json(path)?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: every problem is found at startup, not
+    /// when a client first connects.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_concurrent_builds == 0 {
+            return Err("max_concurrent_builds must be at least 1".to_owned());
+        }
+        if self.recent_builds_limit == 0 {
+            return Err("recent_builds_limit must be at least 1".to_owned());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".to_owned());
+        }
+        if self.output_cache_max_parallel_fills == Some(0) {
+            return Err("output_cache_max_parallel_fills must be at least 1 or null".to_owned());
+        }
+        let mut seen = BTreeMap::new();
+        for (name, client) in &self.trusted_clients {
+            if let Some(other) = seen.insert(client.public_key, name) {
+                return Err(format!(
+                    "trusted clients {other:?} and {name:?} have the same public_key"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The Iroh secret key file.
+    pub fn secret_key_path(&self) -> PathBuf {
+        self.secret_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("secret.key"))
+    }
+}
+
+/// The admin socket of a server using `data_dir`.
+pub fn admin_socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// The per-user config directory: `$XDG_CONFIG_HOME/drv-thru` or
+/// `~/.config/drv-thru`.
+pub fn user_config_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))?;
+    Some(base.join("drv-thru"))
+}
+
+/// One named builder in `builders.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderEntry {
+    /// The builder's endpoint id.
+    #[serde(default)]
+    pub endpoint_id: Option<EndpointId>,
+    /// A file holding the endpoint id (for secret-managed deployments).
+    #[serde(default)]
+    pub endpoint_id_file: Option<PathBuf>,
+    /// A relay URL to reach it through.
+    #[serde(default)]
+    pub relay_url: Option<String>,
+    /// Direct addresses (`IP:PORT`) to dial.
+    #[serde(default)]
+    pub addrs: Vec<SocketAddr>,
+    /// The builder's Nix signing key (`NAME:BASE64`), trusted for this
+    /// builder's outputs.
+    #[serde(default)]
+    pub public_key: Option<signing::PublicKey>,
+}
+
+/// A builder entry with its endpoint id resolved.
+#[derive(Debug, Clone)]
+pub struct NamedBuilder {
+    /// The name it was configured under.
+    pub name: String,
+    /// The builder's endpoint id.
+    pub endpoint_id: EndpointId,
+    /// A relay URL to reach it through.
+    pub relay_url: Option<String>,
+    /// Direct addresses to dial.
+    pub addrs: Vec<SocketAddr>,
+    /// The configured signing key, if any.
+    pub public_key: Option<signing::PublicKey>,
+    /// The file the entry came from.
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildersFile {
+    builders: BTreeMap<String, BuilderEntry>,
+}
+
+/// The builders files consulted, in order: the system file, then the user's,
+/// whose entries replace same-named system entries.
+pub fn builders_files() -> Vec<PathBuf> {
+    let mut files = vec![PathBuf::from(SYSTEM_BUILDERS_FILE)];
+    if let Some(dir) = user_config_dir() {
+        files.push(dir.join("builders.json"));
+    }
+    files
+}
+
+/// Looks up the builder `name` in `files` (later files win).
+pub fn find_builder(files: &[PathBuf], name: &str) -> Result<NamedBuilder, ConfigError> {
+    let mut found: Option<(BuilderEntry, &PathBuf)> = None;
+    let mut names = Vec::new();
+    let mut read_any = false;
+    for path in files {
+        let file: BuildersFile = match read_json(path) {
+            Ok(file) => file,
+            Err(ConfigError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        read_any = true;
+        for (entry_name, entry) in file.builders {
+            if entry_name == name {
+                found = Some((entry, path));
+            } else if !names.contains(&entry_name) {
+                names.push(entry_name);
+            }
+        }
+    }
+    let listing = files
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some((entry, path)) = found else {
+        let message = if !read_any {
+            format!(
+                "no builders file exists (looked at {listing}); add the builder there or use --server/--ticket"
+            )
+        } else if names.is_empty() {
+            format!("no builder named {name:?}: the builders files ({listing}) define none")
+        } else {
+            format!(
+                "no builder named {name:?}; configured builders: {}",
+                names.join(", ")
+            )
+        };
+        return Err(ConfigError::Invalid {
+            path: files.last().cloned().unwrap_or_default(),
+            message,
+        });
+    };
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    let endpoint_id = match (&entry.endpoint_id, &entry.endpoint_id_file) {
+        (Some(id), None) => *id,
+        (None, Some(file)) => {
+            let text = fs::read_to_string(file).map_err(|source| ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            text.trim().parse().map_err(|_| {
+                invalid(format!(
+                    "builder {name:?}: {} does not hold an endpoint id (64 hex characters)",
+                    file.display()
+                ))
+            })?
+        }
+        _ => {
+            return Err(invalid(format!(
+                "builder {name:?} must set exactly one of endpoint_id and endpoint_id_file"
+            )));
+        }
+    };
+    Ok(NamedBuilder {
+        name: name.to_owned(),
+        endpoint_id,
+        relay_url: entry.relay_url,
+        addrs: entry.addrs,
+        public_key: entry.public_key,
+        source: path.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID_A: &str = "ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
+    const ID_B: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn server_config_defaults_match_the_docs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "c.json", "{}");
+        let config = ServerConfig::load(&path).unwrap();
+        assert_eq!(config.data_dir, Path::new("/var/lib/drv-thru"));
+        assert_eq!(config.max_concurrent_builds, 1);
+        assert_eq!(config.recent_builds_limit, 20);
+        assert_eq!(
+            config.secret_key_path(),
+            Path::new("/var/lib/drv-thru/secret.key")
+        );
+        assert_eq!(config.relay, RelayChoice::Default);
+    }
+
+    #[test]
+    fn server_config_reads_trusted_clients_with_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"{{"data_dir": "/srv/d", "relay": "disabled", "listen": "127.0.0.1:0",
+                "trusted_clients": {{"alex": {{"public_key": "{ID_A}", "max_build_time": "1h",
+                "max_upload_bytes": "1G"}}, "sam": {{"public_key": "{ID_B}"}}}}}}"#
+        );
+        let config = ServerConfig::load(&write(dir.path(), "c.json", &text)).unwrap();
+        let alex = &config.trusted_clients["alex"];
+        assert_eq!(alex.limits.max_build_time.get().as_secs(), 3600);
+        assert_eq!(alex.limits.max_upload_bytes.get(), 1 << 30);
+        assert_eq!(config.trusted_clients["sam"].limits, Limits::default());
+        assert_eq!(config.relay, RelayChoice::Disabled);
+    }
+
+    #[test]
+    fn server_config_rejects_typos_and_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, needle) in [
+            (r#"{"max_concurent_builds": 2}"#.to_owned(), "unknown field"),
+            (r#"{"max_concurrent_builds": 0}"#.to_owned(), "at least 1"),
+            (
+                format!(
+                    r#"{{"trusted_clients": {{"a": {{"public_key": "{ID_A}", "max_build_time": "forever"}}}}}}"#
+                ),
+                "invalid duration",
+            ),
+            (
+                r#"{"trusted_clients": {"a": {"public_key": "nope"}}}"#.to_owned(),
+                "invalid",
+            ),
+            (
+                format!(
+                    r#"{{"trusted_clients": {{"a": {{"public_key": "{ID_A}"}}, "b": {{"public_key": "{ID_A}"}}}}}}"#
+                ),
+                "same public_key",
+            ),
+        ] {
+            let err = ServerConfig::load(&write(dir.path(), "c.json", &text))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn user_builders_file_overrides_system_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = write(
+            dir.path(),
+            "system.json",
+            &format!(
+                r#"{{"builders": {{"leviathan": {{"endpoint_id": "{ID_A}", "relay_url": null}}, "other": {{"endpoint_id": "{ID_A}"}}}}}}"#
+            ),
+        );
+        let user = write(
+            dir.path(),
+            "user.json",
+            &format!(
+                r#"{{"builders": {{"leviathan": {{"endpoint_id": "{ID_B}", "addrs": ["127.0.0.1:7000"]}}}}}}"#
+            ),
+        );
+        let missing = dir.path().join("missing.json");
+        let found = find_builder(&[system.clone(), missing, user.clone()], "leviathan").unwrap();
+        assert_eq!(found.endpoint_id.to_string(), ID_B);
+        assert_eq!(found.addrs, ["127.0.0.1:7000".parse().unwrap()]);
+        assert_eq!(found.source, user);
+
+        let err = find_builder(&[system, user], "nope")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leviathan") && err.contains("other"), "{err}");
+    }
+
+    #[test]
+    fn builder_entry_needs_exactly_one_id_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let id_file = write(dir.path(), "id", &format!("{ID_A}\n"));
+        let both = write(
+            dir.path(),
+            "b.json",
+            &format!(
+                r#"{{"builders": {{"x": {{"endpoint_id": "{ID_A}", "endpoint_id_file": "{}"}}}}}}"#,
+                id_file.display()
+            ),
+        );
+        assert!(
+            find_builder(&[both], "x")
+                .unwrap_err()
+                .to_string()
+                .contains("exactly one")
+        );
+        let from_file = write(
+            dir.path(),
+            "f.json",
+            &format!(
+                r#"{{"builders": {{"x": {{"endpoint_id_file": "{}"}}}}}}"#,
+                id_file.display()
+            ),
+        );
+        assert_eq!(
+            find_builder(&[from_file], "x")
+                .unwrap()
+                .endpoint_id
+                .to_string(),
+            ID_A
+        );
+    }
+
+    #[test]
+    fn no_builders_file_says_where_it_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = find_builder(&[dir.path().join("a.json")], "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.json") && err.contains("--ticket"), "{err}");
+    }
+}

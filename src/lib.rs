@@ -1,0 +1,28 @@
+//! drv-thru: peer-to-peer remote Nix builds over Iroh.
+//!
+//! A builder serves the `drvthru.v1` gRPC services (see `proto/`) over Iroh
+//! QUIC connections and over a local admin socket; clients reach it with a
+//! ticket or as a trusted client.
+//!
+//! Where things live:
+//! - [`nix`]: the pure Nix domain (store paths, hashes, narinfo, signing);
+//!   no processes, no I/O.
+//! - [`keys`]: the only code that reads or writes secret key files.
+//! - [`transport`]: tonic's HTTP/2 over Iroh streams and unix sockets.
+//! - [`server`]: the builder's services, authorization layer and state.
+//! - [`client`]: reaching a builder from the command line.
+//! - [`cli`]: one module per subcommand.
+
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod endpoint;
+pub mod keys;
+pub mod nix;
+pub mod proto;
+pub mod server;
+pub mod ticket;
+pub mod transport;
+pub mod units;

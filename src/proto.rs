@@ -1,0 +1,56 @@
+//! The generated `drvthru.v1` code, fenced off from hand-written code, plus
+//! conversions between its messages and our domain types.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+tonic::include_proto!("drvthru.v1");
+
+/// The encoded descriptors of every `drvthru.v1` file, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("drvthru_descriptor");
+
+/// A protobuf timestamp for a Unix time in seconds.
+pub fn timestamp(unix_secs: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(unix_secs).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
+
+/// Unix seconds of a protobuf timestamp (negative times clamp to the epoch).
+pub fn unix_secs(timestamp: &prost_types::Timestamp) -> u64 {
+    u64::try_from(timestamp.seconds).unwrap_or(0)
+}
+
+/// A protobuf duration.
+pub fn duration(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A std duration from a protobuf one; negative durations are `None`.
+pub fn std_duration(duration: &prost_types::Duration) -> Option<Duration> {
+    let seconds = u64::try_from(duration.seconds).ok()?;
+    let nanos = u32::try_from(duration.nanos).ok()?;
+    Some(Duration::new(seconds, nanos))
+}
+
+/// The current Unix time in seconds.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl From<crate::config::Limits> for SessionLimits {
+    fn from(limits: crate::config::Limits) -> Self {
+        Self {
+            max_build_time: Some(duration(limits.max_build_time.get())),
+            max_upload_bytes: limits.max_upload_bytes.get(),
+        }
+    }
+}

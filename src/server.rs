@@ -1,0 +1,284 @@
+//! The builder: state, services and the two transports they are served on.
+//!
+//! The same router (behind the same [`auth`] layer) is served twice: over
+//! Iroh for clients, and over `DATA_DIR/admin.sock` for local admins.
+
+pub mod auth;
+pub mod builder;
+pub mod status;
+pub mod ticket_store;
+pub mod tickets;
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tracing::info;
+
+use self::{
+    auth::{AdminPolicy, AuthLayer, AuthPolicy},
+    builder::BuilderService,
+    status::{ServerFacts, StatusBoard},
+    ticket_store::TicketStore,
+    tickets::TicketsService,
+};
+use crate::{
+    config::{ServerConfig, admin_socket_path},
+    endpoint::{EndpointOptions, direct_addresses},
+    keys::{self, SigningKeyFiles, TicketKey},
+    proto::{self, builder_server::BuilderServer, tickets_server::TicketsServer},
+    transport::{self, http2, iroh::IrohIncoming},
+};
+
+/// Holds the data directory's lock for the server's lifetime, so two
+/// servers never share one state directory.
+#[derive(Debug)]
+struct InstanceLock {
+    _file: fs::File,
+}
+
+impl InstanceLock {
+    fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join("server.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !locked {
+            bail!(
+                "another drv-thru server is already using {}; stop it first or pass a different --data-dir",
+                data_dir.display()
+            );
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// Looks up a group id by name.
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    let c_name = CString::new(name).context("group name contains a NUL byte")?;
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live, correctly sized storage above.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        bail!("admin group {name:?} does not exist; create it or change admin_group");
+    }
+    Ok(group.gr_gid)
+}
+
+fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating data directory {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o750))
+            .with_context(|| format!("setting permissions of {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the builder until SIGINT or SIGTERM.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let data_dir = config.data_dir.clone();
+    create_data_dir(&data_dir)?;
+    let _lock = InstanceLock::acquire(&data_dir)?;
+
+    let secret_key = keys::load_or_create_endpoint_key(&config.secret_key_path())?;
+    let signing = SigningKeyFiles::load_or_create(&data_dir)?;
+    let tickets = Arc::new(TicketStore::open(
+        &data_dir,
+        TicketKey::load_or_create(&data_dir.join("ticket-secret.key"))?,
+    )?);
+    let admin_gid = config.admin_group.as_deref().map(group_id).transpose()?;
+
+    let endpoint = EndpointOptions::new(secret_key)
+        .relay(config.relay.clone())
+        .listen(config.listen)
+        .accept_connections()
+        .bind()
+        .await?;
+    let addresses = direct_addresses(&endpoint);
+    info!(endpoint_id = %endpoint.id(), relay = %config.relay, "builder endpoint ready");
+    for addr in &addresses {
+        info!("listening on {addr}");
+    }
+    info!(key = %signing.public, "outputs are signed with this key");
+
+    let board = Arc::new(StatusBoard::new(ServerFacts {
+        endpoint_id: endpoint.id().to_string(),
+        direct_addresses: addresses.iter().map(ToString::to_string).collect(),
+        relay_url: endpoint
+            .addr()
+            .relay_urls()
+            .next()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        signing_public_key: signing.public.to_string(),
+        started_at: proto::now_unix(),
+        max_concurrent_builds: config.max_concurrent_builds,
+        recent_limit: config.recent_builds_limit as usize,
+    }));
+    let policy = Arc::new(AuthPolicy::new(
+        tickets.clone(),
+        config
+            .trusted_clients
+            .iter()
+            .map(|(name, client)| (name.clone(), client.public_key, client.limits)),
+        AdminPolicy {
+            server_uid: unsafe { libc::geteuid() },
+            admin_gid,
+        },
+        config.admin_group.clone(),
+    ));
+    let services = Services {
+        builder: Arc::new(BuilderService::new(
+            board.clone(),
+            tickets.clone(),
+            signing.public.to_string(),
+        )),
+        tickets: Arc::new(TicketsService::new(
+            tickets,
+            endpoint.clone(),
+            signing.public.clone(),
+        )),
+        layer: AuthLayer::new(policy),
+    };
+
+    let iroh_incoming = IrohIncoming::start(endpoint.clone(), config.max_connections);
+    let mut open = iroh_incoming.open_connections();
+    let board_for_connections = board.clone();
+    tokio::spawn(async move {
+        while open.changed().await.is_ok() {
+            let count = *open.borrow_and_update();
+            board_for_connections.set_open_connections(count);
+        }
+    });
+
+    let shutdown = CancellationToken::new();
+    let admin_path = admin_socket_path(&data_dir);
+    let admin_listener =
+        transport::unix::bind(&admin_path, if admin_gid.is_some() { 0o660 } else { 0o600 })
+            .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
+    if let Some(gid) = admin_gid {
+        std::os::unix::fs::chown(&admin_path, None, Some(gid)).with_context(|| {
+            format!("giving the admin group access to {}", admin_path.display())
+        })?;
+    }
+    let _socket_cleanup = RemoveOnDrop(admin_path.clone());
+    info!(path = %admin_path.display(), "admin socket ready");
+
+    let over_iroh = services.server().serve_with_incoming_shutdown(
+        iroh_incoming.into_stream(),
+        shutdown.clone().cancelled_owned(),
+    );
+    let over_admin = services.server().serve_with_incoming_shutdown(
+        transport::unix::incoming(admin_listener),
+        shutdown.clone().cancelled_owned(),
+    );
+    let signal = async {
+        wait_for_signal().await;
+        info!("shutting down");
+        shutdown.cancel();
+    };
+    let (iroh_result, admin_result, ()) = tokio::join!(over_iroh, over_admin, signal);
+    // Closing the endpoint tells connected clients at once instead of
+    // leaving them to time out.
+    tokio::time::timeout(Duration::from_secs(5), endpoint.close())
+        .await
+        .ok();
+    iroh_result.context("serving over Iroh")?;
+    admin_result.context("serving the admin socket")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_file(&self.0)
+            && err.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.0.display(), "could not remove: {err}");
+        }
+    }
+}
+
+/// The services every transport serves.
+struct Services {
+    builder: Arc<BuilderService>,
+    tickets: Arc<TicketsService>,
+    layer: AuthLayer,
+}
+
+impl Services {
+    fn server(
+        &self,
+    ) -> tonic::transport::server::Router<
+        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+    > {
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        // Serving is unconditional once the router exists; readiness is the
+        // socket or endpoint accepting at all.
+        tokio::spawn(async move {
+            health_reporter
+                .set_serving::<BuilderServer<BuilderService>>()
+                .await;
+            health_reporter
+                .set_serving::<TicketsServer<TicketsService>>()
+                .await;
+        });
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor sets are valid");
+        Server::builder()
+            .initial_stream_window_size(http2::STREAM_WINDOW)
+            .initial_connection_window_size(http2::CONNECTION_WINDOW)
+            .max_frame_size(http2::MAX_FRAME_SIZE)
+            .max_concurrent_streams(64)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(self.layer.clone())
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(
+                BuilderServer::from_arc(self.builder.clone())
+                    .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),
+            )
+            .add_service(
+                TicketsServer::from_arc(self.tickets.clone())
+                    .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),
+            )
+    }
+}

@@ -1,0 +1,413 @@
+//! Authorization as a tower layer: every request is mapped to a
+//! [`Principal`] before any handler runs, and methods a principal may not
+//! call are refused here, in one place.
+//!
+//! Who the caller is comes from the transport, never from the request body:
+//! the Iroh handshake proves an endpoint id, the kernel reports a unix
+//! socket caller's uid. A ticket is presented as `authorization: Bearer
+//! <id>.<secret>` metadata and checked (without taking a use) on every call.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use iroh::EndpointId;
+use tonic::{Status, body::Body, metadata::MetadataMap};
+use tower::{Layer, Service};
+use tracing::{debug, warn};
+
+use super::ticket_store::{TicketRecord, TicketRefusal, TicketStore};
+use crate::{
+    config::Limits,
+    proto,
+    ticket::BearerSecret,
+    transport::{IrohPeer, UnixPeer},
+};
+
+/// Response metadata naming why a call was refused, in a stable
+/// machine-readable form for third-party clients.
+pub const REFUSAL_METADATA: &str = "drvthru-refusal";
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// A local user on the admin socket allowed to manage the builder.
+    LocalAdmin {
+        /// The caller's uid.
+        uid: u32,
+    },
+    /// A client configured in `trusted_clients`.
+    TrustedClient {
+        /// Its configured name.
+        name: String,
+        /// Its endpoint id.
+        endpoint_id: EndpointId,
+        /// Its per-session limits.
+        limits: Limits,
+    },
+    /// A client presenting a valid ticket.
+    TicketHolder {
+        /// The ticket's record when the call was authorized.
+        ticket: TicketRecord,
+        /// The presented secret, needed again to take a use.
+        secret: BearerSecret,
+        /// The client's endpoint id.
+        endpoint_id: EndpointId,
+    },
+}
+
+/// What a method requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Anyone who can connect: health checks and reflection.
+    Public,
+    /// The local admin only.
+    Admin,
+    /// The local admin or a trusted client: watching the builder.
+    Observer,
+    /// A trusted client or a ticket holder: building.
+    Build,
+}
+
+fn access_for(path: &str) -> Access {
+    const BUILDER: &str = "/drvthru.v1.Builder/";
+    if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
+        Access::Public
+    } else if path == "/drvthru.v1.Builder/Status" || path == "/drvthru.v1.Builder/WatchStatus" {
+        Access::Observer
+    } else if path.starts_with(BUILDER) || path.starts_with("/drvthru.v1.Cache/") {
+        Access::Build
+    } else {
+        // Tickets and anything not listed: deny unless admin.
+        Access::Admin
+    }
+}
+
+/// Who may use the admin socket besides root.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminPolicy {
+    /// The uid the server runs as.
+    pub server_uid: u32,
+    /// Members of this group are admins too.
+    pub admin_gid: Option<u32>,
+}
+
+impl AdminPolicy {
+    fn allows(&self, peer: &UnixPeer) -> bool {
+        if peer.uid == 0 || peer.uid == self.server_uid {
+            return true;
+        }
+        let Some(gid) = self.admin_gid else {
+            return false;
+        };
+        peer.gid == gid || peer.pid.is_some_and(|pid| process_in_group(pid, gid))
+    }
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups.
+fn process_in_group(pid: i32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+}
+
+/// The facts authorization decides with.
+#[derive(Debug)]
+pub struct AuthPolicy {
+    tickets: Arc<TicketStore>,
+    trusted: BTreeMap<EndpointId, (String, Limits)>,
+    admins: AdminPolicy,
+    admin_group_name: Option<String>,
+}
+
+impl AuthPolicy {
+    /// A policy over these tickets, trusted clients and admins.
+    pub fn new(
+        tickets: Arc<TicketStore>,
+        trusted: impl IntoIterator<Item = (String, EndpointId, Limits)>,
+        admins: AdminPolicy,
+        admin_group_name: Option<String>,
+    ) -> Self {
+        Self {
+            tickets,
+            trusted: trusted
+                .into_iter()
+                .map(|(name, id, limits)| (id, (name, limits)))
+                .collect(),
+            admins,
+            admin_group_name,
+        }
+    }
+
+    fn authorize(&self, request: &http::Request<Body>) -> Result<Option<Principal>, Status> {
+        let access = access_for(request.uri().path());
+        if access == Access::Public {
+            return Ok(None);
+        }
+        if let Some(peer) = request.extensions().get::<UnixPeer>() {
+            return if self.admins.allows(peer) {
+                Ok(Some(Principal::LocalAdmin { uid: peer.uid }))
+            } else {
+                warn!(uid = peer.uid, pid = ?peer.pid, "refused admin socket caller");
+                let group = self
+                    .admin_group_name
+                    .as_deref()
+                    .map(|group| format!(", the server's user, or a member of group {group:?}"))
+                    .unwrap_or_else(|| " or the server's user".to_owned());
+                Err(refusal(
+                    Status::permission_denied(format!(
+                        "managing this builder requires root{group}"
+                    )),
+                    "not-admin",
+                ))
+            };
+        }
+        let Some(peer) = request.extensions().get::<IrohPeer>() else {
+            return Err(Status::internal(
+                "request arrived without transport identity",
+            ));
+        };
+        let principal = self.authenticate_peer(peer.endpoint_id, request.headers())?;
+        let allowed = matches!(
+            (access, &principal),
+            (Access::Observer, Some(Principal::TrustedClient { .. }))
+                | (
+                    Access::Build,
+                    Some(Principal::TrustedClient { .. } | Principal::TicketHolder { .. })
+                )
+        );
+        if allowed {
+            return Ok(principal);
+        }
+        Err(match principal {
+            None => refusal(
+                Status::unauthenticated(format!(
+                    "client {} is not trusted by this builder and presented no ticket; \
+                     use --ticket, or ask the builder's admin to add this key to trustedClients",
+                    peer.endpoint_id
+                )),
+                "client-not-trusted",
+            ),
+            Some(_) => refusal(
+                Status::permission_denied(match access {
+                    Access::Admin => {
+                        "only the builder's local admin may do this (on the builder, through its admin socket)"
+                    }
+                    _ => {
+                        "ticket holders may build but not watch the builder; trusted clients may watch it"
+                    }
+                }),
+                "not-allowed",
+            ),
+        })
+    }
+
+    fn authenticate_peer(
+        &self,
+        endpoint_id: EndpointId,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Principal>, Status> {
+        if let Some((name, limits)) = self.trusted.get(&endpoint_id) {
+            return Ok(Some(Principal::TrustedClient {
+                name: name.clone(),
+                endpoint_id,
+                limits: *limits,
+            }));
+        }
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Ok(None);
+        };
+        let (id, secret) = value
+            .to_str()
+            .ok()
+            .and_then(BearerSecret::from_authorization)
+            .ok_or_else(|| {
+                refusal(
+                    Status::unauthenticated(
+                        "malformed ticket credentials in the authorization metadata",
+                    ),
+                    "ticket-unknown",
+                )
+            })?;
+        match self
+            .tickets
+            .authenticate(id, &secret, endpoint_id, proto::now_unix())
+        {
+            Ok(ticket) => Ok(Some(Principal::TicketHolder {
+                ticket,
+                secret,
+                endpoint_id,
+            })),
+            Err(refused) => {
+                debug!(peer = %endpoint_id.fmt_short(), ticket = %id, %refused, "ticket refused");
+                Err(ticket_refusal_status(&refused))
+            }
+        }
+    }
+}
+
+/// The status (and refusal reason) a ticket refusal is reported with.
+pub fn ticket_refusal_status(refused: &TicketRefusal) -> Status {
+    let message = refused.to_string();
+    let (status, reason) = match refused {
+        TicketRefusal::Unknown => (Status::unauthenticated(message), "ticket-unknown"),
+        TicketRefusal::Revoked(_) => (Status::permission_denied(message), "ticket-revoked"),
+        TicketRefusal::Expired { .. } => (Status::permission_denied(message), "ticket-expired"),
+        TicketRefusal::UsedUp { .. } => (Status::resource_exhausted(message), "ticket-used-up"),
+        TicketRefusal::BoundElsewhere { .. } => (
+            Status::permission_denied(message),
+            "ticket-bound-to-other-client",
+        ),
+    };
+    refusal(status, reason)
+}
+
+fn refusal(status: Status, reason: &'static str) -> Status {
+    let mut metadata = MetadataMap::new();
+    metadata.insert(
+        REFUSAL_METADATA,
+        reason.parse().expect("refusal reasons are ASCII"),
+    );
+    Status::with_metadata(status.code(), status.message(), metadata)
+}
+
+/// The layer that installs [`Auth`] around the router.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    policy: Arc<AuthPolicy>,
+}
+
+impl AuthLayer {
+    /// A layer enforcing `policy`.
+    pub fn new(policy: Arc<AuthPolicy>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// Authorizes each request, inserting its [`Principal`] as an extension.
+#[derive(Debug, Clone)]
+pub struct Auth<S> {
+    inner: S,
+    policy: Arc<AuthPolicy>,
+}
+
+impl<S> Service<http::Request<Body>> for Auth<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        match self.policy.authorize(&request) {
+            Ok(principal) => {
+                if let Some(principal) = principal {
+                    request.extensions_mut().insert(principal);
+                }
+                // The clone is ready-polled by the caller's next poll_ready;
+                // the ready instance serves this request.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(inner.call(request))
+            }
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+/// The principal the auth layer attached to `request`.
+///
+/// Handlers call this only for methods the layer guards, so a missing
+/// principal is a wiring bug, reported as `INTERNAL`.
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .ok_or_else(|| Status::internal("request reached a handler without authorization"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_map_to_access_levels() {
+        assert_eq!(access_for("/grpc.health.v1.Health/Check"), Access::Public);
+        assert_eq!(
+            access_for("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Access::Public
+        );
+        assert_eq!(access_for("/drvthru.v1.Builder/Status"), Access::Observer);
+        assert_eq!(
+            access_for("/drvthru.v1.Builder/WatchStatus"),
+            Access::Observer
+        );
+        assert_eq!(access_for("/drvthru.v1.Builder/OpenSession"), Access::Build);
+        assert_eq!(access_for("/drvthru.v1.Cache/GetNar"), Access::Build);
+        assert_eq!(
+            access_for("/drvthru.v1.Tickets/CreateTicket"),
+            Access::Admin
+        );
+        assert_eq!(access_for("/drvthru.v1.Unknown/Thing"), Access::Admin);
+    }
+
+    #[test]
+    fn admin_policy_accepts_root_self_and_group() {
+        let policy = AdminPolicy {
+            server_uid: 500,
+            admin_gid: Some(10),
+        };
+        let peer = |uid, gid| UnixPeer {
+            uid,
+            gid,
+            pid: None,
+        };
+        assert!(policy.allows(&peer(0, 0)));
+        assert!(policy.allows(&peer(500, 500)));
+        assert!(policy.allows(&peer(1000, 10)));
+        assert!(!policy.allows(&peer(1000, 100)));
+        assert!(
+            !AdminPolicy {
+                server_uid: 500,
+                admin_gid: None
+            }
+            .allows(&peer(1000, 10))
+        );
+    }
+
+    #[test]
+    fn refusals_carry_a_reason_code() {
+        let status = ticket_refusal_status(&TicketRefusal::Unknown);
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            status.metadata().get(REFUSAL_METADATA).unwrap(),
+            "ticket-unknown"
+        );
+    }
+}

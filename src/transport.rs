@@ -1,0 +1,36 @@
+//! Carrying tonic's HTTP/2 over our two transports.
+//!
+//! - [`iroh`]: every QUIC bidirectional stream of a connection with our ALPN
+//!   is one HTTP/2 connection. Requests carry the peer's handshake-proven
+//!   endpoint id as an [`IrohPeer`] extension.
+//! - [`unix`]: the builder's local admin socket and the client machine's
+//!   import helper. Requests carry the caller's kernel-reported credentials
+//!   as a [`UnixPeer`] extension.
+
+pub mod iroh;
+pub mod unix;
+
+pub use self::{iroh::IrohPeer, unix::UnixPeer};
+
+/// HTTP/2 tuning shared by both ends: 1 MiB frames and 8/16 MiB stream and
+/// connection windows measured best for bulk transfers over Iroh.
+pub mod http2 {
+    /// Largest HTTP/2 frame we send or accept.
+    pub const MAX_FRAME_SIZE: u32 = 1 << 20;
+    /// Per-stream flow-control window.
+    pub const STREAM_WINDOW: u32 = 8 << 20;
+    /// Per-connection flow-control window.
+    pub const CONNECTION_WINDOW: u32 = 16 << 20;
+    /// Largest gRPC message we decode: chunked data stays far below it, and
+    /// anything bigger is a misbehaving peer.
+    pub const MAX_MESSAGE_SIZE: usize = 4 << 20;
+}
+
+/// Turns a tonic client endpoint into one tuned for our transports.
+pub(crate) fn tuned_client_endpoint() -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_static("http://drv-thru.invalid")
+        .initial_stream_window_size(http2::STREAM_WINDOW)
+        .initial_connection_window_size(http2::CONNECTION_WINDOW)
+        .http2_max_header_list_size(64 << 10)
+        .connect_timeout(std::time::Duration::from_secs(30))
+}
