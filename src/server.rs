@@ -101,6 +101,9 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
 /// Runs the builder until SIGINT or SIGTERM.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    // Installed first: a signal that arrives once we report readiness must
+    // stop us gracefully, not kill us with the default action.
+    let signals = Signals::install()?;
     let data_dir = config.data_dir.clone();
     create_data_dir(&data_dir)?;
     let _lock = InstanceLock::acquire(&data_dir)?;
@@ -198,7 +201,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         shutdown.clone().cancelled_owned(),
     );
     let signal = async {
-        wait_for_signal().await;
+        signals.wait().await;
         info!("shutting down");
         shutdown.cancel();
     };
@@ -213,12 +216,26 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, both meaning "shut down gracefully".
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 

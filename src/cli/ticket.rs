@@ -244,7 +244,10 @@ async fn list(all: bool, data_dir: &DataDirArg, json: bool) -> Result<(), Failur
         eprintln!("no {}tickets", if all { "" } else { "active " });
         return Ok(());
     }
-    println!("{:<16}  {:<8}  {:<7}  {:<16}  NAME", "ID", "STATE", "USES", "EXPIRES");
+    println!(
+        "{:<16}  {:<8}  {:<7}  {:<16}  NAME",
+        "ID", "STATE", "USES", "EXPIRES"
+    );
     for info in &tickets {
         println!(
             "{:<16}  {:<8}  {:<7}  {:<16}  {}",

@@ -1,0 +1,155 @@
+//! Server lifecycle and configuration errors, and the standard gRPC
+//! services next to ours.
+
+use std::os::unix::fs::PermissionsExt;
+
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::common::{Builder, command, connect, key_file};
+
+fn serve(args: &[&str]) -> std::process::Output {
+    command().arg("serve").args(args).output().unwrap()
+}
+
+fn one_line_error(output: &std::process::Output) -> String {
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    errors[0].to_owned()
+}
+
+#[test]
+fn refuses_a_secret_key_readable_by_others_with_the_chmod_to_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("secret.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::set_permissions(
+        data.join("secret.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let error = one_line_error(&serve(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    assert!(error.contains("chmod 600"), "{error}");
+}
+
+#[test]
+fn config_errors_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.json");
+    std::fs::write(&config, r#"{"max_concurent_builds": 2}"#).unwrap();
+    let error = one_line_error(&serve(&["--config", config.to_str().unwrap()]));
+    assert!(
+        error.contains("server.json") && error.contains("max_concurent_builds"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let error = one_line_error(&serve(&[
+        "--data-dir",
+        builder.data_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    assert!(error.contains("already using"), "{error}");
+}
+
+#[test]
+fn graceful_stop_removes_the_admin_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = Builder::start(dir.path(), &[]);
+    let socket = builder.data_dir.join("admin.sock");
+    assert!(socket.exists());
+    builder.stop();
+    assert!(!socket.exists());
+    let output = builder.cli(&["status"]);
+    let error = one_line_error(&output);
+    assert!(error.contains("no drv-thru server is running"), "{error}");
+}
+
+#[test]
+fn secret_files_are_private_and_the_public_key_is_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let mode = |name: &str| {
+        std::fs::metadata(builder.data_dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for secret in [
+        "secret.key",
+        "signing-secret.key",
+        "ticket-secret.key",
+        "tickets.json",
+        "admin.sock",
+    ] {
+        if builder.data_dir.join(secret).exists() {
+            assert_eq!(mode(secret) & 0o077, 0, "{secret} must be private");
+        }
+    }
+    assert_eq!(mode("signing-public.key"), 0o644);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_reflection_answer_anyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let stranger = connect(&builder.direct_target(), &key_file(dir.path(), "stranger")).await;
+    let health = HealthClient::new(stranger.channel.clone())
+        .check(HealthCheckRequest {
+            service: "drvthru.v1.Builder".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status(), ServingStatus::Serving);
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(stranger.channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "drvthru.v1.Builder",
+        "drvthru.v1.Tickets",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+    stranger.close().await;
+}

@@ -1,0 +1,115 @@
+//! Status over the admin socket: ready as soon as the server is, and live
+//! through `WatchStatus`.
+
+use std::time::{Duration, Instant};
+
+use drv_thru::{
+    client::{self, Target},
+    proto::{WatchStatusRequest, builder_client::BuilderClient},
+};
+
+use crate::common::{Builder, connect, key_file, open_session};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_works_as_soon_as_the_server_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let json: serde_json::Value =
+        serde_json::from_str(&builder.cli_ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["endpoint_id"], builder.endpoint_id.to_string());
+    assert_eq!(json["max_concurrent_builds"], 1);
+    assert!(
+        json["signing_public_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("drv-thru-")
+    );
+    let text = builder.cli_ok(&["status"]);
+    assert!(
+        text.contains(&builder.endpoint_id.to_string()) && text.contains("idle"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_status_pushes_a_change_within_100ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let admin = client::admin(&builder.data_dir).await.unwrap();
+    let mut watch = BuilderClient::new(admin)
+        .watch_status(WatchStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap().status.unwrap();
+    assert!(first.active.is_empty());
+
+    let ticket = builder.ticket(&[]);
+    let client = connect(
+        &Target::Ticket(Box::new(ticket)),
+        &key_file(dir.path(), "c"),
+    )
+    .await;
+    let admitted = open_session(&client).await.unwrap();
+    let admitted_at = Instant::now();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("a frame arrives")
+            .unwrap()
+            .unwrap()
+            .status
+            .unwrap();
+        if frame
+            .active
+            .iter()
+            .any(|build| build.session_id == admitted.session_id)
+        {
+            let delay = admitted_at.elapsed();
+            assert!(
+                delay < Duration::from_millis(100),
+                "change arrived after {delay:?}"
+            );
+            break;
+        }
+    }
+
+    // Leaving cancels the session and the watcher sees it finish.
+    client.close().await;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("a frame arrives")
+            .unwrap()
+            .unwrap()
+            .status
+            .unwrap();
+        if let Some(finished) = frame
+            .recent
+            .iter()
+            .find(|b| b.session_id == admitted.session_id)
+        {
+            assert_eq!(finished.result(), drv_thru::proto::BuildResult::Cancelled);
+            assert!(frame.active.is_empty());
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_command_prints_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let mut child = crate::common::command()
+        .args(["status", "--watch", "--json", "--data-dir"])
+        .arg(&builder.data_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["endpoint_id"], builder.endpoint_id.to_string());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -1,0 +1,340 @@
+//! Tickets over real Iroh connections: admission, every refusal, the
+//! one-use race, persistence across restarts and crashes.
+
+use std::time::Duration;
+
+use drv_thru::{
+    client::Target,
+    proto::{builder_client::BuilderClient, tickets_client::TicketsClient},
+    ticket::{BearerSecret, Ticket},
+};
+use tonic::Code;
+
+use crate::common::{Builder, connect, endpoint_id_of, key_file, open_session, refusal};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_use_ticket_admits_one_build_then_says_used_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let ticket = builder.ticket(&["--name", "friend"]);
+    assert_eq!(ticket.builder_id(), builder.endpoint_id);
+
+    let client = connect(
+        &Target::Ticket(Box::new(ticket.clone())),
+        &key_file(dir.path(), "a"),
+    )
+    .await;
+    let admitted = open_session(&client).await.unwrap();
+    assert_eq!(admitted.client_label, "friend");
+    let limits = admitted.limits.unwrap();
+    assert_eq!(limits.max_upload_bytes, 20 << 30);
+    assert_eq!(limits.max_build_time.unwrap().seconds, 30 * 60);
+
+    let again = open_session(&client).await.unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted, "{again:?}");
+    assert_eq!(refusal(&again), "ticket-used-up");
+    assert!(
+        again.message().contains("no uses left"),
+        "{}",
+        again.message()
+    );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_refusal_is_distinct() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let key = key_file(dir.path(), "client");
+    let me = endpoint_id_of(&key);
+
+    // Unknown: right builder, forged secret.
+    let real = builder.ticket(&[]);
+    let forged = Ticket::new(
+        real.builder().clone(),
+        real.signing_key().clone(),
+        real.id(),
+        BearerSecret::from_bytes([7; 32]),
+    );
+    // Revoked.
+    let revoked = builder.ticket(&[]);
+    builder.cli_ok(&["ticket", "revoke", &revoked.id().to_string()]);
+    // Expired.
+    let expired = builder.ticket(&["--expires", "1s"]);
+    // Bound to someone else, and bound to us.
+    let other = endpoint_id_of(&key_file(dir.path(), "other"));
+    let bound_elsewhere = builder.ticket(&["--bind-client", &other.to_string()]);
+    let bound_to_me = builder.ticket(&["--bind-client", &me.to_string()]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let cases = [
+        (
+            forged,
+            Code::Unauthenticated,
+            "ticket-unknown",
+            "did not issue",
+        ),
+        (revoked, Code::PermissionDenied, "ticket-revoked", "revoked"),
+        (expired, Code::PermissionDenied, "ticket-expired", "expired"),
+        (
+            bound_elsewhere,
+            Code::PermissionDenied,
+            "ticket-bound-to-other-client",
+            "bound to client",
+        ),
+    ];
+    for (ticket, code, reason, text) in cases {
+        let client = connect(&Target::Ticket(Box::new(ticket)), &key).await;
+        let refused = open_session(&client).await.unwrap_err();
+        assert_eq!(
+            (refused.code(), refusal(&refused)),
+            (code, reason),
+            "{refused:?}"
+        );
+        assert!(refused.message().contains(text), "{}", refused.message());
+        client.close().await;
+    }
+
+    let client = connect(&Target::Ticket(Box::new(bound_to_me)), &key).await;
+    open_session(&client)
+        .await
+        .expect("a ticket bound to this client admits it");
+    client.close().await;
+
+    // No ticket and not trusted.
+    let stranger = connect(&builder.direct_target(), &key).await;
+    let refused = open_session(&stranger).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), refusal(&refused)),
+        (Code::Unauthenticated, "client-not-trusted")
+    );
+    assert!(
+        refused.message().contains("--ticket"),
+        "{}",
+        refused.message()
+    );
+    stranger.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_clients_get_exactly_one_admission() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let ticket = builder.ticket(&[]);
+    let mut clients = Vec::new();
+    for n in 0..12 {
+        let target = Target::Ticket(Box::new(ticket.clone()));
+        clients.push(connect(&target, &key_file(dir.path(), &format!("c{n}"))).await);
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let attempts: Vec<_> = clients
+        .iter()
+        .map(|client| {
+            let channel = client.channel.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                BuilderClient::new(channel)
+                    .open_session(drv_thru::proto::OpenSessionRequest {
+                        drv_path: crate::common::DRV.to_owned(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(_) => admitted += 1,
+            Err(status) => assert_eq!(refusal(&status), "ticket-used-up", "{status:?}"),
+        }
+    }
+    assert_eq!(admitted, 1);
+    for client in clients {
+        client.close().await;
+    }
+}
+
+fn uses_taken(builder: &Builder, id: &str) -> u64 {
+    let listing: serde_json::Value =
+        serde_json::from_str(&builder.cli_ok(&["ticket", "list", "--all", "--json"])).unwrap();
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ticket| ticket["id"] == id)
+        .map(|ticket| ticket["uses_taken"].as_u64().unwrap())
+        .expect("the ticket is listed")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tickets_and_uses_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let ticket = builder.ticket(&["--uses", "2"]);
+    let id = ticket.id().to_string();
+    let key = key_file(dir.path(), "client");
+    let client = connect(&Target::Ticket(Box::new(ticket.clone())), &key).await;
+    open_session(&client).await.unwrap();
+    client.close().await;
+
+    let builder = builder.restart();
+    assert_eq!(uses_taken(&builder, &id), 1);
+    let revealed: Ticket = builder
+        .cli_ok(&["ticket", "reveal", &id])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        revealed.secret().matches(ticket.secret()),
+        "reveal reproduces the same secret"
+    );
+    assert_eq!(
+        revealed.signing_key(),
+        ticket.signing_key(),
+        "the signing key survives restarts"
+    );
+
+    // The restarted builder listens on a new port: the revealed ticket has it.
+    let client = connect(&Target::Ticket(Box::new(revealed.clone())), &key).await;
+    open_session(&client).await.unwrap();
+    let refused = open_session(&client).await.unwrap_err();
+    assert_eq!(refusal(&refused), "ticket-used-up");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_neither_loses_nor_duplicates_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = Builder::start(dir.path(), &[]);
+    let ticket = builder.ticket(&["--uses", "1000"]);
+    let id = ticket.id().to_string();
+    let target = Target::Ticket(Box::new(ticket));
+    let client = connect(&target, &key_file(dir.path(), "client")).await;
+
+    // Admit sessions back to back and kill the builder mid-stream.
+    let channel = client.channel.clone();
+    let admitting = tokio::spawn(async move {
+        let mut acknowledged = 0u64;
+        loop {
+            let mut request = tonic::Request::new(drv_thru::proto::OpenSessionRequest {
+                drv_path: crate::common::DRV.to_owned(),
+            });
+            // A dead builder is otherwise noticed only at the QUIC idle timeout.
+            request.set_timeout(Duration::from_secs(2));
+            let attempt = BuilderClient::new(channel.clone())
+                .open_session(request)
+                .await;
+            match attempt {
+                Ok(_) => acknowledged += 1,
+                Err(_) => return acknowledged,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    builder.kill();
+    let acknowledged = admitting.await.unwrap();
+    client.close().await;
+    assert!(
+        acknowledged > 0,
+        "some sessions were admitted before the crash"
+    );
+
+    builder.start_again();
+    let taken = uses_taken(&builder, &id);
+    // Every acknowledged use is on disk; at most the one in flight when the
+    // process died was recorded without its reply reaching the client.
+    assert!(
+        (acknowledged..=acknowledged + 1).contains(&taken),
+        "acknowledged {acknowledged}, recorded {taken}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ticket_commands_manage_tickets() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let created: serde_json::Value = serde_json::from_str(&builder.cli_ok(&[
+        "ticket",
+        "create",
+        "--json",
+        "--name",
+        "ci",
+        "--expires",
+        "3h",
+        "--unlimited",
+        "--max-build-time",
+        "1h",
+        "--max-upload-bytes",
+        "1G",
+    ]))
+    .unwrap();
+    assert_eq!(created["name"], "ci");
+    assert_eq!(created["uses_granted"], serde_json::Value::Null);
+    assert_eq!(created["max_build_time_secs"], 3600);
+    assert_eq!(created["max_upload_bytes"], 1u64 << 30);
+    let ticket_string = created["ticket"].as_str().unwrap();
+    let id = created["id"].as_str().unwrap();
+
+    let listing = builder.cli_ok(&["ticket", "list"]);
+    assert!(listing.contains(id) && listing.contains("ci"), "{listing}");
+    assert!(
+        !listing.contains(ticket_string),
+        "list must not print secrets"
+    );
+
+    let inspected: serde_json::Value =
+        serde_json::from_str(&builder.cli_ok(&["ticket", "inspect", ticket_string, "--json"]))
+            .unwrap();
+    assert_eq!(
+        inspected["builder_endpoint_id"],
+        builder.endpoint_id.to_string()
+    );
+    assert_eq!(inspected["state"]["state"], "active");
+
+    builder.cli_ok(&["ticket", "revoke", id]);
+    assert!(
+        !builder.cli_ok(&["ticket", "list"]).contains(id),
+        "revoked tickets leave the default list"
+    );
+    assert!(
+        builder
+            .cli_ok(&["ticket", "list", "--all"])
+            .contains("revoked")
+    );
+
+    let unknown = builder.cli(&["ticket", "reveal", "0123456789abcdef"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.starts_with("error: no ticket with id") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+
+    let garbage = builder.cli(&["ticket", "inspect", "drvthruhello"]);
+    assert_eq!(garbage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&garbage.stderr).contains("ticket"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ticket_holders_cannot_manage_or_watch_the_builder() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let ticket = builder.ticket(&["--uses", "3"]);
+    let client = connect(
+        &Target::Ticket(Box::new(ticket)),
+        &key_file(dir.path(), "c"),
+    )
+    .await;
+    let status = BuilderClient::new(client.channel.clone())
+        .status(drv_thru::proto::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let create = TicketsClient::new(client.channel.clone())
+        .create_ticket(drv_thru::proto::CreateTicketRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(create.code(), Code::PermissionDenied, "{create:?}");
+    client.close().await;
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's test command (README "Development"): lints, then every test.
+# On a fresh Debian 12 machine run it as root: it installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+for tool in nix nix-store busybox setpriv; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing: ${missing[*]}; run as root once so tests/run.sh can install them" >&2
+    exit 2
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    nix-bin busybox-static util-linux
+fi
+if ! command -v buf >/dev/null; then
+  npm install -g --no-fund --no-audit @bufbuild/buf@1
+fi
+
+echo "== lint"
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+buf lint
+
+echo "== tests (Nix $(nix --version | awk '{print $NF}'))"
+cargo test --all-targets --locked
