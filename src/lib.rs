@@ -7,6 +7,7 @@
 //! Where things live:
 //! - [`nix`]: the pure Nix domain (store paths, hashes, narinfo, signing);
 //!   no processes, no I/O.
+//! - [`nixcmd`]: the only code that runs `nix` and `nix-store`.
 //! - [`keys`]: the only code that reads or writes secret key files.
 //! - [`transport`]: tonic's HTTP/2 over Iroh streams and unix sockets.
 //! - [`server`]: the builder's services, authorization layer and state.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod endpoint;
 pub mod keys;
 pub mod nix;
+pub mod nixcmd;
 pub mod proto;
 pub mod server;
 pub mod ticket;
