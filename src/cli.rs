@@ -1,6 +1,7 @@
 //! The command line: parsing, logging setup and dispatch to one module per
 //! subcommand.
 
+mod build;
 mod key;
 mod serve;
 mod status;
@@ -42,6 +43,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build an installable on a remote builder and import the signed outputs.
+    ///
+    /// Evaluates locally, skips the builder when the outputs are already
+    /// valid here, uploads only the inputs the builder lacks, streams the
+    /// build log, and imports the outputs through Nix's signature checks.
+    /// Prints the output paths on stdout and creates a `result` link.
+    /// Exit status: 0 built, 1 the build failed, 2 any other error.
+    Build(Box<build::Args>),
     /// Run a builder.
     Serve(serve::Args),
     /// Create and manage build tickets (on the builder).
@@ -67,6 +76,8 @@ struct DataDirArg {
 pub enum Failure {
     /// A usage, configuration, network or server problem (exit 2).
     Error(anyhow::Error),
+    /// The build itself failed (exit 1); the message is the builder's.
+    BuildFailed(String),
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -110,6 +121,7 @@ pub fn main() -> ExitCode {
     let relay = cli.relay.clone().unwrap_or_default();
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Build(args) => build::run(*args, relay.clone()).await,
             Command::Serve(args) => serve::run(args, cli.relay).await,
             Command::Ticket(command) => ticket::run(command).await,
             Command::Status(args) => status::run(args, relay).await,
@@ -121,6 +133,10 @@ pub fn main() -> ExitCode {
         Err(Failure::Error(err)) => {
             report(&err, cli.verbose > 0);
             ExitCode::from(2)
+        }
+        Err(Failure::BuildFailed(message)) => {
+            eprintln!("error: the build failed on the builder: {message}");
+            ExitCode::from(1)
         }
     }
 }

@@ -2,6 +2,9 @@
 //! over the local admin socket. Turns transport and status errors into
 //! messages that say what to do.
 
+pub mod cache_proxy;
+pub mod session;
+
 use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Context, anyhow};

@@ -134,6 +134,10 @@ pub struct ServerConfig {
     /// Cache entries filled in parallel; `null` picks from the CPU count.
     #[serde(default)]
     pub output_cache_max_parallel_fills: Option<u32>,
+    /// Size limit of the signed output cache; least recently used entries
+    /// are pruned past it. `null` means no limit.
+    #[serde(default)]
+    pub cache_max_size: Option<ByteSize>,
     /// Finished builds kept for `status`.
     #[serde(default = "default_recent_builds_limit")]
     pub recent_builds_limit: u32,
@@ -171,6 +175,7 @@ impl Default for ServerConfig {
             admin_group: None,
             max_concurrent_builds: default_max_concurrent_builds(),
             output_cache_max_parallel_fills: None,
+            cache_max_size: None,
             recent_builds_limit: default_recent_builds_limit(),
             max_connections: default_max_connections(),
             trusted_clients: BTreeMap::new(),

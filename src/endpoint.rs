@@ -16,10 +16,10 @@ pub const ALPN: &[u8] = b"drv-thru/grpc/1";
 /// Connections that stay silent this long are closed, which is also how a
 /// vanished peer is noticed. Long builds are not silent: both sides send
 /// keep-alives well within it.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keep-alive interval, well inside [`IDLE_TIMEOUT`] on both sides.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// Bidirectional streams (HTTP/2 connections) a peer may hold open on one
 /// QUIC connection: enough for a control channel plus parallel bulk
@@ -130,7 +130,7 @@ impl EndpointOptions {
             .max_idle_timeout(Some(
                 IDLE_TIMEOUT
                     .try_into()
-                    .expect("a 30 s idle timeout fits QUIC's limit"),
+                    .expect("a 10 s idle timeout fits QUIC's limit"),
             ))
             .keep_alive_interval(KEEP_ALIVE)
             .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))

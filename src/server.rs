@@ -4,10 +4,14 @@
 //! Iroh for clients, and over `DATA_DIR/admin.sock` for local admins.
 
 pub mod auth;
+pub mod build;
 pub mod builder;
+pub mod cache;
+pub mod session;
 pub mod status;
 pub mod ticket_store;
 pub mod tickets;
+pub mod upload;
 
 use std::{
     ffi::CString,
@@ -25,7 +29,10 @@ use tracing::info;
 
 use self::{
     auth::{AdminPolicy, AuthLayer, AuthPolicy},
+    build::BuildContext,
     builder::BuilderService,
+    cache::{CacheService, SignedCache},
+    session::Sessions,
     status::{ServerFacts, StatusBoard},
     ticket_store::TicketStore,
     tickets::TicketsService,
@@ -34,7 +41,11 @@ use crate::{
     config::{ServerConfig, admin_socket_path},
     endpoint::{EndpointOptions, direct_addresses},
     keys::{self, SigningKeyFiles, TicketKey},
-    proto::{self, builder_server::BuilderServer, tickets_server::TicketsServer},
+    nixcmd::Nix,
+    proto::{
+        self, builder_server::BuilderServer, cache_server::CacheServer,
+        tickets_server::TicketsServer,
+    },
     transport::{self, http2, iroh::IrohIncoming},
 };
 
@@ -155,17 +166,46 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         },
         config.admin_group.clone(),
     ));
+    let nix = Nix::new();
+    let sessions = Arc::new(Sessions::default());
+    let uploads_dir = data_dir.join("uploads");
+    // Uploads are staged per request and removed after it; anything left is
+    // from a crash.
+    let _ = fs::remove_dir_all(&uploads_dir);
+    let parallel_fills = config
+        .output_cache_max_parallel_fills
+        .map(|n| n as usize)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(4, |n| n.get().clamp(1, 16))
+        });
+    let public_key = signing.public.clone();
+    let cache = Arc::new(SignedCache::new(
+        data_dir.join("cache"),
+        signing.secret,
+        nix.clone(),
+        parallel_fills,
+        config.cache_max_size.map(|size| size.get()),
+    ));
+    let build = BuildContext {
+        nix,
+        board: board.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_builds as usize,
+        )),
+        tasks: tokio_util::task::TaskTracker::new(),
+    };
+    let builds = build.tasks.clone();
     let services = Services {
         builder: Arc::new(BuilderService::new(
             board.clone(),
             tickets.clone(),
-            signing.public.to_string(),
+            sessions.clone(),
+            public_key.to_string(),
+            uploads_dir,
+            build,
         )),
-        tickets: Arc::new(TicketsService::new(
-            tickets,
-            endpoint.clone(),
-            signing.public.clone(),
-        )),
+        tickets: Arc::new(TicketsService::new(tickets, endpoint.clone(), public_key)),
+        cache: Arc::new(CacheService::new(cache, sessions.clone())),
         layer: AuthLayer::new(policy),
     };
 
@@ -206,6 +246,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         shutdown.cancel();
     };
     let (iroh_result, admin_result, ()) = tokio::join!(over_iroh, over_admin, signal);
+    // Builds must not outlive the server: stop them and wait until Nix and
+    // its builders are gone.
+    sessions.cancel_all();
+    builds.close();
+    if tokio::time::timeout(Duration::from_secs(15), builds.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some builds did not stop within 15 s");
+    }
     // Closing the endpoint tells connected clients at once instead of
     // leaving them to time out.
     tokio::time::timeout(Duration::from_secs(5), endpoint.close())
@@ -255,6 +305,7 @@ impl Drop for RemoveOnDrop {
 struct Services {
     builder: Arc<BuilderService>,
     tickets: Arc<TicketsService>,
+    cache: Arc<CacheService>,
     layer: AuthLayer,
 }
 
@@ -273,6 +324,9 @@ impl Services {
                 .await;
             health_reporter
                 .set_serving::<TicketsServer<TicketsService>>()
+                .await;
+            health_reporter
+                .set_serving::<CacheServer<CacheService>>()
                 .await;
         });
         let reflection = tonic_reflection::server::Builder::configure()
@@ -295,6 +349,10 @@ impl Services {
             )
             .add_service(
                 TicketsServer::from_arc(self.tickets.clone())
+                    .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),
+            )
+            .add_service(
+                CacheServer::from_arc(self.cache.clone())
                     .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),
             )
     }

@@ -949,3 +949,84 @@ mod tests {
         }
     }
 }
+
+/// The contents of a NAR that serialises a single regular file (as a `.drv`
+/// file's NAR does), or `None` for any other NAR.
+///
+/// The caller validates the NAR first; this only picks the file out of it.
+pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
+    fn string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = usize::try_from(u64::from_le_bytes(input.get(..8)?.try_into().ok()?)).ok()?;
+        let padded = len.checked_add(7)? / 8 * 8;
+        let bytes = input.get(8..8 + len)?;
+        *input = input.get(8 + padded..)?;
+        Some(bytes)
+    }
+    let mut input = nar;
+    for expected in [MAGIC, b"(", b"type", b"regular"] {
+        if string(&mut input)? != expected {
+            return None;
+        }
+    }
+    let mut keyword = string(&mut input)?;
+    if keyword == b"executable" {
+        string(&mut input)?;
+        keyword = string(&mut input)?;
+    }
+    if keyword != b"contents" {
+        return None;
+    }
+    let contents = string(&mut input)?;
+    (string(&mut input)? == b")" && input.is_empty()).then_some(contents)
+}
+
+#[cfg(test)]
+mod single_file_tests {
+    use super::*;
+
+    fn nar_string(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+    }
+
+    fn file_nar(contents: &[u8]) -> Vec<u8> {
+        let mut nar = Vec::new();
+        for part in [
+            MAGIC,
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+            contents,
+            b")",
+        ] {
+            nar_string(&mut nar, part);
+        }
+        nar
+    }
+
+    #[test]
+    fn picks_the_file_out_of_a_single_file_nar() {
+        for contents in [&b""[..], b"x", b"Derive([])", &[7u8; 9]] {
+            let nar = file_nar(contents);
+            let mut validator = NarValidator::new();
+            validator.push(&nar).unwrap();
+            validator.finish().unwrap();
+            assert_eq!(single_file_contents(&nar), Some(contents));
+        }
+    }
+
+    #[test]
+    fn rejects_other_shapes() {
+        let mut directory = Vec::new();
+        for part in [MAGIC, b"(", b"type", b"directory", b")"] {
+            nar_string(&mut directory, part);
+        }
+        assert_eq!(single_file_contents(&directory), None);
+        let mut trailing = file_nar(b"x");
+        trailing.extend_from_slice(&[0; 8]);
+        assert_eq!(single_file_contents(&trailing), None);
+        assert_eq!(single_file_contents(b"short"), None);
+    }
+}

@@ -69,8 +69,12 @@ enum Access {
     Admin,
     /// The local admin or a trusted client: watching the builder.
     Observer,
-    /// A trusted client or a ticket holder: building.
-    Build,
+    /// A trusted client or the holder of a usable ticket: opening a session.
+    Admission,
+    /// A trusted client or the holder of the ticket that admitted a session:
+    /// continuing it (uploads, the build, its outputs). Handlers check that
+    /// the session belongs to the caller.
+    Session,
 }
 
 fn access_for(path: &str) -> Access {
@@ -79,8 +83,10 @@ fn access_for(path: &str) -> Access {
         Access::Public
     } else if path == "/drvthru.v1.Builder/Status" || path == "/drvthru.v1.Builder/WatchStatus" {
         Access::Observer
+    } else if path == "/drvthru.v1.Builder/OpenSession" {
+        Access::Admission
     } else if path.starts_with(BUILDER) || path.starts_with("/drvthru.v1.Cache/") {
-        Access::Build
+        Access::Session
     } else {
         // Tickets and anything not listed: deny unless admin.
         Access::Admin
@@ -175,12 +181,12 @@ impl AuthPolicy {
                 "request arrived without transport identity",
             ));
         };
-        let principal = self.authenticate_peer(peer.endpoint_id, request.headers())?;
+        let principal = self.authenticate_peer(peer.endpoint_id, request.headers(), access)?;
         let allowed = matches!(
             (access, &principal),
             (Access::Observer, Some(Principal::TrustedClient { .. }))
                 | (
-                    Access::Build,
+                    Access::Admission | Access::Session,
                     Some(Principal::TrustedClient { .. } | Principal::TicketHolder { .. })
                 )
         );
@@ -214,6 +220,7 @@ impl AuthPolicy {
         &self,
         endpoint_id: EndpointId,
         headers: &http::HeaderMap,
+        access: Access,
     ) -> Result<Option<Principal>, Status> {
         if let Some((name, limits)) = self.trusted.get(&endpoint_id) {
             return Ok(Some(Principal::TrustedClient {
@@ -237,10 +244,13 @@ impl AuthPolicy {
                     "ticket-unknown",
                 )
             })?;
-        match self
-            .tickets
-            .authenticate(id, &secret, endpoint_id, proto::now_unix())
-        {
+        let checked = if access == Access::Session {
+            self.tickets.authenticate_session(id, &secret, endpoint_id)
+        } else {
+            self.tickets
+                .authenticate(id, &secret, endpoint_id, proto::now_unix())
+        };
+        match checked {
             Ok(ticket) => Ok(Some(Principal::TicketHolder {
                 ticket,
                 secret,
@@ -368,8 +378,15 @@ mod tests {
             access_for("/drvthru.v1.Builder/WatchStatus"),
             Access::Observer
         );
-        assert_eq!(access_for("/drvthru.v1.Builder/OpenSession"), Access::Build);
-        assert_eq!(access_for("/drvthru.v1.Cache/GetNar"), Access::Build);
+        assert_eq!(
+            access_for("/drvthru.v1.Builder/OpenSession"),
+            Access::Admission
+        );
+        assert_eq!(
+            access_for("/drvthru.v1.Builder/UploadInputs"),
+            Access::Session
+        );
+        assert_eq!(access_for("/drvthru.v1.Cache/GetNar"), Access::Session);
         assert_eq!(
             access_for("/drvthru.v1.Tickets/CreateTicket"),
             Access::Admin

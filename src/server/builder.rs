@@ -1,51 +1,143 @@
-//! The Builder service: status for observers, and build session admission.
+//! The Builder service: status for observers, and build sessions (admission,
+//! input upload, the build itself).
 
-use std::{
-    collections::HashMap,
-    pin::Pin,
-    sync::{Arc, Mutex},
+use std::{collections::BTreeMap, path::PathBuf, pin::Pin, sync::Arc};
+
+use tokio_stream::{
+    Stream, StreamExt,
+    wrappers::{ReceiverStream, WatchStream},
 };
-
-use tokio_stream::{Stream, StreamExt, wrappers::WatchStream};
-use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{error, info};
 
 use super::{
     auth::{Principal, principal, ticket_refusal_status},
+    build::{self, BuildContext},
+    session::{DeclaredInput, MAX_INPUTS, Session, Sessions},
     status::{ClientLabel, StatusBoard},
     ticket_store::{TakeUseError, TicketStore},
+    upload,
 };
 use crate::{
+    config::Limits,
     nix::store_path::StorePath,
+    nixcmd::Nix,
     proto::{self, BuildPhase, BuildResult, builder_server},
     transport::IrohPeer,
 };
-
-/// An admitted session: who owns it.
-#[derive(Debug)]
-struct Session {
-    owner: iroh::EndpointId,
-}
 
 /// Serves [`builder_server::Builder`].
 #[derive(Debug)]
 pub struct BuilderService {
     board: Arc<StatusBoard>,
     tickets: Arc<TicketStore>,
+    sessions: Arc<Sessions>,
     signing_key: String,
-    sessions: Arc<Mutex<HashMap<String, Session>>>,
+    uploads_dir: PathBuf,
+    build: BuildContext,
 }
 
 impl BuilderService {
-    /// A service reporting to `board` and admitting with `tickets`.
-    pub fn new(board: Arc<StatusBoard>, tickets: Arc<TicketStore>, signing_key: String) -> Self {
+    /// A service reporting to `board`, admitting with `tickets`, keeping
+    /// `sessions`, staging uploads in `uploads_dir` and building with `build`.
+    pub fn new(
+        board: Arc<StatusBoard>,
+        tickets: Arc<TicketStore>,
+        sessions: Arc<Sessions>,
+        signing_key: String,
+        uploads_dir: PathBuf,
+        build: BuildContext,
+    ) -> Self {
         Self {
             board,
             tickets,
+            sessions,
             signing_key,
-            sessions: Arc::default(),
+            uploads_dir,
+            build,
         }
     }
+
+    fn nix(&self) -> &Nix {
+        &self.build.nix
+    }
+
+    /// Takes the ticket use (for ticket holders) and says who is building.
+    fn admit(&self, principal: Principal) -> Result<(ClientLabel, Limits), Status> {
+        match principal {
+            Principal::TrustedClient {
+                name,
+                endpoint_id,
+                limits,
+            } => Ok((
+                ClientLabel {
+                    endpoint_id: endpoint_id.to_string(),
+                    label: name,
+                    ticket_id: None,
+                },
+                limits,
+            )),
+            Principal::TicketHolder {
+                ticket,
+                secret,
+                endpoint_id,
+            } => {
+                // Authentication did not take a use; admission does, under the
+                // store's lock, so racing clients cannot share the last use.
+                let ticket = self
+                    .tickets
+                    .take_use(ticket.id, &secret, endpoint_id, proto::now_unix())
+                    .map_err(|err| match err {
+                        TakeUseError::Refused(refused) => ticket_refusal_status(&refused),
+                        TakeUseError::Store(err) => {
+                            error!("{err:#}");
+                            Status::unavailable(
+                                "the builder could not record the ticket use; try again",
+                            )
+                        }
+                    })?;
+                Ok((
+                    ClientLabel {
+                        endpoint_id: endpoint_id.to_string(),
+                        label: ticket.name.clone(),
+                        ticket_id: Some(ticket.id.to_string()),
+                    },
+                    ticket.limits,
+                ))
+            }
+            Principal::LocalAdmin { .. } => Err(Status::permission_denied(
+                "the local admin does not build through the admin socket",
+            )),
+        }
+    }
+
+    /// Ends `session` when its connection closes: stops its build, frees
+    /// its slot and records how it ended.
+    fn end_with_connection(&self, session: Arc<Session>, peer: IrohPeer) {
+        let board = self.board.clone();
+        let sessions = self.sessions.clone();
+        tokio::spawn(async move {
+            let reason = peer.connection.closed().await;
+            session.cancelled.cancel();
+            if sessions.remove(&session.id).is_some() {
+                let (result, message) = session
+                    .outcome()
+                    .unwrap_or((BuildResult::Cancelled, "client disconnected".to_owned()));
+                info!(session = %session.id, %reason, ?result, "session ended");
+                board.finish(&session.id, result, &message);
+            }
+        });
+    }
+}
+
+fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, Status> {
+    request
+        .extensions()
+        .get::<IrohPeer>()
+        .cloned()
+        .ok_or_else(|| {
+            Status::failed_precondition("build sessions are opened over Iroh, not the admin socket")
+        })
 }
 
 fn new_session_id() -> String {
@@ -54,7 +146,39 @@ fn new_session_id() -> String {
     format!("s-{}", data_encoding::HEXLOWER.encode(&bytes))
 }
 
+fn declared_inputs(
+    drv_path: &StorePath,
+    inputs: Vec<proto::InputPath>,
+) -> Result<BTreeMap<StorePath, DeclaredInput>, Status> {
+    if inputs.len() > MAX_INPUTS {
+        return Err(Status::invalid_argument(format!(
+            "{} inputs announced; a derivation closure has at most {MAX_INPUTS}",
+            inputs.len()
+        )));
+    }
+    let mut declared = BTreeMap::new();
+    for input in inputs {
+        let input = DeclaredInput::from_proto(input).map_err(Status::invalid_argument)?;
+        declared.insert(input.path.clone(), input);
+    }
+    if !declared.contains_key(drv_path) {
+        return Err(Status::invalid_argument(format!(
+            "the inputs must include the derivation {drv_path} itself"
+        )));
+    }
+    for input in declared.values() {
+        if let Some(outside) = input.references.iter().find(|r| !declared.contains_key(*r)) {
+            return Err(Status::invalid_argument(format!(
+                "input {} refers to {outside}, which is not among the inputs (send the whole closure)",
+                input.path
+            )));
+        }
+    }
+    Ok(declared)
+}
+
 type StatusStream = Pin<Box<dyn Stream<Item = Result<proto::WatchStatusResponse, Status>> + Send>>;
+type BuildStream = Pin<Box<dyn Stream<Item = Result<proto::BuildResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl builder_server::Builder for BuilderService {
@@ -87,18 +211,9 @@ impl builder_server::Builder for BuilderService {
         request: Request<proto::OpenSessionRequest>,
     ) -> Result<Response<proto::OpenSessionResponse>, Status> {
         let principal = principal(&request)?.clone();
-        let peer = request
-            .extensions()
-            .get::<IrohPeer>()
-            .cloned()
-            .ok_or_else(|| {
-                Status::failed_precondition(
-                    "build sessions are opened over Iroh, not the admin socket",
-                )
-            })?;
-        let drv_path: StorePath = request
-            .get_ref()
-            .drv_path
+        let peer = iroh_peer(&request)?;
+        let proto::OpenSessionRequest { drv_path, inputs } = request.into_inner();
+        let drv_path: StorePath = drv_path
             .parse()
             .map_err(|err| Status::invalid_argument(format!("drv_path: {err}")))?;
         if !drv_path.is_derivation() {
@@ -106,93 +221,89 @@ impl builder_server::Builder for BuilderService {
                 "drv_path {drv_path} is not a derivation (.drv)"
             )));
         }
-        let (label, limits) = match principal {
-            Principal::TrustedClient {
-                name,
-                endpoint_id,
-                limits,
-            } => (
-                ClientLabel {
-                    endpoint_id: endpoint_id.to_string(),
-                    label: name,
-                    ticket_id: None,
-                },
-                limits,
-            ),
-            Principal::TicketHolder {
-                ticket,
-                secret,
-                endpoint_id,
-            } => {
-                // Authentication did not take a use; admission does, under the
-                // store's lock, so racing clients cannot share the last use.
-                let ticket = self
-                    .tickets
-                    .take_use(ticket.id, &secret, endpoint_id, proto::now_unix())
-                    .map_err(|err| match err {
-                        TakeUseError::Refused(refused) => ticket_refusal_status(&refused),
-                        TakeUseError::Store(err) => {
-                            tracing::error!("{err:#}");
-                            Status::unavailable(
-                                "the builder could not record the ticket use; try again",
-                            )
-                        }
-                    })?;
-                (
-                    ClientLabel {
-                        endpoint_id: endpoint_id.to_string(),
-                        label: ticket.name.clone(),
-                        ticket_id: Some(ticket.id.to_string()),
-                    },
-                    ticket.limits,
-                )
-            }
-            Principal::LocalAdmin { .. } => {
-                return Err(Status::permission_denied(
-                    "the local admin does not build through the admin socket",
-                ));
-            }
-        };
+        let inputs = declared_inputs(&drv_path, inputs)?;
+        let (label, limits) = self.admit(principal)?;
         let session_id = new_session_id();
         info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
-        self.sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(
-                session_id.clone(),
-                Session {
-                    owner: peer.endpoint_id,
-                },
-            );
         self.board.admit(
             &session_id,
             label.clone(),
             &drv_path.to_string(),
             BuildPhase::CheckingInputs,
         );
-
-        // A session lives as long as its connection: a vanished client
-        // frees everything it held within the QUIC idle timeout.
-        let board = self.board.clone();
-        let sessions = self.sessions.clone();
-        let id = session_id.clone();
-        tokio::spawn(async move {
-            let reason = peer.connection.closed().await;
-            let removed = sessions
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .remove(&id);
-            if let Some(session) = removed {
-                warn!(session = %id, peer = %session.owner.fmt_short(), %reason, "client left; session cancelled");
-                board.finish(&id, BuildResult::Cancelled, "client disconnected");
+        let paths: Vec<StorePath> = inputs.keys().cloned().collect();
+        let missing = match self.nix().invalid_paths(&paths).await {
+            Ok(missing) => missing,
+            Err(err) => {
+                error!(session = %session_id, "checking inputs: {err}");
+                self.board
+                    .finish(&session_id, BuildResult::Error, "could not check inputs");
+                return Err(Status::internal(
+                    "the builder could not check which inputs it has; see its log",
+                ));
             }
-        });
-
+        };
+        let session = Arc::new(Session::new(
+            session_id.clone(),
+            peer.endpoint_id,
+            label.clone(),
+            limits,
+            drv_path,
+            inputs,
+            missing.iter().cloned().collect(),
+        ));
+        self.sessions.insert(session.clone());
+        self.end_with_connection(session, peer);
         Ok(Response::new(proto::OpenSessionResponse {
             session_id,
             limits: Some(limits.into()),
             signing_public_key: self.signing_key.clone(),
             client_label: label.label,
+            missing_inputs: missing.iter().map(ToString::to_string).collect(),
         }))
+    }
+
+    async fn upload_inputs(
+        &self,
+        request: Request<Streaming<proto::UploadInputsRequest>>,
+    ) -> Result<Response<proto::UploadInputsResponse>, Status> {
+        let peer = iroh_peer(&request)?;
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload"))?;
+        let session = self.sessions.get(&first.session_id, peer.endpoint_id)?;
+        if session.build_state() != super::session::BuildState::NotStarted {
+            return Err(Status::failed_precondition(
+                "inputs can only be uploaded before the build starts",
+            ));
+        }
+        self.board.set_phase(&session.id, BuildPhase::Uploading);
+        let messages = tokio_stream::once(Ok(first)).chain(stream);
+        let result = upload::receive(&session, self.nix(), &self.uploads_dir, messages).await;
+        self.board
+            .set_phase(&session.id, BuildPhase::CheckingInputs);
+        result.map(Response::new)
+    }
+
+    type BuildStream = BuildStream;
+
+    async fn build(
+        &self,
+        request: Request<proto::BuildRequest>,
+    ) -> Result<Response<BuildStream>, Status> {
+        let peer = iroh_peer(&request)?;
+        let proto::BuildRequest {
+            session_id,
+            rebuild,
+        } = request.into_inner();
+        let session = self.sessions.get(&session_id, peer.endpoint_id)?;
+        session.start_build()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        self.build
+            .tasks
+            .spawn(build::run(self.build.clone(), session, rebuild, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -155,6 +155,16 @@ impl StatusBoard {
         });
     }
 
+    /// The 1-based queue position of `session_id`, or 0 if it is not queued.
+    pub fn queue_position(&self, session_id: &str) -> u32 {
+        self.board
+            .borrow()
+            .queue
+            .iter()
+            .position(|id| id == session_id)
+            .map_or(0, |index| u32::try_from(index + 1).unwrap_or(u32::MAX))
+    }
+
     /// A receiver that wakes on every change.
     pub fn subscribe(&self) -> watch::Receiver<Board> {
         self.board.subscribe()

@@ -301,6 +301,30 @@ impl TicketStore {
         self.check(&records, id, secret, peer, now).cloned()
     }
 
+    /// Checks that `secret` opens ticket `id` for `peer`, whatever its state:
+    /// a session admitted with a ticket runs to completion even after the
+    /// ticket is used up, expires or is revoked.
+    pub fn authenticate_session(
+        &self,
+        id: TicketId,
+        secret: &BearerSecret,
+        peer: EndpointId,
+    ) -> Result<TicketRecord, TicketRefusal> {
+        let records = self.lock();
+        let record = records
+            .get(&id)
+            .filter(|_| self.secret(id).matches(secret))
+            .ok_or(TicketRefusal::Unknown)?;
+        if let Some(bound) = record.bound_client.filter(|bound| *bound != peer) {
+            return Err(TicketRefusal::BoundElsewhere {
+                id,
+                bound,
+                actual: peer,
+            });
+        }
+        Ok(record.clone())
+    }
+
     fn check<'a>(
         &self,
         records: &'a BTreeMap<TicketId, TicketRecord>,

@@ -24,7 +24,11 @@ pub fn binary() -> &'static str {
 
 /// A `drv-thru` command with a clean, offline environment.
 pub fn command() -> Command {
-    let mut command = Command::new(binary());
+    offline(Command::new(binary()))
+}
+
+/// Makes `command` run offline, with no inherited drv-thru settings.
+pub fn offline(mut command: Command) -> Command {
     command
         .env_remove("RUST_LOG")
         .env_remove("DRV_THRU_DATA_DIR")
@@ -40,19 +44,33 @@ pub struct Builder {
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
     extra_args: Vec<String>,
+    launcher: Launcher,
+}
+
+/// How to start a `drv-thru` process: on the host, or inside a test store.
+pub type Launcher = Arc<dyn Fn() -> Command + Send + Sync>;
+
+fn host_launcher() -> Launcher {
+    Arc::new(command)
 }
 
 impl Builder {
     /// Starts a builder on a fresh data directory.
     pub fn start(dir: &Path, extra_args: &[&str]) -> Self {
+        Self::start_with(host_launcher(), dir.join("data"), extra_args)
+    }
+
+    /// Starts a builder whose processes `launcher` makes (e.g. in a store).
+    pub fn start_with(launcher: Launcher, data_dir: PathBuf, extra_args: &[&str]) -> Self {
         Self::start_in(
-            dir.join("data"),
+            launcher,
+            data_dir,
             extra_args.iter().map(ToString::to_string).collect(),
         )
     }
 
-    fn start_in(data_dir: PathBuf, extra_args: Vec<String>) -> Self {
-        let (child, lines, log) = spawn_server(&data_dir, &extra_args);
+    fn start_in(launcher: Launcher, data_dir: PathBuf, extra_args: Vec<String>) -> Self {
+        let (child, lines, log) = spawn_server(launcher(), &data_dir, &extra_args);
         let mut endpoint_id = None;
         let mut addr = None;
         loop {
@@ -83,6 +101,7 @@ impl Builder {
             addr: addr.expect("the log names a listening address"),
             log,
             extra_args,
+            launcher,
         }
     }
 
@@ -112,13 +131,17 @@ impl Builder {
         self.stop();
         let data_dir = self.data_dir.clone();
         let args = std::mem::take(&mut self.extra_args);
-        Self::start_in(data_dir, args)
+        Self::start_in(self.launcher.clone(), data_dir, args)
     }
 
     /// Starts a stopped or killed builder again on the same data directory.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "stop or kill the builder first");
-        *self = Self::start_in(self.data_dir.clone(), std::mem::take(&mut self.extra_args));
+        *self = Self::start_in(
+            self.launcher.clone(),
+            self.data_dir.clone(),
+            std::mem::take(&mut self.extra_args),
+        );
     }
 
     /// The builder's log so far.
@@ -128,7 +151,7 @@ impl Builder {
 
     /// Runs a `drv-thru` command against this builder's data directory.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut command = command();
+        let mut command = (self.launcher)();
         command.args(args).arg("--data-dir").arg(&self.data_dir);
         command.output().unwrap()
     }
@@ -165,15 +188,29 @@ impl Builder {
 }
 
 impl Drop for Builder {
+    /// Stops the builder gracefully, so its builds stop too; kills it if it
+    /// does not exit in time.
     fn drop(&mut self) {
-        self.kill();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
 type Spawned = (Child, mpsc::Receiver<String>, Arc<Mutex<Vec<String>>>);
 
-fn spawn_server(data_dir: &Path, extra_args: &[String]) -> Spawned {
-    let mut child = command()
+fn spawn_server(mut command: Command, data_dir: &Path, extra_args: &[String]) -> Spawned {
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(extra_args)
@@ -215,17 +252,46 @@ pub async fn connect(target: &Target, key: &Path) -> Connection {
         .unwrap()
 }
 
-/// A syntactically valid derivation path for admission requests.
-pub const DRV: &str = "/nix/store/ydy9qw2p000000000000000000000000-bb-tools.drv";
+/// An admission request for a real (tiny) derivation: a `.drv` fixture with
+/// its true content address, NAR hash and size.
+pub fn session_request() -> proto::OpenSessionRequest {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nix");
+    let name = "hb09lmdvs22v5ianga0vgpi9k446q3kw-t.drv";
+    let contents = std::fs::read(dir.join(name)).unwrap();
+    let mut nar = Vec::new();
+    for part in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        &contents,
+        b")",
+    ] {
+        nar.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        nar.extend_from_slice(part);
+        nar.resize(nar.len().div_ceil(8) * 8, 0);
+    }
+    let sha256 = |bytes: &[u8]| drv_thru::nix::hash::Sha256Hash::digest(bytes);
+    let drv_path = format!("/nix/store/{name}");
+    proto::OpenSessionRequest {
+        drv_path: drv_path.clone(),
+        inputs: vec![proto::InputPath {
+            store_path: drv_path,
+            references: Vec::new(),
+            content_address: format!("text:{}", sha256(&contents)),
+            nar_hash: sha256(&nar).to_string(),
+            nar_size: nar.len() as u64,
+        }],
+    }
+}
 
 /// Opens a build session; returns the response or the refusal.
 pub async fn open_session(
     connection: &Connection,
 ) -> Result<proto::OpenSessionResponse, tonic::Status> {
     BuilderClient::new(connection.channel.clone())
-        .open_session(proto::OpenSessionRequest {
-            drv_path: DRV.to_owned(),
-        })
+        .open_session(session_request())
         .await
         .map(tonic::Response::into_inner)
 }

@@ -1,8 +1,10 @@
-//! Integration tests of the control plane: a real `drv-thru serve` process,
-//! real Iroh endpoints on loopback (relays and address lookup off) and real
-//! gRPC, over both the Iroh transport and the admin socket.
+//! Integration tests: a real `drv-thru serve` process, real Iroh endpoints
+//! on loopback (relays and address lookup off), real gRPC, and for builds
+//! real Nix in separate stores.
 
+mod builds;
 mod common;
+mod nixenv;
 mod server;
 mod status;
 mod tickets;

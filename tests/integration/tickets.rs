@@ -135,9 +135,7 @@ async fn racing_clients_get_exactly_one_admission() {
             tokio::spawn(async move {
                 barrier.wait().await;
                 BuilderClient::new(channel)
-                    .open_session(drv_thru::proto::OpenSessionRequest {
-                        drv_path: crate::common::DRV.to_owned(),
-                    })
+                    .open_session(crate::common::session_request())
                     .await
             })
         })
@@ -217,9 +215,7 @@ async fn a_crash_neither_loses_nor_duplicates_uses() {
     let admitting = tokio::spawn(async move {
         let mut acknowledged = 0u64;
         loop {
-            let mut request = tonic::Request::new(drv_thru::proto::OpenSessionRequest {
-                drv_path: crate::common::DRV.to_owned(),
-            });
+            let mut request = tonic::Request::new(crate::common::session_request());
             // A dead builder is otherwise noticed only at the QUIC idle timeout.
             request.set_timeout(Duration::from_secs(2));
             let attempt = BuilderClient::new(channel.clone())

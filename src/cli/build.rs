@@ -1,0 +1,406 @@
+//! `drv-thru build`: evaluate locally, build remotely, import the signed
+//! outputs.
+
+use std::{
+    io::{IsTerminal, Write},
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use super::Failure;
+use crate::{
+    client::{self, Target, cache_proxy::CacheProxy, session::Session},
+    endpoint::RelayChoice,
+    nix::{signing::PublicKey, store_path::StorePath},
+    nixcmd::{EvalFlags, Nix},
+    proto::{BuildResult, build_response::Event},
+    ticket::Ticket,
+    units::format_bytes,
+};
+
+#[derive(Debug, clap::Args)]
+pub(super) struct Args {
+    /// What to build: a flake reference such as `nixpkgs#hello`, `.` or
+    /// `path:/src#attr`, evaluated by your local Nix.
+    installable: String,
+
+    /// Build with this ticket (`drvthru...`), as handed out by the builder's
+    /// admin. It names the builder and the key its outputs are signed with.
+    #[arg(long, value_name = "TICKET", conflicts_with_all = ["builder", "server"])]
+    ticket: Option<Ticket>,
+    /// Build on this builder from builders.json, as a trusted client.
+    #[arg(long, value_name = "NAME", conflicts_with = "server")]
+    builder: Option<String>,
+    /// Build on the builder with this endpoint id, as a trusted client.
+    #[arg(long, value_name = "ENDPOINT_ID")]
+    server: Option<iroh::EndpointId>,
+    /// With --server: a relay to reach it through.
+    #[arg(long, value_name = "URL", requires = "server")]
+    relay_url: Option<iroh::RelayUrl>,
+    /// With --server: a direct address to dial (repeatable).
+    #[arg(long = "addr", value_name = "IP:PORT", requires = "server")]
+    addrs: Vec<SocketAddr>,
+    /// The client key [default: $XDG_CONFIG_HOME/drv-thru/secret.key].
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+
+    /// Let evaluation read the environment (e.g. NIXPKGS_ALLOW_UNSUPPORTED_SYSTEM).
+    #[arg(long)]
+    impure: bool,
+    /// Re-fetch flake inputs instead of using cached copies.
+    #[arg(long)]
+    refresh: bool,
+    /// Replace a flake input for this evaluation (repeatable).
+    #[arg(long, num_args = 2, value_names = ["INPUT", "FLAKE_REF"])]
+    override_input: Vec<String>,
+    /// Build again on the builder and check the result matches (like `nix build --rebuild`).
+    #[arg(long)]
+    rebuild: bool,
+
+    /// Show plain build logs instead of nix-output-monitor's view.
+    #[arg(long)]
+    no_nom: bool,
+    /// Where to put the result link [default: ./result].
+    #[arg(long, short = 'o', value_name = "PATH", conflicts_with = "no_link")]
+    out_link: Option<PathBuf>,
+    /// Do not create a result link.
+    #[arg(long)]
+    no_link: bool,
+    /// Print the output paths (the default; kept for `nix build` habits).
+    #[arg(long)]
+    print_out_paths: bool,
+    /// Print `nix build --json`-style JSON instead of paths.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    fn target(&self) -> anyhow::Result<Option<Target>> {
+        Ok(if let Some(ticket) = &self.ticket {
+            Some(Target::Ticket(Box::new(ticket.clone())))
+        } else if let Some(name) = &self.builder {
+            Some(client::named(name)?)
+        } else {
+            self.server.map(|endpoint_id| Target::Direct {
+                endpoint_id,
+                relay_url: self.relay_url.clone(),
+                addrs: self.addrs.clone(),
+            })
+        })
+    }
+
+    fn eval_flags(&self) -> EvalFlags {
+        EvalFlags {
+            impure: self.impure,
+            refresh: self.refresh,
+            override_inputs: self
+                .override_input
+                .chunks(2)
+                .map(|pair| (pair[0].clone(), pair[1].clone()))
+                .collect(),
+            file: None,
+        }
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, occasional lines otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self { bar: None }
+    }
+
+    fn note(&self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(message),
+            None => eprintln!("{message}"),
+        }
+    }
+
+    fn bytes(&mut self, message: &'static str, total: u64) -> impl Fn(u64) + Send + 'static {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(total).with_message(message);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .expect("the template is valid")
+                .progress_chars("=> "),
+            );
+            self.bar = Some(bar.clone());
+            Box::new(move |done| bar.set_position(done)) as Box<dyn Fn(u64) + Send>
+        } else {
+            let started = Instant::now();
+            let last = std::sync::Mutex::new(Instant::now());
+            Box::new(move |done| {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                if last.elapsed() >= Duration::from_secs(2) || done == total {
+                    *last = Instant::now();
+                    let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    eprintln!(
+                        "{message}: {} of {} ({}/s)",
+                        format_bytes(done),
+                        format_bytes(total),
+                        format_bytes(rate as u64)
+                    );
+                }
+            })
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Where build events go: nix-output-monitor or plain stderr lines.
+enum LogSink {
+    Nom(tokio::process::Child),
+    Plain,
+}
+
+impl LogSink {
+    fn new(no_nom: bool) -> Self {
+        if no_nom {
+            return Self::Plain;
+        }
+        match tokio::process::Command::new("nom")
+            .arg("--json")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => Self::Nom(child),
+            Err(_) => Self::Plain,
+        }
+    }
+
+    async fn event(&mut self, event: Event) {
+        match (self, event) {
+            (Self::Nom(child), Event::Log(line)) if !line.internal_json.is_empty() => {
+                if let Some(stdin) = child.stdin.as_mut() {
+                    let mut text = line.internal_json;
+                    text.push('\n');
+                    // nom going away only loses the pretty view, not the build.
+                    let _ = stdin.write_all(text.as_bytes()).await;
+                }
+            }
+            (_, Event::Log(line)) => eprintln!("{}", line.text),
+            (_, Event::Queued(queued)) => {
+                eprintln!("drv-thru: queued, position {}", queued.position)
+            }
+            (_, Event::Started(_)) => eprintln!("drv-thru: building"),
+            (_, Event::Phase(_) | Event::Finished(_)) => {}
+        }
+    }
+
+    async fn close(self) {
+        if let Self::Nom(mut child) = self {
+            drop(child.stdin.take());
+            let _ = child.wait().await;
+        }
+    }
+}
+
+pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
+    let nix = Nix::new();
+    let evaluated = nix
+        .evaluate(&args.installable, &args.eval_flags())
+        .await
+        .context("evaluating locally")?;
+    let [evaluated] = <[_; 1]>::try_from(evaluated).map_err(|all| {
+        anyhow!(
+            "{} evaluates to {} derivations; name one",
+            args.installable,
+            all.len()
+        )
+    })?;
+    let outputs: Vec<StorePath> = evaluated.outputs.values().cloned().collect();
+
+    if !args.rebuild && nix.invalid_paths(&outputs).await?.is_empty() {
+        tracing::info!("outputs already valid locally; not contacting a builder");
+        return finish(&args, &nix, &evaluated.drv_path, &evaluated.outputs).await;
+    }
+    let target = args.target()?.ok_or_else(|| {
+        anyhow!("say where to build: --ticket TICKET, --builder NAME or --server ENDPOINT_ID")
+    })?;
+
+    // Whether the outputs will be importable is settled before the builder
+    // is even contacted: a refusal costs no ticket use and no upload.
+    let trust = import_trust(&nix, &target).await?;
+    let closure = nix
+        .closure(std::slice::from_ref(&evaluated.drv_path))
+        .await?;
+    let plan = Plan {
+        inputs: nix.path_info(&closure).await?,
+        drv: evaluated.drv_path.clone(),
+        outputs: evaluated.outputs.clone(),
+    };
+    let mut progress = Progress::new();
+    let connection = client::connect(&target, relay, args.key_file.as_deref()).await?;
+    let outcome = remote(&args, &nix, trust, &connection, &plan, &mut progress).await;
+    progress.finish();
+    connection.close().await;
+    match outcome? {
+        Remote::Built(outputs) => finish(&args, &nix, &evaluated.drv_path, &outputs).await,
+        Remote::Failed(message) => Err(Failure::BuildFailed(message)),
+    }
+}
+
+/// What to build: the derivation, the outputs asked for, and the
+/// derivation's closure as the local store describes it.
+struct Plan {
+    drv: StorePath,
+    outputs: std::collections::BTreeMap<String, StorePath>,
+    inputs: Vec<crate::nixcmd::PathInfo>,
+}
+
+enum Remote {
+    Built(std::collections::BTreeMap<String, StorePath>),
+    Failed(String),
+}
+
+async fn remote(
+    args: &Args,
+    nix: &Nix,
+    trust: Option<PublicKey>,
+    connection: &client::Connection,
+    plan: &Plan,
+    progress: &mut Progress,
+) -> anyhow::Result<Remote> {
+    let infos = &plan.inputs;
+    let requested = &plan.outputs;
+    let mut session = Session::open(
+        connection.channel.clone(),
+        &plan.drv,
+        client::session::inputs(infos),
+    )
+    .await?;
+    if !session.missing.is_empty() {
+        let total: u64 = infos
+            .iter()
+            .filter(|info| session.missing.contains(&info.path))
+            .map(|info| info.nar_size)
+            .sum();
+        progress.note(&format!(
+            "drv-thru: uploading {} inputs ({})",
+            session.missing.len(),
+            format_bytes(total)
+        ));
+        let report = progress.bytes("uploading", total);
+        session.upload(nix, report).await?;
+        progress.finish();
+    }
+    let mut sink = LogSink::new(args.no_nom);
+    let mut events = session.build(args.rebuild).await?;
+    let finished = loop {
+        match events.next().await {
+            Ok(Event::Finished(finished)) => break Ok(finished),
+            Ok(event) => sink.event(event).await,
+            Err(err) => break Err(err),
+        }
+    };
+    sink.close().await;
+    let finished = finished?;
+    if finished.result() != BuildResult::Succeeded {
+        return Ok(Remote::Failed(finished.message));
+    }
+    // Import only what was asked for, even if the derivation has more outputs.
+    let outputs: std::collections::BTreeMap<String, StorePath> =
+        client::session::outputs(&finished)?
+            .into_iter()
+            .filter(|(name, _)| requested.contains_key(name))
+            .collect();
+    if let Some(name) = requested.keys().find(|name| !outputs.contains_key(*name)) {
+        bail!("the builder did not report the requested output {name:?}");
+    }
+    let proxy = CacheProxy::start(
+        connection.channel.clone(),
+        session.id.clone(),
+        trust.clone(),
+    )
+    .await
+    .context("starting the loopback cache")?;
+    let paths: Vec<StorePath> = outputs.values().cloned().collect();
+    nix.copy_from(&proxy.url(), &paths, trust.as_ref(), true)
+        .await
+        .context("importing the outputs into the local store")?;
+    tracing::info!(bytes = proxy.bytes_received(), "outputs imported");
+    Ok(Remote::Built(outputs))
+}
+
+/// Decides, before anything is uploaded, how the outputs will be trusted:
+/// returns the key to pass to `nix copy`, or `None` when local Nix already
+/// trusts the builder's key.
+async fn import_trust(nix: &Nix, target: &Target) -> anyhow::Result<Option<PublicKey>> {
+    let trust = nix.trust().await.context("asking Nix whom it trusts")?;
+    let Some(key) = target.trusted_signing_key() else {
+        bail!(
+            "no signing key is configured for this builder, so its outputs cannot be checked; \
+             use a ticket, or a builders.json entry with \"public_key\""
+        );
+    };
+    if trust.trusts_key(key) {
+        return Ok(None);
+    }
+    if trust.trusted_user {
+        return Ok(Some(key.clone()));
+    }
+    bail!(
+        "your Nix does not trust the builder's key {key} and you are not a trusted Nix user, so the \
+         outputs could not be imported; add the key to services.drv-thru.client.ticketHelper.trustedBuilderPublicKeys \
+         (or nix.settings.trusted-public-keys) on this machine"
+    )
+}
+
+async fn finish(
+    args: &Args,
+    nix: &Nix,
+    drv: &StorePath,
+    outputs: &std::collections::BTreeMap<String, StorePath>,
+) -> Result<(), Failure> {
+    if !args.no_link {
+        let base = args
+            .out_link
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("result"));
+        for (name, path) in outputs {
+            let link = if name == "out" {
+                base.clone()
+            } else {
+                PathBuf::from(format!("{}-{name}", base.display()))
+            };
+            nix.add_root(&link, path).await?;
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    let text = if args.json {
+        let outputs: serde_json::Map<String, serde_json::Value> = outputs
+            .iter()
+            .map(|(name, path)| (name.clone(), json!(path.to_string())))
+            .collect();
+        format!(
+            "{}\n",
+            json!([{ "drvPath": drv.to_string(), "outputs": outputs }])
+        )
+    } else {
+        outputs.values().map(|path| format!("{path}\n")).collect()
+    };
+    stdout
+        .write_all(text.as_bytes())
+        .context("writing to stdout")?;
+    Ok(())
+}

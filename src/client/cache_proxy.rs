@@ -1,0 +1,231 @@
+//! A loopback HTTP binary cache in front of the builder's Cache service.
+//!
+//! Local Nix imports outputs with `nix copy --from http://127.0.0.1:PORT`, so
+//! Nix itself checks every signature and hash. Each file Nix asks for is
+//! fetched from the builder as Nix asks for it and streamed straight
+//! through: nothing is mirrored to disk first, and only paths Nix actually
+//! lacks are transferred.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{Request, Response, StatusCode, body::Frame, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::BuilderChannel;
+use crate::{
+    nix::{narinfo::NarInfo, signing::PublicKey, store_path::StorePathHash},
+    proto::{GetNarInfoRequest, GetNarRequest, cache_client::CacheClient},
+};
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// The running proxy; stops when dropped.
+#[derive(Debug)]
+pub struct CacheProxy {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    received: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Clone)]
+struct Upstream {
+    cache: CacheClient<BuilderChannel>,
+    session_id: String,
+    key: Option<PublicKey>,
+    received: Arc<AtomicU64>,
+}
+
+impl CacheProxy {
+    /// Serves the builder's cache for `session_id` on a free loopback port.
+    /// With `key`, narinfos not signed by it are refused before Nix sees
+    /// them.
+    pub async fn start(
+        channel: BuilderChannel,
+        session_id: String,
+        key: Option<PublicKey>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let received = Arc::new(AtomicU64::new(0));
+        let upstream = Upstream {
+            cache: CacheClient::new(channel)
+                .max_decoding_message_size(crate::transport::http2::MAX_MESSAGE_SIZE),
+            session_id,
+            key,
+            received: received.clone(),
+        };
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(err) => { warn!("loopback cache: {err}"); continue; }
+                    },
+                    _ = stopped.cancelled() => return,
+                };
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let upstream = upstream.clone();
+                        async move { Ok::<_, Infallible>(upstream.serve(request).await) }
+                    });
+                    if let Err(err) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        debug!("loopback cache connection: {err}");
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            received,
+        })
+    }
+
+    /// The cache URL to give Nix.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// NAR bytes received from the builder so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CacheProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+}
+
+impl Upstream {
+    async fn serve(&self, request: Request<hyper::body::Incoming>) -> Response<Body> {
+        let path = request.uri().path().trim_start_matches('/').to_owned();
+        if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
+            return respond(StatusCode::METHOD_NOT_ALLOWED, "");
+        }
+        if path == "nix-cache-info" {
+            return respond(
+                StatusCode::OK,
+                "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 40\n",
+            );
+        }
+        if let Some(hash) = path.strip_suffix(".narinfo") {
+            return self.narinfo(hash).await;
+        }
+        if path.starts_with("nar/") {
+            return self.nar(path).await;
+        }
+        respond(StatusCode::NOT_FOUND, "")
+    }
+
+    async fn narinfo(&self, hash: &str) -> Response<Body> {
+        let Ok(hash) = hash.parse::<StorePathHash>() else {
+            return respond(StatusCode::NOT_FOUND, "");
+        };
+        let reply = self
+            .cache
+            .clone()
+            .get_nar_info(GetNarInfoRequest {
+                session_id: self.session_id.clone(),
+                store_path_hash: hash.to_string(),
+            })
+            .await;
+        let text = match reply {
+            Ok(reply) => reply.into_inner().narinfo,
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return respond(StatusCode::NOT_FOUND, "");
+            }
+            Err(status) => {
+                warn!("builder refused narinfo {hash}: {}", status.message());
+                return respond(StatusCode::BAD_GATEWAY, status.message().to_owned());
+            }
+        };
+        match text.parse::<NarInfo>() {
+            Ok(narinfo) if *narinfo.store_path.hash_part() != hash => {
+                warn!(
+                    "builder answered {hash} with the narinfo of {}",
+                    narinfo.store_path
+                );
+                respond(StatusCode::BAD_GATEWAY, "narinfo for another path")
+            }
+            Ok(narinfo)
+                if self
+                    .key
+                    .as_ref()
+                    .is_some_and(|key| !narinfo.is_signed_by(key)) =>
+            {
+                warn!(
+                    "narinfo of {} is not signed by the trusted builder key",
+                    narinfo.store_path
+                );
+                respond(
+                    StatusCode::BAD_GATEWAY,
+                    "narinfo not signed by the trusted key",
+                )
+            }
+            Ok(_) => respond(StatusCode::OK, text),
+            Err(err) => {
+                warn!("builder sent a malformed narinfo for {hash}: {err}");
+                respond(StatusCode::BAD_GATEWAY, "malformed narinfo")
+            }
+        }
+    }
+
+    async fn nar(&self, url: String) -> Response<Body> {
+        let reply = self
+            .cache
+            .clone()
+            .get_nar(GetNarRequest {
+                session_id: self.session_id.clone(),
+                url,
+            })
+            .await;
+        let stream = match reply {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return respond(StatusCode::NOT_FOUND, "");
+            }
+            Err(status) => return respond(StatusCode::BAD_GATEWAY, status.message().to_owned()),
+        };
+        let received = self.received.clone();
+        let frames = stream.map(move |chunk| match chunk {
+            Ok(chunk) => {
+                received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                Ok(Frame::data(chunk.data))
+            }
+            // Nix sees a truncated body and rejects the NAR by its hash.
+            Err(status) => Err(std::io::Error::other(status.message().to_owned())),
+        });
+        Response::new(BodyExt::boxed(StreamBody::new(frames)))
+    }
+}

@@ -1,0 +1,412 @@
+//! Admitted build sessions: who owns each one, what it may upload, and which
+//! cache entries it may read.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use iroh::EndpointId;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::status::ClientLabel;
+use crate::{
+    config::Limits,
+    nix::{
+        content_address::{ContentAddress, FileIngestionMethod},
+        hash::{HashAlgo, Sha256Hash},
+        store_path::{StorePath, StorePathHash},
+    },
+    proto,
+};
+
+/// Inputs one session may announce; a derivation closure is far smaller.
+pub const MAX_INPUTS: usize = 50_000;
+
+/// An input path as the client announced it, already checked to be
+/// content-addressed as its store path claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredInput {
+    /// The store path.
+    pub path: StorePath,
+    /// Its references, without itself.
+    pub references: BTreeSet<StorePath>,
+    /// Its content address.
+    pub ca: ContentAddress,
+    /// SHA-256 of its NAR.
+    pub nar_hash: Sha256Hash,
+    /// Size of its NAR.
+    pub nar_size: u64,
+}
+
+impl DeclaredInput {
+    /// Parses and checks an announced input: its store path must be exactly
+    /// what its content address and references make it. Input-addressed
+    /// paths (outputs of other derivations) are refused: nobody can check
+    /// them, so the builder builds or substitutes them itself.
+    pub fn from_proto(input: proto::InputPath) -> Result<Self, String> {
+        let path: StorePath = input
+            .store_path
+            .parse()
+            .map_err(|err| format!("input {:?}: {err}", input.store_path))?;
+        let mut references = BTreeSet::new();
+        let mut self_reference = false;
+        for reference in &input.references {
+            let reference: StorePath = reference
+                .parse()
+                .map_err(|err| format!("input {path}: reference {reference:?}: {err}"))?;
+            if reference == path {
+                self_reference = true;
+            } else {
+                references.insert(reference);
+            }
+        }
+        if input.content_address.is_empty() {
+            return Err(format!(
+                "input {path} is not content-addressed: only .drv files and sources can be uploaded, \
+                 outputs of other derivations are built or substituted by the builder"
+            ));
+        }
+        let ca: ContentAddress = input
+            .content_address
+            .parse()
+            .map_err(|err| format!("input {path}: {err}"))?;
+        let computed = ca
+            .store_path(path.name(), &references, self_reference)
+            .map_err(|err| format!("input {path}: {err}"))?;
+        if computed != path {
+            return Err(format!(
+                "input {path} does not match its content address {ca} (it would be {computed})"
+            ));
+        }
+        let nar_hash: Sha256Hash = input
+            .nar_hash
+            .parse()
+            .map_err(|err| format!("input {path}: nar_hash: {err}"))?;
+        if input.nar_size == 0 {
+            return Err(format!("input {path}: nar_size is zero"));
+        }
+        Ok(Self {
+            path,
+            references,
+            ca,
+            nar_hash,
+            nar_size: input.nar_size,
+        })
+    }
+
+    /// Whether the NAR hash alone proves the content address (recursive
+    /// SHA-256, as for almost every source); otherwise the content must be
+    /// checked separately.
+    pub fn nar_hash_is_content_hash(&self) -> bool {
+        matches!(&self.ca, ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash }
+            if hash.algo() == HashAlgo::Sha256 && hash.digest() == self.nar_hash.as_bytes())
+    }
+}
+
+/// Where a session's build is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildState {
+    /// Inputs may still be uploaded.
+    NotStarted,
+    /// Queued or building.
+    Running,
+    /// Finished (in any way); outputs may be fetched if it succeeded.
+    Done,
+}
+
+#[derive(Debug)]
+struct SessionState {
+    missing: BTreeSet<StorePath>,
+    build: BuildState,
+    /// The outputs' closure by hash part, once built: what the session may
+    /// read from the cache.
+    readable: HashMap<StorePathHash, StorePath>,
+    /// NAR URLs of narinfos served to this session.
+    served_nars: HashSet<String>,
+    /// How the build ended, once it has.
+    outcome: Option<(proto::BuildResult, String)>,
+}
+
+/// One admitted session.
+#[derive(Debug)]
+pub struct Session {
+    /// Its id.
+    pub id: String,
+    /// The endpoint that opened it; no one else may use it.
+    pub owner: EndpointId,
+    /// Who it belongs to, for status and logs.
+    pub label: ClientLabel,
+    /// Its limits.
+    pub limits: Limits,
+    /// The derivation to build.
+    pub drv: StorePath,
+    /// The announced inputs.
+    pub inputs: BTreeMap<StorePath, DeclaredInput>,
+    /// Cancelled when the owner's connection closes.
+    pub cancelled: CancellationToken,
+    uploaded: AtomicU64,
+    state: Mutex<SessionState>,
+}
+
+impl Session {
+    /// A new session that still lacks `missing`.
+    pub fn new(
+        id: String,
+        owner: EndpointId,
+        label: ClientLabel,
+        limits: Limits,
+        drv: StorePath,
+        inputs: BTreeMap<StorePath, DeclaredInput>,
+        missing: BTreeSet<StorePath>,
+    ) -> Self {
+        Self {
+            id,
+            owner,
+            label,
+            limits,
+            drv,
+            inputs,
+            cancelled: CancellationToken::new(),
+            uploaded: AtomicU64::new(0),
+            state: Mutex::new(SessionState {
+                missing,
+                build: BuildState::NotStarted,
+                readable: HashMap::new(),
+                served_nars: HashSet::new(),
+                outcome: None,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SessionState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The inputs still missing on the builder.
+    pub fn missing(&self) -> BTreeSet<StorePath> {
+        self.state().missing.clone()
+    }
+
+    /// Records that `paths` are now valid on the builder.
+    pub fn mark_present(&self, paths: &[StorePath]) {
+        let mut state = self.state();
+        for path in paths {
+            state.missing.remove(path);
+        }
+    }
+
+    /// Counts `bytes` more of upload against the limit; refuses (without
+    /// counting) once the limit would be exceeded.
+    pub fn count_upload(&self, bytes: u64) -> Result<u64, Status> {
+        let limit = self.limits.max_upload_bytes.get();
+        let total = self
+            .uploaded
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |so_far| {
+                so_far.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "upload exceeds this session's max_upload_bytes of {} ({limit} bytes); \
+                     ask the builder's admin for a larger limit",
+                    self.limits.max_upload_bytes
+                ))
+            })?;
+        Ok(total + bytes)
+    }
+
+    /// Moves the session from not started to running; a session builds once.
+    pub fn start_build(&self) -> Result<(), Status> {
+        let mut state = self.state();
+        if state.build != BuildState::NotStarted {
+            return Err(Status::failed_precondition(
+                "this session has already built; open a new session",
+            ));
+        }
+        if let Some(first) = state.missing.iter().next() {
+            return Err(Status::failed_precondition(format!(
+                "{} inputs are still missing on the builder (e.g. {first}); upload them first",
+                state.missing.len()
+            )));
+        }
+        state.build = BuildState::Running;
+        Ok(())
+    }
+
+    /// Ends the build; `readable` is the outputs' closure if it succeeded.
+    pub fn finish_build(&self, readable: impl IntoIterator<Item = StorePath>) {
+        let mut state = self.state();
+        state.build = BuildState::Done;
+        state.readable = readable
+            .into_iter()
+            .map(|path| (*path.hash_part(), path))
+            .collect();
+    }
+
+    /// Records how the build ended.
+    pub fn record_outcome(&self, result: proto::BuildResult, message: &str) {
+        self.state().outcome = Some((result, message.to_owned()));
+    }
+
+    /// How the build ended, if it has.
+    pub fn outcome(&self) -> Option<(proto::BuildResult, String)> {
+        self.state().outcome.clone()
+    }
+
+    /// Whether the build is queued or running.
+    pub fn build_state(&self) -> BuildState {
+        self.state().build
+    }
+
+    /// The store path of `hash` if this session may read its cache entry.
+    pub fn readable(&self, hash: &StorePathHash) -> Option<StorePath> {
+        self.state().readable.get(hash).cloned()
+    }
+
+    /// Remembers that a narinfo naming `url` was served to this session.
+    pub fn allow_nar(&self, url: &str) {
+        self.state().served_nars.insert(url.to_owned());
+    }
+
+    /// Whether a narinfo naming `url` was served to this session.
+    pub fn may_fetch_nar(&self, url: &str) -> bool {
+        self.state().served_nars.contains(url)
+    }
+}
+
+/// All live sessions.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+}
+
+impl Sessions {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a session.
+    pub fn insert(&self, session: Arc<Session>) {
+        self.map().insert(session.id.clone(), session);
+    }
+
+    /// The session `id` if `peer` owns it. Another peer's session looks
+    /// exactly like a missing one, so ids reveal nothing.
+    pub fn get(&self, id: &str, peer: EndpointId) -> Result<Arc<Session>, Status> {
+        self.map()
+            .get(id)
+            .filter(|session| session.owner == peer)
+            .cloned()
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no session {id:?} on this connection; open a new session"
+                ))
+            })
+    }
+
+    /// Cancels every session (at shutdown): their builds stop.
+    pub fn cancel_all(&self) {
+        for session in self.map().values() {
+            session.cancelled.cancel();
+        }
+    }
+
+    /// Forgets session `id`.
+    pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
+        self.map().remove(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A real .drv path with its references and content address, from Nix 2.8.
+    fn text_input() -> proto::InputPath {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nix");
+        let drv = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .find(|name| name.ends_with("-t.drv"))
+            .expect("fixture t.drv");
+        let contents = std::fs::read(dir.join(&drv)).unwrap();
+        proto::InputPath {
+            store_path: format!("/nix/store/{drv}"),
+            references: vec![],
+            content_address: format!("text:{}", Sha256Hash::digest(&contents)),
+            nar_hash: format!("{}", Sha256Hash::digest(b"not checked here")),
+            nar_size: 1,
+        }
+    }
+
+    #[test]
+    fn accepts_a_drv_whose_path_matches_its_content_address() {
+        let input = DeclaredInput::from_proto(text_input()).unwrap();
+        assert!(input.path.is_derivation());
+        assert!(!input.nar_hash_is_content_hash());
+    }
+
+    #[test]
+    fn refuses_input_addressed_and_mismatching_paths() {
+        let mut lying = text_input();
+        lying.content_address = format!("text:{}", Sha256Hash::digest(b"other contents"));
+        assert!(
+            DeclaredInput::from_proto(lying)
+                .unwrap_err()
+                .contains("does not match")
+        );
+
+        let mut output = text_input();
+        output.content_address.clear();
+        assert!(
+            DeclaredInput::from_proto(output)
+                .unwrap_err()
+                .contains("not content-addressed")
+        );
+
+        let mut extra_reference = text_input();
+        extra_reference
+            .references
+            .push("/nix/store/00000000000000000000000000000000-x".into());
+        assert!(DeclaredInput::from_proto(extra_reference).is_err());
+    }
+
+    #[test]
+    fn upload_limit_is_exact_and_refusal_counts_nothing() {
+        let session = Session::new(
+            "s".into(),
+            iroh::SecretKey::from_bytes(&[1; 32]).public(),
+            ClientLabel {
+                endpoint_id: String::new(),
+                label: String::new(),
+                ticket_id: None,
+            },
+            Limits {
+                max_upload_bytes: crate::units::ByteSize::new(10),
+                ..Limits::default()
+            },
+            "/nix/store/00000000000000000000000000000000-x.drv"
+                .parse()
+                .unwrap(),
+            BTreeMap::new(),
+            BTreeSet::new(),
+        );
+        assert_eq!(session.count_upload(6).unwrap(), 6);
+        let refused = session.count_upload(5).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("max_upload_bytes of 10"),
+            "{}",
+            refused.message()
+        );
+        assert_eq!(session.count_upload(4).unwrap(), 10);
+    }
+}

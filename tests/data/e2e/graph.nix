@@ -1,0 +1,71 @@
+# A derivation graph that needs nothing but a static busybox, which the
+# tests copy into ./bb/bin/busybox. `salt` gives every test fresh store
+# paths, so builders and clients start from nothing.
+{ salt, blobMiB ? 8, sleepSecs ? 60, system ? "x86_64-linux" }:
+let
+  bbsrc = builtins.path { path = ./bb; name = "busybox-static"; };
+  srcDir = builtins.path { path = ./src; name = "test-src"; };
+
+  tools = derivation {
+    name = "bb-tools";
+    inherit system salt;
+    builder = "${bbsrc}/bin/busybox";
+    args = [ "sh" "-euc" ''
+      ${bbsrc}/bin/busybox mkdir -p $out/bin
+      ${bbsrc}/bin/busybox --install -s $out/bin
+    '' ];
+  };
+
+  mk = name: script: attrs: derivation ({
+    inherit name system salt;
+    builder = "${tools}/bin/sh";
+    args = [ "-euc" script ];
+    PATH = "${tools}/bin";
+  } // attrs);
+in
+rec {
+  inherit tools;
+
+  # Two outputs; dev refers to out.
+  lib = mk "testlib" ''
+    mkdir -p $out/lib $dev/include
+    echo "libdata" > $out/lib/libtest.txt
+    echo "#define TESTLIB \"$out/lib/libtest.txt\"" > $dev/include/test.h
+  '' { outputs = [ "out" "dev" ]; };
+
+  # Incompressible data, so a large output really travels.
+  blob = mk "blob" ''
+    echo "blob: writing ${toString blobMiB} MiB"
+    dd if=/dev/urandom of=$out bs=1048576 count=${toString blobMiB} 2>/dev/null
+  '' { };
+
+  # Several dependencies and an input source.
+  app = mk "app" ''
+    mkdir -p $out/bin $out/share
+    cp ${srcDir}/hello.txt $out/share/hello.txt
+    ln -s ${blob} $out/share/blob
+    ln -s ${lib.dev}/include $out/share/include
+    printf '#!%s\ncat %s %s/lib/libtest.txt\n' ${tools}/bin/sh $out/share/hello.txt ${lib} > $out/bin/app
+    chmod +x $out/bin/app
+    echo "app: built"
+  '' { };
+
+  # Prints a line a second, for time limits and cancellation.
+  slow = mk "slow" ''
+    i=0
+    while [ $i -lt ${toString sleepSecs} ]; do echo "slow: tick $i"; sleep 1; i=$((i+1)); done
+    echo done > $out
+  '' { };
+
+  # Silent for a long time, for cancellation of builds that print nothing.
+  quiet = mk "quiet" ''
+    sleep ${toString sleepSecs}
+    echo done > $out
+  '' { };
+
+  fail = mk "fail" ''
+    echo "fail: some output"
+    echo "fail: about to fail" >&2
+    exit 3
+  '' { };
+}

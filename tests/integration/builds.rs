@@ -1,0 +1,416 @@
+//! Remote builds end to end: a builder and a client with separate Nix
+//! stores, the real `drv-thru` binary on both sides, real Nix.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use drv_thru::ticket::Ticket;
+
+use crate::{
+    common::Builder,
+    nixenv::{Store, World, available},
+};
+
+/// A builder and a client, each with its own store.
+struct Pair {
+    salt: String,
+    world: Arc<World>,
+    client: Store,
+    builder_store: Store,
+    builder: Builder,
+}
+
+impl Pair {
+    fn new(salt: &str, builder_args: &[&str]) -> Self {
+        let world = Arc::new(World::new(salt));
+        let client = world.store("client");
+        let builder_store = world.store("builder");
+        let builder = Builder::start_with(
+            builder_store.launcher(),
+            world.dir.path().join("data"),
+            builder_args,
+        );
+        Self {
+            salt: salt.to_owned(),
+            world,
+            client,
+            builder_store,
+            builder,
+        }
+    }
+
+    fn ticket(&self, flags: &[&str]) -> String {
+        let ticket: Ticket = self.builder.ticket(flags);
+        ticket.to_string()
+    }
+
+    /// `drv-thru build path:FLAKE#attr ARGS --no-nom` in the client store.
+    fn build(&self, attr: &str, args: &[&str]) -> std::process::Output {
+        let installable = self.world.installable(attr);
+        let mut all = vec!["build", installable.as_str(), "--no-nom"];
+        all.extend_from_slice(args);
+        self.client
+            .command(crate::common::binary())
+            .args(&all)
+            .current_dir(self.world.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    fn out_path(&self, attr: &str) -> String {
+        let expression = format!("{}.outPath", self.world.installable(attr));
+        self.client.run_ok("nix", &["eval", "--raw", &expression])
+    }
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn salt(test: &str) -> String {
+    format!(
+        "{test}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// Build processes of the world salted with `salt` (Nix passes derivation
+/// attributes, the salt among them, in the builder's environment).
+fn build_processes(salt: &str) -> Vec<String> {
+    let marker = format!("salt={salt}\0");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&environ).contains(&marker) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    found
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn builder_active(pair: &Pair) -> usize {
+    let status: serde_json::Value =
+        serde_json::from_str(&pair.builder.cli_ok(&["status", "--json"])).unwrap();
+    status["active"].as_array().unwrap().len() + status["queued"].as_array().unwrap().len()
+}
+
+#[test]
+fn ticket_build_imports_signed_outputs_once() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("ticket"), &[]);
+    let ticket = pair.ticket(&[]);
+    let output = pair.build("app", &["--ticket", &ticket]);
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    let app = pair.out_path("app");
+    assert_eq!(stdout(&output).trim(), app);
+    assert!(pair.client.has(&app));
+    let key_name = ticket
+        .parse::<Ticket>()
+        .unwrap()
+        .signing_key()
+        .name()
+        .to_owned();
+    let sigs = pair.client.run_ok("nix", &["path-info", "--sigs", &app]);
+    assert!(sigs.contains(&format!("{key_name}:")), "{sigs}");
+    let result = pair.world.dir.path().join("result");
+    assert_eq!(std::fs::read_link(&result).unwrap(), Path::new(&app));
+    let run = pair.client.run_ok(&format!("{app}/bin/app"), &[]);
+    assert!(
+        run.contains("hello from the test source") && run.contains("libdata"),
+        "{run}"
+    );
+
+    // `fail` is not in the closure of `app`, so it must go to the builder.
+    let again = pair.build("fail", &["--ticket", &ticket]);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("no uses left"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+#[test]
+fn named_builder_with_direct_addresses() {
+    if !available() {
+        return;
+    }
+    let world_salt = salt("named");
+    let world = Arc::new(World::new(&world_salt));
+    let client = world.store("client");
+    let key = client.home.join(".config/drv-thru/secret.key");
+    let me = drv_thru::keys::load_or_create_endpoint_key(&key)
+        .unwrap()
+        .public();
+    let builder_store = world.store("builder");
+    let builder = Builder::start_with(
+        builder_store.launcher(),
+        world.dir.path().join("data"),
+        &["--trusted-client", &me.to_string()],
+    );
+    let public_key = std::fs::read_to_string(builder.data_dir.join("signing-public.key")).unwrap();
+    std::fs::write(
+        client.home.join(".config/drv-thru/builders.json"),
+        format!(
+            r#"{{"builders": {{"leviathan": {{"endpoint_id": "{}", "relay_url": null, "addrs": ["{}"], "public_key": "{}"}}}}}}"#,
+            builder.endpoint_id,
+            builder.addr,
+            public_key.trim()
+        ),
+    )
+    .unwrap();
+    let pair = Pair {
+        salt: world_salt,
+        world,
+        client,
+        builder_store,
+        builder,
+    };
+    let output = pair.build("lib", &["--builder", "leviathan", "--no-link", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let out = json[0]["outputs"]["out"].as_str().unwrap().to_owned();
+    assert!(pair.client.has(&out));
+    assert!(pair.builder_store.has(&out));
+}
+
+#[test]
+fn failing_build_exits_1_with_its_log() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("fail"), &[]);
+    let output = pair.build("fail", &["--ticket", &pair.ticket(&[])]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("fail: about to fail"), "{err}");
+    assert!(
+        err.contains("error: the build failed on the builder"),
+        "{err}"
+    );
+}
+
+#[test]
+fn locally_valid_outputs_skip_the_builder() {
+    if !available() {
+        return;
+    }
+    let world = Arc::new(World::new(&salt("local")));
+    let client = world.store("client");
+    let installable = world.installable("lib");
+    client.run_ok("nix", &["build", "--no-link", &installable]);
+    let nobody = iroh::SecretKey::generate().public().to_string();
+    let output = client
+        .command(crate::common::binary())
+        .args(["build", &installable, "--server", &nobody, "--no-link"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).trim().ends_with("-testlib"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn time_limit_stops_the_whole_build() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("limit"), &[]);
+    let started = Instant::now();
+    let output = pair.build(
+        "slow",
+        &["--ticket", &pair.ticket(&["--max-build-time", "3s"])],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("max_build_time of 3s"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    wait_until(
+        "the build's processes are gone",
+        Duration::from_secs(10),
+        || build_processes(&pair.salt).is_empty(),
+    );
+    wait_until("the builder is idle", Duration::from_secs(15), || {
+        builder_active(&pair) == 0
+    });
+}
+
+#[test]
+fn upload_over_its_limit_is_refused_and_leaves_nothing() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("upload-limit"), &[]);
+    let output = pair.build(
+        "app",
+        &["--ticket", &pair.ticket(&["--max-upload-bytes", "64K"])],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("max_upload_bytes of 64K"),
+        "{}",
+        stderr(&output)
+    );
+    let store = std::fs::read_dir(pair.builder_store.dir.join("store"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(
+        !store.iter().any(|name| name.ends_with("-busybox-static")),
+        "{store:?}"
+    );
+    assert!(!pair.data_dir_has_uploads());
+}
+
+impl Pair {
+    fn data_dir_has_uploads(&self) -> bool {
+        std::fs::read_dir(self.builder.data_dir.join("uploads"))
+            .map(|mut entries| entries.next().is_some())
+            .unwrap_or(false)
+    }
+}
+
+#[test]
+fn forged_dependency_output_never_reaches_the_builder() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("forged"), &[]);
+    let tools = pair.out_path("tools");
+    // Root on the client registers a forged output of a dependency.
+    let script = format!(
+        "set -e; mkdir -p {tools}/bin; echo forged > {tools}/FORGED; \
+         printf '%s\\n%s\\n%s\\n\\n0\\n' {tools} $(nix-hash --type sha256 {tools}) $(nix-store --dump {tools} | wc -c) \
+         | nix-store --register-validity --hash-given"
+    );
+    pair.client.run_ok("sh", &["-c", &script]);
+    assert!(pair.client.has(&tools));
+
+    let output = pair.build("app", &["--ticket", &pair.ticket(&[])]);
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    let forged = pair
+        .builder_store
+        .dir
+        .join("store")
+        .join(tools.trim_start_matches("/nix/store/"))
+        .join("FORGED");
+    assert!(
+        pair.builder_store.has(&tools),
+        "the builder built the dependency itself"
+    );
+    assert!(!forged.exists(), "the forged output reached the builder");
+}
+
+#[test]
+fn disconnecting_client_cancels_a_silent_build() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("disconnect"), &[]);
+    let ticket = pair.ticket(&[]);
+    let installable = pair.world.installable("quiet");
+    let mut client = pair
+        .client
+        .command(crate::common::binary())
+        .args(["build", &installable, "--no-nom", "--ticket", &ticket])
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the build runs", Duration::from_secs(30), || {
+        !build_processes(&pair.salt).is_empty()
+    });
+    unsafe { libc::kill(-(client.id() as i32), libc::SIGKILL) };
+    client.wait().unwrap();
+    let start = Instant::now();
+    while builder_active(&pair) != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "builder still busy:\n{}",
+            pair.builder.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    while !build_processes(&pair.salt).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "build processes remain: {:?}\nbuilder log:\n{}",
+            build_processes(&pair.salt),
+            pair.builder.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn rebuild_checks_even_on_a_builder_that_never_built_it() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("rebuild"), &[]);
+    let output = pair.build(
+        "lib",
+        &["--ticket", &pair.ticket(&[]), "--rebuild", "--no-link"],
+    );
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+}
