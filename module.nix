@@ -1,0 +1,861 @@
+# NixOS module for drv-thru.
+#
+# services.drv-thru.server: the builder, a hardened `drv-thru serve` service
+#   running as its own system user (never a Nix trusted user).
+# services.drv-thru.client: the CLI, /etc/drv-thru/builders.json, the builder
+#   signing keys Nix trusts, and the root import helper that lets users who
+#   are not trusted by Nix import outputs signed by allowlisted builders.
+#
+# Convention for option declarations (tests/module_options.rs relies on it to
+# compare this file with the option table in README.md without evaluating Nix):
+#   * a comment line `# option-prefix: PATH` gives the full attribute path of
+#     the options declared after it, up to the next such line; options of a
+#     submodule use `<name>` for the attribute name;
+#   * every option is declared on a line that starts with `NAME = lib.mkOption {`,
+#     `NAME = lib.mkEnableOption` or `NAME = lib.mkPackageOption`, and those
+#     three functions are used nowhere else.
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+let
+  inherit (lib) types;
+
+  cfg = config.services.drv-thru;
+  serverCfg = cfg.server;
+  clientCfg = cfg.client;
+  helperCfg = cfg.client.ticketHelper;
+
+  jsonFormat = pkgs.formats.json { };
+
+  # The CLI's built-in defaults; the module only exports variables when an
+  # option moves something away from them.
+  defaultDataDir = "/var/lib/drv-thru";
+  helperSocket = "/run/drv-thru/import-helper.sock";
+
+  serverUser = "drv-thru";
+  serverGroup = "drv-thru";
+
+  # --- value checks, reported by assertions so a typo fails the rebuild -----
+
+  matches = regex: value: builtins.match regex value != null;
+  # `drv-thru key show` and `drv-thru status` print endpoint ids as hex.
+  isEndpointId = matches "[0-9a-fA-F]{64}";
+  # Nix's `NAME:BASE64` public key format.
+  isSigningKey = matches "[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}";
+  signingKeyName = key: lib.head (lib.splitString ":" key);
+  # What drv-thru's duration parser takes: "30m", "2h 30m", "1day".
+  isDuration = matches " *[0-9]+ *[A-Za-z]+( *[0-9]+ *[A-Za-z]+)* *";
+  # What drv-thru's size parser takes: "20G", "512MiB", "10gb", "4096".
+  isByteSize = matches " *[0-9]+ *([KkMmGgTt]([Ii]?[Bb])?|[Bb])? *";
+  isHttpUrl = matches "https?://[^[:space:]]+";
+  isRelay = value: value == "default" || value == "disabled" || isHttpUrl value;
+  isSocketAddr = matches "([0-9.]+|[[][0-9A-Fa-f:.]+[]]):[0-9]+";
+  isAbsolutePath = matches "/.*";
+  isStoreFile = lib.hasPrefix "${builtins.storeDir}/";
+
+  # --- server ---------------------------------------------------------------
+
+  # StateDirectory= only covers /var/lib; other data directories are created
+  # by tmpfiles and made writable explicitly.
+  stateDirectory = lib.removePrefix "/var/lib/" serverCfg.dataDir;
+  dataDirIsStateDirectory =
+    lib.hasPrefix "/var/lib/" serverCfg.dataDir && stateDirectory != "";
+  # Admins reach DATA_DIR/admin.sock by path, so the directory must be
+  # traversable by them. 0711 lets anyone traverse but nobody list; every
+  # secret in it is 0600 (drv-thru refuses to start otherwise) and the socket
+  # is 0660 with the admin group.
+  dataDirMode = if serverCfg.adminGroup == null then "0700" else "0711";
+
+  listenAddress =
+    if lib.hasInfix ":" serverCfg.listenAddress then
+      "[${serverCfg.listenAddress}]:${toString serverCfg.listenPort}"
+    else
+      "${serverCfg.listenAddress}:${toString serverCfg.listenPort}";
+
+  serverSettings = lib.recursiveUpdate (
+    {
+      data_dir = serverCfg.dataDir;
+      secret_key_file = serverCfg.secretKeyFile;
+      listen = if serverCfg.listenPort == null then null else listenAddress;
+      relay = serverCfg.relay;
+      admin_group = serverCfg.adminGroup;
+      max_concurrent_builds = serverCfg.maxConcurrentBuilds;
+      output_cache_max_parallel_fills = serverCfg.outputCacheMaxParallelFills;
+      recent_builds_limit = serverCfg.recentBuildsLimit;
+      max_connections = serverCfg.maxConnections;
+      trusted_clients = lib.mapAttrs (_: client: {
+        public_key = client.publicKey;
+        max_build_time = client.maxBuildTime;
+        max_upload_bytes = client.maxUploadBytes;
+      }) serverCfg.trustedClients;
+    }
+    # Only written when set, so the config stays valid for servers that
+    # predate the field (drv-thru rejects unknown fields).
+    // lib.optionalAttrs (serverCfg.cacheMaxSize != null) {
+      cache_max_size = serverCfg.cacheMaxSize;
+    }
+  ) serverCfg.settings;
+
+  serverConfigFile = jsonFormat.generate "drv-thru-server.json" serverSettings;
+
+  # --- client ---------------------------------------------------------------
+
+  buildersFile = jsonFormat.generate "drv-thru-builders.json" {
+    builders = lib.mapAttrs (_: builder: {
+      endpoint_id = builder.endpointId;
+      endpoint_id_file = builder.endpointIdFile;
+      relay_url = builder.relayUrl;
+      addrs = builder.addrs;
+      public_key = builder.publicKey;
+    }) clientCfg.builders;
+  };
+
+  # Keys every user's Nix accepts (nix.settings.extra-trusted-public-keys).
+  globallyTrustedKeys = lib.unique (
+    lib.mapAttrsToList (_: builder: builder.publicKey) clientCfg.builders
+    ++ lib.mapAttrsToList (_: builder: builder.publicKey) clientCfg.trustedBuilders
+  );
+  # Keys the import helper accepts on behalf of users Nix does not trust.
+  helperKeys = lib.unique (globallyTrustedKeys ++ helperCfg.trustedBuilderPublicKeys);
+
+  helperAllowlist = pkgs.writeText "drv-thru-import-helper-keys" (
+    ''
+      # Builder signing keys the drv-thru import helper accepts, one per line.
+      # Generated by the NixOS module from services.drv-thru.client.builders,
+      # client.trustedBuilders and client.ticketHelper.trustedBuilderPublicKeys.
+    ''
+    + lib.concatMapStrings (key: key + "\n") helperKeys
+  );
+
+  # Every key Nix will be told to trust, with where it came from, for the
+  # name-clash assertion: Nix keeps one key per name, so two different keys
+  # with the same name would silently make one builder unverifiable.
+  namedKeys =
+    lib.mapAttrsToList (name: builder: {
+      key = builder.publicKey;
+      origin = "client.builders.${name}.publicKey";
+    }) clientCfg.builders
+    ++ lib.mapAttrsToList (name: builder: {
+      key = builder.publicKey;
+      origin = "client.trustedBuilders.${name}.publicKey";
+    }) clientCfg.trustedBuilders
+    ++ lib.optionals helperCfg.enable (
+      map (key: {
+        inherit key;
+        origin = "client.ticketHelper.trustedBuilderPublicKeys";
+      }) helperCfg.trustedBuilderPublicKeys
+    );
+  validNamedKeys = lib.filter (entry: isSigningKey entry.key) namedKeys;
+  keyNameClashes = lib.filter (
+    entry:
+    lib.any (
+      other: signingKeyName other.key == signingKeyName entry.key && other.key != entry.key
+    ) validNamedKeys
+  ) validNamedKeys;
+
+  # --- submodules -----------------------------------------------------------
+
+  trustedClientModule = {
+    # option-prefix: services.drv-thru.server.trustedClients.<name>
+    options = {
+      publicKey = lib.mkOption {
+        type = types.str;
+        description = ''
+          The client's Iroh endpoint id, as printed by `drv-thru key show` on
+          the client. Connections from this key may build without a ticket.
+        '';
+      };
+      maxBuildTime = lib.mkOption {
+        type = types.str;
+        default = "30m";
+        example = "2h";
+        description = "Wall-clock limit of one build by this client, e.g. `30m`, `2h`.";
+      };
+      maxUploadBytes = lib.mkOption {
+        type = types.str;
+        default = "20G";
+        example = "50G";
+        description = ''
+          Input bytes (NAR size) one build session of this client may upload;
+          `20G` means 20 GiB, `20GB` means 20·10⁹ bytes.
+        '';
+      };
+    };
+  };
+
+  builderModule = {
+    # option-prefix: services.drv-thru.client.builders.<name>
+    options = {
+      endpointId = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = ''
+          The builder's Iroh endpoint id (`drv-thru status` on the builder
+          prints it). Set exactly one of this and `endpointIdFile`.
+        '';
+      };
+      endpointIdFile = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/drv-thru-leviathan-endpoint-id";
+        description = ''
+          A file holding the builder's endpoint id, read by the CLI at build
+          time, for deployments that keep builder addresses out of the Nix
+          store. It must be readable by the users who run `drv-thru build`.
+          Set exactly one of this and `endpointId`.
+        '';
+      };
+      relayUrl = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://relay.example.org";
+        description = "A relay through which the builder can be reached; `null` uses address lookup.";
+      };
+      addrs = lib.mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "192.0.2.10:7000" ];
+        description = ''
+          Direct `IP:PORT` addresses of the builder (its `server.listenPort`),
+          tried before relays. Needed when relays are disabled.
+        '';
+      };
+      publicKey = lib.mkOption {
+        type = types.str;
+        example = "drv-thru-leviathan-1a2b3c4d:base64…";
+        description = ''
+          The builder's Nix signing key (`/var/lib/drv-thru/signing-public.key`
+          on the builder). It is added to `nix.settings.extra-trusted-public-keys`,
+          so every user's Nix accepts paths it signed, and to the import
+          helper's allowlist.
+        '';
+      };
+    };
+  };
+
+  trustedBuilderModule = {
+    # option-prefix: services.drv-thru.client.trustedBuilders.<name>
+    options = {
+      publicKey = lib.mkOption {
+        type = types.str;
+        description = ''
+          A builder's Nix signing key. It is added to
+          `nix.settings.extra-trusted-public-keys` and to the import helper's
+          allowlist, for builders reached through tickets or a per-user
+          `~/.config/drv-thru/builders.json`.
+        '';
+      };
+    };
+  };
+in
+{
+  # option-prefix: services.drv-thru
+  options.services.drv-thru = {
+    package = lib.mkPackageOption pkgs "drv-thru" {
+      extraDescription = ''
+        The flake's `nixosModules.default` sets this to the flake's own
+        package. The package's wrapper appends `nix` and `nom` to `PATH`; the
+        services put `nix.package` in front of them.
+      '';
+    };
+
+    # option-prefix: services.drv-thru.server
+    server = {
+      enable = lib.mkEnableOption "the drv-thru builder service (`drv-thru serve`)";
+
+      dataDir = lib.mkOption {
+        type = types.str;
+        default = defaultDataDir;
+        description = ''
+          State directory: the Iroh key, the signing keys, tickets, the admin
+          socket and the signed output cache. Paths under `/var/lib` are a
+          systemd `StateDirectory`; others are created by tmpfiles. The
+          directory is mode 0711 when `adminGroup` is set (admins must reach
+          `admin.sock`), else 0700; the secrets in it are 0600 and owned by
+          the `drv-thru` user. When it is not the default, the module exports
+          `DRV_THRU_DATA_DIR` so `drv-thru ticket` and `drv-thru status` find it.
+        '';
+      };
+
+      secretKeyFile = lib.mkOption {
+        type = types.str;
+        default = "${serverCfg.dataDir}/secret.key";
+        defaultText = lib.literalExpression ''"''${config.services.drv-thru.server.dataDir}/secret.key"'';
+        description = ''
+          The builder's Iroh secret key (its identity, i.e. its endpoint id).
+          Created on first start when it does not exist inside `dataDir`. A
+          file elsewhere (e.g. from sops-nix or agenix) must already exist, be
+          owned by the `drv-thru` user and be readable by it alone (drv-thru
+          refuses group- or world-readable secrets). Never a Nix store path.
+        '';
+      };
+
+      listenAddress = lib.mkOption {
+        type = types.str;
+        default = "0.0.0.0";
+        example = "::";
+        description = "IP address the builder's UDP (QUIC) socket binds when `listenPort` is set.";
+      };
+
+      listenPort = lib.mkOption {
+        type = types.nullOr types.port;
+        default = null;
+        example = 7000;
+        description = ''
+          UDP port for Iroh (QUIC) connections. `null` lets Iroh pick free
+          ports on all interfaces; clients then reach the builder through
+          relays and hole punching. A fixed port lets clients dial it
+          directly (`client.builders.<name>.addrs`) and lets `openFirewall`
+          open it.
+        '';
+      };
+
+      openFirewall = lib.mkOption {
+        type = types.bool;
+        default = false;
+        description = "Whether to open `listenPort` (UDP) in the NixOS firewall. Requires `listenPort`.";
+      };
+
+      relay = lib.mkOption {
+        type = types.str;
+        default = "default";
+        example = "disabled";
+        description = ''
+          Iroh relays: `default` (n0's public relays and address lookup),
+          `disabled` (direct addresses only, for LANs and offline networks),
+          or the URL of a self-hosted relay.
+        '';
+      };
+
+      adminGroup = lib.mkOption {
+        type = types.nullOr types.str;
+        default = "wheel";
+        description = ''
+          Members of this group may run `drv-thru ticket …` and
+          `drv-thru status` on the builder (through `DATA_DIR/admin.sock`,
+          which the server checks by peer credentials). `null` allows only
+          root. The group is created if it does not exist. To hand the socket
+          to the group, the service keeps `CAP_CHOWN` (only its writable
+          state and cache directories can be affected).
+        '';
+      };
+
+      maxConcurrentBuilds = lib.mkOption {
+        type = types.ints.positive;
+        default = 1;
+        description = "Builds that run at once; further requests wait in a queue.";
+      };
+
+      maxConnections = lib.mkOption {
+        type = types.ints.positive;
+        default = 256;
+        description = "Iroh connections served at once; further connections are refused.";
+      };
+
+      outputCacheMaxParallelFills = lib.mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = ''
+          Entries of the signed output cache compressed and signed in
+          parallel; `null` picks a value from the CPU count.
+        '';
+      };
+
+      recentBuildsLimit = lib.mkOption {
+        type = types.ints.positive;
+        default = 20;
+        description = "Finished builds kept for `drv-thru status`.";
+      };
+
+      cacheMaxSize = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "50G";
+        description = ''
+          Size limit of the signed output cache in `dataDir/cache`; the least
+          recently used entries are pruned beyond it. `null` keeps it
+          unbounded. Needs a drv-thru release that knows `cache_max_size`.
+        '';
+      };
+
+      trustedClients = lib.mkOption {
+        type = types.attrsOf (types.submodule trustedClientModule);
+        default = { };
+        example = lib.literalExpression ''
+          {
+            alex = {
+              publicKey = "client-iroh-endpoint-id";
+              maxBuildTime = "30m";
+              maxUploadBytes = "20G";
+            };
+          }
+        '';
+        description = ''
+          Clients that may build without a ticket, by a name shown in
+          `drv-thru status`. Ticket builds are unaffected.
+        '';
+      };
+
+      settings = lib.mkOption {
+        type = types.attrsOf jsonFormat.type;
+        default = { };
+        example = {
+          max_connections = 64;
+        };
+        description = ''
+          Raw entries merged over the JSON config the module generates, for
+          settings without an option. drv-thru rejects unknown keys, so a
+          typo stops the service instead of being ignored.
+        '';
+      };
+
+      extraArgs = lib.mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "-v" ];
+        description = "Extra command-line arguments for `drv-thru serve`; they override the generated config.";
+      };
+    };
+
+    # option-prefix: services.drv-thru.client
+    client = {
+      enable = lib.mkEnableOption "the drv-thru client: the CLI, `/etc/drv-thru/builders.json`, trusted builder keys and (by default) the import helper";
+
+      relay = lib.mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "disabled";
+        description = ''
+          Relay mode of the CLI for all users (`DRV_THRU_RELAY` in login
+          sessions): `default`, `disabled` or a relay URL. `null` leaves the
+          CLI's default (n0's public relays).
+        '';
+      };
+
+      narFetches = lib.mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = ''
+          Output NARs the CLI downloads in parallel (`DRV_THRU_NAR_FETCHES` in
+          login sessions); `null` picks automatically.
+        '';
+      };
+
+      builders = lib.mkOption {
+        type = types.attrsOf (types.submodule builderModule);
+        default = { };
+        example = lib.literalExpression ''
+          {
+            leviathan = {
+              endpointIdFile = "/run/secrets/drv-thru-leviathan-endpoint-id";
+              addrs = [ "192.0.2.10:7000" ];
+              publicKey = "drv-thru-leviathan-1a2b3c4d:base64…";
+            };
+          }
+        '';
+        description = ''
+          Named builders for `drv-thru build --builder NAME`, written to
+          `/etc/drv-thru/builders.json` (a user's
+          `~/.config/drv-thru/builders.json` overrides entries of the same
+          name). Their signing keys are trusted by Nix for every user.
+        '';
+      };
+
+      trustedBuilders = lib.mkOption {
+        type = types.attrsOf (types.submodule trustedBuilderModule);
+        default = { };
+        example = lib.literalExpression ''
+          { other.publicKey = "drv-thru-other-5e6f7a8b:base64…"; }
+        '';
+        description = ''
+          Builders whose signed outputs Nix accepts for every user, without
+          a system-wide address entry.
+        '';
+      };
+
+      # option-prefix: services.drv-thru.client.ticketHelper
+      ticketHelper = {
+        enable = lib.mkOption {
+          type = types.bool;
+          default = clientCfg.enable;
+          defaultText = lib.literalExpression "config.services.drv-thru.client.enable";
+          description = ''
+            Whether to run the import helper: a root service that imports
+            outputs signed by an allowlisted builder key for users Nix does
+            not trust (`nix copy` from the CLI's loopback cache, signatures
+            required). It accepts only allowlisted keys, loopback cache URLs
+            and exact store paths. Its socket is
+            `${helperSocket}`, reachable by `group` only.
+          '';
+        };
+
+        group = lib.mkOption {
+          type = types.str;
+          default = "wheel";
+          description = ''
+            Group whose members may use the import helper. The group is
+            created if it does not exist.
+          '';
+        };
+
+        trustedBuilderPublicKeys = lib.mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "drv-thru-leviathan-1a2b3c4d:base64…" ];
+          description = ''
+            Builder signing keys the import helper accepts in addition to
+            those of `builders` and `trustedBuilders`. Unlike those, they are
+            not added to Nix's trusted keys: only members of `group` can
+            import paths they signed, through the helper.
+          '';
+        };
+      };
+    };
+  };
+
+  config = lib.mkMerge [
+    (lib.mkIf (serverCfg.enable || clientCfg.enable) {
+      environment.systemPackages = [ cfg.package ];
+    })
+
+    (lib.mkIf serverCfg.enable {
+      assertions =
+        [
+          {
+            assertion = isAbsolutePath serverCfg.dataDir && !(lib.hasSuffix "/" serverCfg.dataDir);
+            message = "services.drv-thru.server.dataDir must be an absolute path without a trailing slash, not \"${serverCfg.dataDir}\".";
+          }
+          {
+            assertion = isAbsolutePath serverCfg.secretKeyFile && !(isStoreFile serverCfg.secretKeyFile);
+            message = "services.drv-thru.server.secretKeyFile must be an absolute path outside the world-readable Nix store, not \"${serverCfg.secretKeyFile}\".";
+          }
+          {
+            assertion = serverCfg.openFirewall -> serverCfg.listenPort != null;
+            message = "services.drv-thru.server.openFirewall needs a fixed services.drv-thru.server.listenPort.";
+          }
+          {
+            assertion = isRelay serverCfg.relay;
+            message = "services.drv-thru.server.relay must be \"default\", \"disabled\" or an http(s) relay URL, not \"${serverCfg.relay}\".";
+          }
+          {
+            assertion = serverCfg.cacheMaxSize == null || isByteSize serverCfg.cacheMaxSize;
+            message = "services.drv-thru.server.cacheMaxSize must be a size such as \"50G\", not \"${toString serverCfg.cacheMaxSize}\".";
+          }
+          {
+            assertion =
+              let
+                keys = lib.mapAttrsToList (_: client: lib.toLower client.publicKey) serverCfg.trustedClients;
+              in
+              lib.length keys == lib.length (lib.unique keys);
+            message = "services.drv-thru.server.trustedClients: two clients have the same publicKey; give each client its own entry.";
+          }
+        ]
+        ++ lib.concatLists (
+          lib.mapAttrsToList (name: client: [
+            {
+              assertion = isEndpointId client.publicKey;
+              message = "services.drv-thru.server.trustedClients.${name}.publicKey must be the client's endpoint id (64 hexadecimal characters, printed by `drv-thru key show` on the client), not \"${client.publicKey}\".";
+            }
+            {
+              assertion = isDuration client.maxBuildTime;
+              message = "services.drv-thru.server.trustedClients.${name}.maxBuildTime must be a duration such as \"30m\" or \"2h\", not \"${client.maxBuildTime}\".";
+            }
+            {
+              assertion = isByteSize client.maxUploadBytes;
+              message = "services.drv-thru.server.trustedClients.${name}.maxUploadBytes must be a size such as \"20G\", not \"${client.maxUploadBytes}\".";
+            }
+          ]) serverCfg.trustedClients
+        );
+
+      warnings =
+        lib.optional (lib.elem serverUser (config.nix.settings.trusted-users or [ ]))
+          "services.drv-thru: the drv-thru user is in nix.settings.trusted-users. drv-thru does not need it, and it makes the network-facing service root-equivalent; remove it.";
+
+      users.users.${serverUser} = {
+        isSystemUser = true;
+        group = serverGroup;
+        description = "drv-thru builder service";
+        home = "/var/empty";
+      };
+      users.groups = {
+        ${serverGroup} = { };
+      } // lib.optionalAttrs (serverCfg.adminGroup != null) { ${serverCfg.adminGroup} = { }; };
+
+      networking.firewall.allowedUDPPorts = lib.mkIf (
+        serverCfg.openFirewall && serverCfg.listenPort != null
+      ) [ serverCfg.listenPort ];
+
+      environment.sessionVariables = lib.mkIf (serverCfg.dataDir != defaultDataDir) {
+        DRV_THRU_DATA_DIR = serverCfg.dataDir;
+      };
+
+      systemd.tmpfiles.rules = lib.mkIf (!dataDirIsStateDirectory) [
+        "d ${serverCfg.dataDir} ${dataDirMode} ${serverUser} ${serverGroup} - -"
+      ];
+
+      systemd.services.drv-thru = {
+        description = "drv-thru remote Nix builder";
+        documentation = [ "https://github.com/adeci/drv-thru" ];
+        wantedBy = [ "multi-user.target" ];
+        # Tickets carry the builder's current addresses, so start once the
+        # network is configured; builds go through the Nix daemon.
+        wants = [ "network-online.target" ];
+        requires = [ "nix-daemon.socket" ];
+        after = [
+          "network-online.target"
+          "nix-daemon.socket"
+        ];
+        path = [ config.nix.package ];
+        environment = {
+          # nix writes its caches (and may create ~/.local/state/nix) under
+          # HOME; with ProtectSystem=strict only the service's own
+          # directories are writable, so point both at the cache directory.
+          HOME = "/var/cache/drv-thru";
+          XDG_CACHE_HOME = "/var/cache/drv-thru";
+          # The server runs `nix` subcommands; enable them for this service
+          # only instead of changing the builder's global Nix settings.
+          NIX_CONFIG = "extra-experimental-features = nix-command";
+        };
+        serviceConfig = {
+          Type = "simple";
+          ExecStart = utils.escapeSystemdExecArgs (
+            [
+              "${cfg.package}/bin/drv-thru"
+              "serve"
+              "--config"
+              "${serverConfigFile}"
+            ]
+            ++ serverCfg.extraArgs
+          );
+          User = serverUser;
+          Group = serverGroup;
+          CacheDirectory = "drv-thru";
+          CacheDirectoryMode = "0700";
+          UMask = "0077";
+          Restart = "on-failure";
+          RestartSec = "5s";
+
+          # Sandboxing. Deliberately absent: PrivateUsers (peer credentials
+          # on admin.sock would map to nobody) and ProtectProc=invisible
+          # (the admin check reads the caller's /proc/PID/status for its
+          # supplementary groups).
+          NoNewPrivileges = true;
+          # CAP_CHOWN only to hand admin.sock to the admin group; under
+          # ProtectSystem=strict it reaches nothing but the service's own
+          # writable directories.
+          CapabilityBoundingSet = if serverCfg.adminGroup == null then [ "" ] else [ "CAP_CHOWN" ];
+          AmbientCapabilities = if serverCfg.adminGroup == null then [ "" ] else [ "CAP_CHOWN" ];
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RemoveIPC = true;
+          SystemCallArchitectures = "native";
+          # @resources stays allowed: nix raises its stack limit with
+          # setrlimit. @chown is re-allowed for admin.sock (see above).
+          SystemCallFilter = [
+            "@system-service"
+            "~@privileged"
+            "@chown"
+          ];
+          # NETLINK: Iroh watches interfaces and routes to learn its
+          # direct addresses.
+          RestrictAddressFamilies = [
+            "AF_UNIX"
+            "AF_INET"
+            "AF_INET6"
+            "AF_NETLINK"
+          ];
+        }
+        // (
+          if dataDirIsStateDirectory then
+            {
+              StateDirectory = stateDirectory;
+              StateDirectoryMode = dataDirMode;
+            }
+          else
+            { ReadWritePaths = [ serverCfg.dataDir ]; }
+        );
+      };
+    })
+
+    (lib.mkIf clientCfg.enable {
+      assertions =
+        [
+          {
+            assertion = clientCfg.relay == null || isRelay clientCfg.relay;
+            message = "services.drv-thru.client.relay must be null, \"default\", \"disabled\" or an http(s) relay URL, not \"${toString clientCfg.relay}\".";
+          }
+          {
+            assertion = keyNameClashes == [ ];
+            message =
+              "services.drv-thru.client: Nix trusts one signing key per key name, but these options give different keys the same name: "
+              + lib.concatMapStringsSep ", " (entry: "${entry.origin} (${entry.key})") keyNameClashes
+              + ". Keep one of them, or give the builders distinct key names.";
+          }
+        ]
+        ++ lib.concatLists (
+          lib.mapAttrsToList (name: builder: [
+            {
+              assertion = (builder.endpointId == null) != (builder.endpointIdFile == null);
+              message = "services.drv-thru.client.builders.${name}: set exactly one of endpointId and endpointIdFile.";
+            }
+            {
+              assertion = builder.endpointId == null || isEndpointId builder.endpointId;
+              message = "services.drv-thru.client.builders.${name}.endpointId must be the builder's endpoint id (64 hexadecimal characters, printed by `drv-thru status` on the builder), not \"${toString builder.endpointId}\".";
+            }
+            {
+              assertion =
+                builder.endpointIdFile == null
+                || (isAbsolutePath builder.endpointIdFile && !(isStoreFile builder.endpointIdFile));
+              message = "services.drv-thru.client.builders.${name}.endpointIdFile must be an absolute path outside the Nix store (use endpointId for a value that may be public), not \"${toString builder.endpointIdFile}\".";
+            }
+            {
+              assertion = builder.relayUrl == null || isHttpUrl builder.relayUrl;
+              message = "services.drv-thru.client.builders.${name}.relayUrl must be an http(s) URL, not \"${toString builder.relayUrl}\".";
+            }
+            {
+              assertion = lib.all isSocketAddr builder.addrs;
+              message = "services.drv-thru.client.builders.${name}.addrs must be IP:PORT addresses (IPv6 as [ADDR]:PORT), not ${builtins.toJSON builder.addrs}.";
+            }
+            {
+              assertion = isSigningKey builder.publicKey;
+              message = "services.drv-thru.client.builders.${name}.publicKey must be a Nix signing key NAME:BASE64 (the builder's /var/lib/drv-thru/signing-public.key), not \"${builder.publicKey}\".";
+            }
+          ]) clientCfg.builders
+        )
+        ++ lib.mapAttrsToList (name: builder: {
+          assertion = isSigningKey builder.publicKey;
+          message = "services.drv-thru.client.trustedBuilders.${name}.publicKey must be a Nix signing key NAME:BASE64 (the builder's /var/lib/drv-thru/signing-public.key), not \"${builder.publicKey}\".";
+        }) clientCfg.trustedBuilders;
+
+      # `drv-thru build` evaluates flake installables with the user's Nix.
+      # The extra-* forms add to NixOS's defaults instead of replacing them
+      # (a plain trusted-public-keys definition would drop cache.nixos.org).
+      nix.settings.extra-experimental-features = [
+        "nix-command"
+        "flakes"
+      ];
+      nix.settings.extra-trusted-public-keys = lib.mkIf (globallyTrustedKeys != [ ]) globallyTrustedKeys;
+
+      environment.etc."drv-thru/builders.json" = lib.mkIf (clientCfg.builders != { }) {
+        source = buildersFile;
+      };
+
+      environment.sessionVariables =
+        lib.optionalAttrs (clientCfg.relay != null) { DRV_THRU_RELAY = clientCfg.relay; }
+        // lib.optionalAttrs (clientCfg.narFetches != null) {
+          DRV_THRU_NAR_FETCHES = toString clientCfg.narFetches;
+        };
+    })
+
+    (lib.mkIf helperCfg.enable {
+      assertions = [
+        {
+          assertion = clientCfg.enable;
+          message = "services.drv-thru.client.ticketHelper.enable needs services.drv-thru.client.enable (the helper trusts the client's builder keys).";
+        }
+        {
+          assertion = lib.all isSigningKey helperCfg.trustedBuilderPublicKeys;
+          message = "services.drv-thru.client.ticketHelper.trustedBuilderPublicKeys must hold Nix signing keys NAME:BASE64 (a builder's /var/lib/drv-thru/signing-public.key); these are not: ${
+            builtins.toJSON (lib.filter (key: !(isSigningKey key)) helperCfg.trustedBuilderPublicKeys)
+          }.";
+        }
+      ];
+
+      users.groups.${helperCfg.group} = { };
+
+      systemd.services.drv-thru-import-helper = {
+        description = "drv-thru import helper (signed builder outputs for untrusted Nix users)";
+        documentation = [ "https://github.com/adeci/drv-thru" ];
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "nix-daemon.socket" ];
+        after = [ "nix-daemon.socket" ];
+        path = [ config.nix.package ];
+        environment = {
+          # Import through the daemon, which checks the signatures; the
+          # helper itself never writes to /nix.
+          NIX_REMOTE = "daemon";
+          # `nix copy` keeps a binary-cache database under XDG_CACHE_HOME.
+          HOME = "/var/cache/drv-thru-import-helper";
+          XDG_CACHE_HOME = "/var/cache/drv-thru-import-helper";
+        };
+        serviceConfig = {
+          Type = "simple";
+          ExecStart = utils.escapeSystemdExecArgs [
+            "${cfg.package}/bin/drv-thru"
+            "import-helper"
+            "--socket"
+            helperSocket
+            "--trusted-public-key-file"
+            "${helperAllowlist}"
+          ];
+          # Root so the daemon treats its imports as trusted; the allowlist
+          # and the daemon's signature check are what limit them.
+          User = "root";
+          Group = helperCfg.group;
+          # /run/drv-thru is root:GROUP 0750, so only the group reaches the
+          # socket whatever mode it has; UMask keeps other bits off anyway.
+          RuntimeDirectory = "drv-thru";
+          RuntimeDirectoryMode = "0750";
+          CacheDirectory = "drv-thru-import-helper";
+          CacheDirectoryMode = "0700";
+          UMask = "0007";
+          Restart = "on-failure";
+          RestartSec = "5s";
+
+          # Root without capabilities: it only talks to the daemon socket,
+          # its own socket and the CLI's loopback cache.
+          CapabilityBoundingSet = [ "" ];
+          NoNewPrivileges = true;
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [
+            "@system-service"
+            "~@privileged"
+            "@chown"
+          ];
+          # No PrivateNetwork: the cache it imports from is the CLI's
+          # loopback HTTP server in the host's network namespace. IP
+          # traffic is limited to loopback instead.
+          RestrictAddressFamilies = [
+            "AF_UNIX"
+            "AF_INET"
+            "AF_INET6"
+          ];
+          IPAddressDeny = "any";
+          IPAddressAllow = "localhost";
+        };
+      };
+    })
+  ];
+}
