@@ -62,14 +62,30 @@ impl CommandLine {
 impl fmt::Display for CommandLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.program.name())?;
-        for arg in self.args.iter().take(SHOWN_ARGS) {
-            write!(f, " {}", quote(&arg.to_string_lossy()))?;
+        for (i, arg) in self.args.iter().enumerate().take(SHOWN_ARGS) {
+            // `--option NAME VALUE` where NAME may hold a credential (`access-tokens`, …).
+            let secret = i >= 2
+                && self.args[i - 2] == "--option"
+                && is_secret_setting(&self.args[i - 1].to_string_lossy());
+            if secret {
+                f.write_str(" [redacted]")?;
+            } else {
+                write!(f, " {}", quote(&arg.to_string_lossy()))?;
+            }
         }
         if self.args.len() > SHOWN_ARGS {
             write!(f, " … ({} more arguments)", self.args.len() - SHOWN_ARGS)?;
         }
         Ok(())
     }
+}
+
+/// Whether a Nix setting's value may be a credential, so it is never shown.
+fn is_secret_setting(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["token", "secret", "password", "netrc", "credential"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 /// Quotes an argument the way a POSIX shell would need it, if it needs it.
@@ -297,6 +313,25 @@ mod tests {
         assert_eq!(quote("nix-command flakes"), "'nix-command flakes'");
         assert_eq!(quote(""), "''");
         assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn credentials_in_options_are_not_shown() {
+        let args = [
+            "--option",
+            "access-tokens",
+            "github.com=ghp_x",
+            "--option",
+            "cores",
+            "2",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        let line = CommandLine::new(Program::Nix, args).to_string();
+        assert_eq!(
+            line,
+            "nix --option access-tokens [redacted] --option cores 2"
+        );
     }
 
     #[test]

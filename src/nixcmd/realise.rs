@@ -72,7 +72,7 @@ pub struct RealiseOutcome {
     pub killed: bool,
     /// The output paths `nix-store` printed, on success.
     pub outputs: Vec<StorePath>,
-    /// Error messages Nix reported (the last [`MAX_ERRORS`] of them), colour codes removed, e.g.
+    /// Error messages Nix reported (the last 20 of them), colour codes removed, e.g.
     /// `error: builder for '/nix/store/…-x.drv' failed with exit code 3`.
     pub errors: Vec<String>,
     /// The last lines of stderr that were not internal-json (e.g. a crash message).

@@ -170,11 +170,29 @@ where
         command.env("NIXCMD_TEST_ROOT", "1");
     }
     let status = command.status().unwrap();
+    let ran = dir.join("ran").exists();
+    // Store paths are read-only; without write access to their directories an unprivileged
+    // user could not delete the temporary directory.
+    make_removable(dir);
     assert!(status.success(), "{test} failed inside its namespace");
     assert!(
-        dir.join("ran").exists(),
+        ran,
         "{test} did not run inside its namespace (test name {full_name:?} not found)"
     );
+}
+
+/// Gives the owner write access to every directory below `dir` (not following symlinks).
+fn make_removable(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
+            make_removable(&path);
+        }
+    }
 }
 
 fn on_path(program: &str) -> bool {
@@ -354,6 +372,17 @@ fn realises_with_events() {
                 .unwrap()
                 .is_empty()
         );
+
+        // A result link that is also a garbage-collector root.
+        let link = env.dir.join("result");
+        env.nix.add_root(&link, &outcome.outputs[0]).await.unwrap();
+        let target = std::fs::read_link(&link).unwrap();
+        assert_eq!(target, Path::new(&outcome.outputs[0].to_string()));
+        let roots: Vec<PathBuf> = std::fs::read_dir("/nix/var/nix/gcroots/auto")
+            .unwrap()
+            .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(roots.contains(&link), "{roots:?}");
 
         // One output of several: the `!dev` form.
         let multi = env.drv("multi").await;
