@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in nix nix-store busybox setpriv; do
+for tool in nix nix-store busybox setpriv debootstrap; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]})); then
@@ -15,7 +15,7 @@ if ((${#missing[@]})); then
   fi
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    nix-bin busybox-static util-linux
+    nix-bin busybox-static util-linux debootstrap
 fi
 if ! command -v buf >/dev/null; then
   npm install -g --no-fund --no-audit @bufbuild/buf@1
@@ -28,3 +28,14 @@ buf lint
 
 echo "== tests (Nix $(nix --version | awk '{print $NF}'))"
 cargo test --all-targets --locked
+
+# The end-to-end suite again against a modern Nix: Debian trixie's 2.26 in a
+# root of its own (made once, then reused).
+if [[ $(id -u) -eq 0 ]]; then
+  trixie=${DRV_THRU_TRIXIE_ROOT:-/var/cache/drv-thru-tests/trixie}
+  tests/nix/make-trixie-root.sh "$trixie"
+  echo "== integration tests (Nix $(tests/nix/in-trixie.sh "$trixie" nix --version | awk '{print $NF}'))"
+  DRV_THRU_TEST_TRIXIE=$trixie cargo test --locked --test integration
+else
+  echo "== skipping the Nix 2.26 run: it needs root"
+fi

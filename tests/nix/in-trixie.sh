@@ -20,7 +20,8 @@ shift
 [ -x "$R/usr/bin/env" ] || { echo "in-trixie.sh: $R is not a root file system" >&2; exit 2; }
 [ $# -eq 0 ] && set -- /bin/bash -l
 if [ -n "${NIXDIR:-}" ]; then mkdir -p "$NIXDIR"; NIXDIR=$(cd "$NIXDIR" && pwd -P); fi
-export NIXDIR="${NIXDIR:-}" BIND="${BIND:-}"
+# The command starts in the caller's directory when that is visible inside (a BIND dir).
+export NIXDIR="${NIXDIR:-}" BIND="${BIND:-}" CALLER_PWD="$(pwd -P)"
 # Put VAR=value in front of the command for each PASSENV variable that is set; `env` reads them.
 for v in ${PASSENV:-}; do
   case $v in *[!A-Za-z0-9_]*) echo "in-trixie.sh: bad variable name '$v'" >&2; exit 2;; esac
@@ -43,6 +44,7 @@ exec unshare -m --propagation private sh -c '
   cd "$R"
   pivot_root . .oldroot
   umount -l /.oldroot
+  cd "$CALLER_PWD" 2>/dev/null || cd /
   exec /usr/bin/env -i HOME=/root TERM="${TERM:-dumb}" XDG_CACHE_HOME=/nix/var/xdg-cache \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
 ' "$R" "$@"
