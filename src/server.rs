@@ -14,7 +14,6 @@ pub mod tickets;
 pub mod upload;
 
 use std::{
-    ffi::CString,
     fs, io,
     os::{fd::AsRawFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
@@ -79,24 +78,9 @@ impl InstanceLock {
 
 /// Looks up a group id by name.
 fn group_id(name: &str) -> anyhow::Result<u32> {
-    let c_name = CString::new(name).context("group name contains a NUL byte")?;
-    let mut group: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer refers to live, correctly sized storage above.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c_name.as_ptr(),
-            &mut group,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        bail!("admin group {name:?} does not exist; create it or change admin_group");
-    }
-    Ok(group.gr_gid)
+    transport::unix::group_id(name).with_context(|| {
+        format!("admin group {name:?} does not exist; create it or change admin_group")
+    })
 }
 
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {

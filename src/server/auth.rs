@@ -110,19 +110,8 @@ impl AdminPolicy {
         let Some(gid) = self.admin_gid else {
             return false;
         };
-        peer.gid == gid || peer.pid.is_some_and(|pid| process_in_group(pid, gid))
+        peer.is_member_of(gid)
     }
-}
-
-/// Whether process `pid` has `gid` among its supplementary groups.
-fn process_in_group(pid: i32, gid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Groups:"))
-        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
 }
 
 /// The facts authorization decides with.

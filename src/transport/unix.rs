@@ -27,6 +27,49 @@ pub struct UnixPeer {
     pub pid: Option<i32>,
 }
 
+impl UnixPeer {
+    /// Whether the caller belongs to group `gid`: as its primary group, or
+    /// among the supplementary groups of its process (read from
+    /// `/proc/PID/status`, as the kernel reports only the primary group).
+    ///
+    /// The supplementary groups are those of the process at the time of the
+    /// call; a caller whose process has gone is judged by its primary group.
+    pub fn is_member_of(&self, gid: u32) -> bool {
+        self.gid == gid || self.pid.is_some_and(|pid| process_in_group(pid, gid))
+    }
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups.
+fn process_in_group(pid: i32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+}
+
+/// The id of the group named `name`, if there is one.
+pub fn group_id(name: &str) -> Option<u32> {
+    let c_name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `group` is plain data that getgrnam_r fills in.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live, correctly sized storage above.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(group.gr_gid)
+}
+
 /// An accepted unix connection with its caller's credentials.
 pub struct UnixConnection {
     stream: UnixStream,
@@ -122,4 +165,40 @@ pub async fn connect(path: &Path) -> io::Result<Channel> {
         .connect_with_connector(connector)
         .await
         .map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_counts_primary_and_supplementary_groups() {
+        let peer = |gid, pid| UnixPeer {
+            uid: 1000,
+            gid,
+            pid,
+        };
+        assert!(peer(10, None).is_member_of(10));
+        assert!(!peer(10, None).is_member_of(11));
+
+        // This process's supplementary groups come from /proc.
+        let mut groups = vec![0 as libc::gid_t; 256];
+        // SAFETY: the buffer holds `groups.len()` gids.
+        let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+        groups.truncate(usize::try_from(n).unwrap());
+        let me = Some(std::process::id() as i32);
+        for gid in groups {
+            assert!(peer(u32::MAX - 1, me).is_member_of(gid), "{gid}");
+        }
+        assert!(!peer(u32::MAX - 1, me).is_member_of(u32::MAX - 2));
+        // A process that is gone has only its primary group.
+        assert!(!peer(u32::MAX - 1, Some(i32::MAX)).is_member_of(0));
+    }
+
+    #[test]
+    fn looks_up_groups_by_name() {
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-drv-thru"), None);
+        assert_eq!(group_id("nul\0byte"), None);
+    }
 }
