@@ -20,7 +20,7 @@ use crate::{
     endpoint::RelayChoice,
     nix::{signing::PublicKey, store_path::StorePath},
     nixcmd::{EvalFlags, Nix},
-    proto::{BuildResult, build_response::Event},
+    proto::{self, BuildResult, build_response::Event},
     ticket::Ticket,
     units::format_bytes,
 };
@@ -176,10 +176,14 @@ impl LogSink {
         if no_nom {
             return Self::Plain;
         }
+        // nom draws on its stdout; ours carries only the output paths.
+        let Ok(stderr) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() else {
+            return Self::Plain;
+        };
         match tokio::process::Command::new("nom")
             .arg("--json")
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(stderr))
             .kill_on_drop(true)
             .spawn()
         {
@@ -190,20 +194,22 @@ impl LogSink {
 
     async fn event(&mut self, event: Event) {
         match (self, event) {
-            (Self::Nom(child), Event::Log(line)) if !line.internal_json.is_empty() => {
+            (Self::Nom(child), Event::Log(proto::BuildLogLine { internal_json, .. }))
+            | (Self::Nom(child), Event::Phase(proto::BuildPhaseChange { internal_json, .. }))
+                if !internal_json.is_empty() =>
+            {
                 if let Some(stdin) = child.stdin.as_mut() {
-                    let mut text = line.internal_json;
-                    text.push('\n');
+                    let line = format!("@nix {internal_json}\n");
                     // nom going away only loses the pretty view, not the build.
-                    let _ = stdin.write_all(text.as_bytes()).await;
+                    let _ = stdin.write_all(line.as_bytes()).await;
                 }
             }
-            (_, Event::Log(line)) => eprintln!("{}", line.text),
+            (_, Event::Log(line)) if !line.text.is_empty() => eprintln!("{}", line.text),
             (_, Event::Queued(queued)) => {
                 eprintln!("drv-thru: queued, position {}", queued.position)
             }
             (_, Event::Started(_)) => eprintln!("drv-thru: building"),
-            (_, Event::Phase(_) | Event::Finished(_)) => {}
+            (_, Event::Log(_) | Event::Phase(_) | Event::Finished(_)) => {}
         }
     }
 

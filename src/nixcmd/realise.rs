@@ -37,7 +37,7 @@ const MAX_ERRORS: usize = 20;
 /// the daemon stops it when our client process dies. Processes that left the process tree (a
 /// double fork that reparents to init) are not found. Dropping the run kills it too.
 pub struct RealiseRun {
-    events: Option<mpsc::Receiver<BuildEvent>>,
+    events: Option<mpsc::Receiver<LogRecord>>,
     control: Arc<Control>,
     driver: Option<JoinHandle<Result<RealiseOutcome, NixCmdError>>>,
 }
@@ -149,6 +149,17 @@ impl Control {
     }
 }
 
+/// One line of Nix's log during a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// What the line says.
+    pub event: BuildEvent,
+    /// The line's JSON as Nix wrote it (after `@nix `), for renderers such as
+    /// nix-output-monitor that read Nix's own structured log; `None` for
+    /// plain lines.
+    pub internal_json: Option<String>,
+}
+
 impl RealiseRun {
     /// Starts the first step now (so a missing program is reported here) and the rest in a task.
     pub(super) fn start(nix: &Nix, steps: Vec<CommandLine>) -> Result<Self, NixCmdError> {
@@ -169,12 +180,12 @@ impl RealiseRun {
 
     /// The next event, or `None` when the build has ended and every event was read (or the
     /// receiver was taken).
-    pub async fn next_event(&mut self) -> Option<BuildEvent> {
+    pub async fn next_event(&mut self) -> Option<LogRecord> {
         self.events.as_mut()?.recv().await
     }
 
     /// Takes the event receiver, to read events in another task.
-    pub fn take_events(&mut self) -> Option<mpsc::Receiver<BuildEvent>> {
+    pub fn take_events(&mut self) -> Option<mpsc::Receiver<LogRecord>> {
         self.events.take()
     }
 
@@ -248,7 +259,7 @@ async fn drive(
     first_child: Option<Child>,
     rest: Vec<CommandLine>,
     control: Arc<Control>,
-    tx: mpsc::Sender<BuildEvent>,
+    tx: mpsc::Sender<LogRecord>,
 ) -> Result<RealiseOutcome, NixCmdError> {
     let mut tx = Some(tx);
     let mut errors = Vec::new();
@@ -308,7 +319,7 @@ async fn watch(
     mut child: Child,
     line: &CommandLine,
     control: &Control,
-    tx: &mut Option<mpsc::Sender<BuildEvent>>,
+    tx: &mut Option<mpsc::Sender<LogRecord>>,
     errors: &mut Vec<String>,
 ) -> Result<(ExitStatus, Vec<u8>, Tail), NixCmdError> {
     let io_error = |source| NixCmdError::Io {
@@ -323,7 +334,9 @@ async fn watch(
         let mut tail = Tail::default();
         let mut buf = Vec::new();
         while read_bounded_line(&mut reader, &mut buf, MAX_LOG_LINE).await? {
-            let event = parser.parse(&String::from_utf8_lossy(&buf));
+            let text = String::from_utf8_lossy(&buf);
+            let event = parser.parse(&text);
+            let internal_json = text.strip_prefix("@nix ").map(str::to_owned);
             match &event {
                 BuildEvent::Message {
                     level: Level::Error,
@@ -338,7 +351,13 @@ async fn watch(
                 _ => {}
             }
             if let Some(sender) = tx
-                && sender.send(event).await.is_err()
+                && sender
+                    .send(LogRecord {
+                        event,
+                        internal_json,
+                    })
+                    .await
+                    .is_err()
             {
                 // Nobody listens any more; keep reading so Nix is not blocked.
                 *tx = None;

@@ -203,8 +203,8 @@ fn on_path(program: &str) -> bool {
 /// Collects every event of a run, then its outcome.
 async fn finish(mut run: RealiseRun) -> (Vec<BuildEvent>, RealiseOutcome) {
     let mut events = Vec::new();
-    while let Some(event) = run.next_event().await {
-        events.push(event);
+    while let Some(record) = run.next_event().await {
+        events.push(record.event);
     }
     (events, run.wait().await.unwrap())
 }
@@ -398,8 +398,8 @@ fn realises_with_events() {
         let mut events = run.take_events().unwrap();
         let reader = tokio::spawn(async move {
             let mut all = Vec::new();
-            while let Some(e) = events.recv().await {
-                all.push(e);
+            while let Some(record) = events.recv().await {
+                all.push(record.event);
             }
             all
         });
@@ -458,8 +458,8 @@ fn kill_stops_the_build_and_its_children() {
         let started = Instant::now();
         let mut run = env.nix.realise(&slow.drv_path, None, false).unwrap();
         let killer = run.kill_handle();
-        while let Some(event) = run.next_event().await {
-            if matches!(&event, BuildEvent::LogLine { line, .. } if line == "slow: tick 1") {
+        while let Some(record) = run.next_event().await {
+            if matches!(&record.event, BuildEvent::LogLine { line, .. } if line == "slow: tick 1") {
                 break;
             }
         }
@@ -868,8 +868,9 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
                 .await
                 .unwrap();
             let mut run = untrusted.realise(&slow.drv_path, None, false).unwrap();
-            while let Some(event) = run.next_event().await {
-                if matches!(&event, BuildEvent::LogLine { line, .. } if line == "slow: tick 1") {
+            while let Some(record) = run.next_event().await {
+                if matches!(&record.event, BuildEvent::LogLine { line, .. } if line == "slow: tick 1")
+                {
                     break;
                 }
             }

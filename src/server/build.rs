@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::{session::Session, status::StatusBoard};
 use crate::{
     nix::{drv::Derivation, store_path::StorePath},
-    nixcmd::{BuildEvent, Nix},
+    nixcmd::{BuildEvent, LogRecord, Nix},
     proto::{self, BuildPhase, BuildResult, build_response::Event},
 };
 
@@ -173,25 +173,31 @@ async fn build(
     }
 }
 
-/// The client-facing form of a Nix log event; bookkeeping events stay here.
-fn forwarded(event: BuildEvent) -> Option<Event> {
-    let line = |drv: Option<StorePath>, text: String| {
+/// The client-facing form of a Nix log line: build output, phases and Nix's
+/// own messages as typed events, and every structured line's JSON for
+/// renderers such as nix-output-monitor (with empty text when there is
+/// nothing to print plainly).
+fn forwarded(record: LogRecord) -> Option<Event> {
+    let json = record.internal_json.unwrap_or_default();
+    let line = |drv: Option<StorePath>, text: String, json: String| {
         Event::Log(proto::BuildLogLine {
             drv_path: drv.map(|d| d.to_string()).unwrap_or_default(),
             text,
-            internal_json: String::new(),
+            internal_json: json,
         })
     };
-    match event {
+    match record.event {
         BuildEvent::LogLine {
             drv, line: text, ..
-        } => Some(line(drv, text)),
+        } => Some(line(drv, text, json)),
         BuildEvent::Phase { drv, phase, .. } => Some(Event::Phase(proto::BuildPhaseChange {
             drv_path: drv.map(|d| d.to_string()).unwrap_or_default(),
             phase,
+            internal_json: json,
         })),
-        BuildEvent::BuildStarted { drv, text, .. } => Some(line(Some(drv), text)),
-        BuildEvent::Message { text, .. } | BuildEvent::Plain(text) => Some(line(None, text)),
+        BuildEvent::BuildStarted { drv, text, .. } => Some(line(Some(drv), text, json)),
+        BuildEvent::Message { text, .. } | BuildEvent::Plain(text) => Some(line(None, text, json)),
+        _ if !json.is_empty() => Some(line(None, String::new(), json)),
         _ => None,
     }
 }
