@@ -222,6 +222,7 @@ impl builder_server::Builder for BuilderService {
             )));
         }
         let inputs = declared_inputs(&drv_path, inputs)?;
+        self.sessions.ensure_capacity(peer.endpoint_id)?;
         let (label, limits) = self.admit(principal)?;
         let session_id = new_session_id();
         info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");

@@ -27,6 +27,10 @@ use crate::{
 /// Inputs one session may announce; a derivation closure is far smaller.
 pub const MAX_INPUTS: usize = 50_000;
 
+/// Sessions one client may hold open at once, so an unlimited ticket cannot
+/// pile up work.
+pub const MAX_SESSIONS_PER_CLIENT: usize = 8;
+
 /// An input path as the client announced it, already checked to be
 /// content-addressed as its store path claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +295,21 @@ impl Sessions {
         self.map
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Refuses a new session for `peer` when it already holds the maximum.
+    pub fn ensure_capacity(&self, peer: EndpointId) -> Result<(), Status> {
+        let open = self
+            .map()
+            .values()
+            .filter(|session| session.owner == peer)
+            .count();
+        if open >= MAX_SESSIONS_PER_CLIENT {
+            return Err(Status::resource_exhausted(format!(
+                "this client already has {open} open sessions, the most one client may hold; finish one first"
+            )));
+        }
+        Ok(())
     }
 
     /// Registers a session.

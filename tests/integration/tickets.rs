@@ -208,19 +208,29 @@ async fn a_crash_neither_loses_nor_duplicates_uses() {
     let ticket = builder.ticket(&["--uses", "1000"]);
     let id = ticket.id().to_string();
     let target = Target::Ticket(Box::new(ticket));
-    let client = connect(&target, &key_file(dir.path(), "client")).await;
+    let key = key_file(dir.path(), "client");
 
-    // Admit sessions back to back and kill the builder mid-stream.
-    let channel = client.channel.clone();
+    // Admit sessions back to back (one connection each, as separate builds
+    // would) and kill the builder mid-stream.
     let admitting = tokio::spawn(async move {
         let mut acknowledged = 0u64;
         loop {
+            let Ok(client) = drv_thru::client::connect(
+                &target,
+                drv_thru::endpoint::RelayChoice::Disabled,
+                Some(&key),
+            )
+            .await
+            else {
+                return acknowledged;
+            };
             let mut request = tonic::Request::new(crate::common::session_request());
             // A dead builder is otherwise noticed only at the QUIC idle timeout.
             request.set_timeout(Duration::from_secs(2));
-            let attempt = BuilderClient::new(channel.clone())
+            let attempt = BuilderClient::new(client.channel.clone())
                 .open_session(request)
                 .await;
+            client.close().await;
             match attempt {
                 Ok(_) => acknowledged += 1,
                 Err(_) => return acknowledged,
@@ -230,7 +240,6 @@ async fn a_crash_neither_loses_nor_duplicates_uses() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     builder.kill();
     let acknowledged = admitting.await.unwrap();
-    client.close().await;
     assert!(
         acknowledged > 0,
         "some sessions were admitted before the crash"
