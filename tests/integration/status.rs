@@ -52,46 +52,51 @@ async fn watch_status_pushes_a_change_within_100ms() {
     .await;
     let admitted = open_session(&client).await.unwrap();
     let admitted_at = Instant::now();
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(5), watch.message())
-            .await
-            .expect("a frame arrives")
-            .unwrap()
-            .unwrap()
-            .status
-            .unwrap();
-        if frame
+    let frame = next_frame_where(&mut watch, |frame| {
+        frame
             .active
             .iter()
             .any(|build| build.session_id == admitted.session_id)
-        {
-            let delay = admitted_at.elapsed();
-            assert!(
-                delay < Duration::from_millis(100),
-                "change arrived after {delay:?}"
-            );
-            break;
-        }
-    }
+    })
+    .await;
+    let delay = admitted_at.elapsed();
+    assert!(
+        delay < Duration::from_millis(100),
+        "change arrived after {delay:?}"
+    );
+    assert_eq!(frame.open_connections, 1);
 
     // Leaving cancels the session and the watcher sees it finish.
     client.close().await;
+    let frame = next_frame_where(&mut watch, |frame| {
+        frame
+            .recent
+            .iter()
+            .any(|build| build.session_id == admitted.session_id)
+    })
+    .await;
+    assert_eq!(
+        frame.recent[0].result(),
+        drv_thru::proto::BuildResult::Cancelled
+    );
+    assert!(frame.active.is_empty());
+}
+
+/// The first frame of `watch` that satisfies `wanted`.
+async fn next_frame_where(
+    watch: &mut tonic::Streaming<drv_thru::proto::WatchStatusResponse>,
+    wanted: impl Fn(&drv_thru::proto::BuilderStatus) -> bool,
+) -> drv_thru::proto::BuilderStatus {
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        let frame = tokio::time::timeout(Duration::from_secs(15), watch.message())
             .await
             .expect("a frame arrives")
             .unwrap()
-            .unwrap()
+            .expect("the stream goes on")
             .status
             .unwrap();
-        if let Some(finished) = frame
-            .recent
-            .iter()
-            .find(|b| b.session_id == admitted.session_id)
-        {
-            assert_eq!(finished.result(), drv_thru::proto::BuildResult::Cancelled);
-            assert!(frame.active.is_empty());
-            break;
+        if wanted(&frame) {
+            return frame;
         }
     }
 }
