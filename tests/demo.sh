@@ -19,7 +19,10 @@ bin=$repo/target/release/drv-thru
 work=$(mktemp -d /tmp/drv-thru-demo.XXXXXX)
 builder_pid=
 cleanup() {
-  [[ -n $builder_pid ]] && kill "$builder_pid" 2>/dev/null && wait "$builder_pid" 2>/dev/null
+  if [[ -n $builder_pid ]]; then
+    kill "$builder_pid" 2>/dev/null || true
+    wait "$builder_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -29,8 +32,8 @@ cp -r tests/data/e2e/. "$work/flake/"
 cp "$(command -v busybox)" "$work/flake/bb/bin/busybox"
 echo "{ salt = \"demo-$(date +%s)\"; }" > "$work/flake/params.nix"
 
-# in STORE CMD...: run CMD with STORE mounted at /nix.
-in() {
+# in_store STORE CMD...: run CMD with STORE mounted at /nix.
+in_store() {
   local store=$1; shift
   env NIX_CONF_DIR="$work/conf" XDG_CACHE_HOME=/nix/var/xdg-cache HOME="$work/home" \
     XDG_CONFIG_HOME="$work/home/$store" DRV_THRU_RELAY=disabled \
@@ -38,19 +41,19 @@ in() {
 }
 
 echo "== starting a builder with its own store"
-in builder "$bin" serve --data-dir "$work/data" --listen 127.0.0.1:0 2> "$work/builder.log" &
+in_store builder "$bin" serve --data-dir "$work/data" --listen 127.0.0.1:0 2> "$work/builder.log" &
 builder_pid=$!
 for _ in $(seq 100); do grep -q "admin socket ready" "$work/builder.log" && break; sleep 0.1; done
 grep "listening on\|signed with" "$work/builder.log" | sed 's/^.*INFO //'
 
 echo "== issuing a ticket"
-ticket=$(in builder "$bin" ticket create --data-dir "$work/data" --name demo)
+ticket=$(in_store builder "$bin" ticket create --data-dir "$work/data" --name demo)
 echo "$ticket"
 
 echo "== building path:$work/flake#app from the client's store through the ticket"
-out=$(cd "$work" && in client "$bin" build "path:$work/flake#app" --ticket "$ticket" --no-nom)
+out=$(cd "$work" && in_store client "$bin" build "path:$work/flake#app" --ticket "$ticket" --no-nom)
 echo "output: $out"
 
 echo "== the output in the client's store, signed by the builder"
-in client nix path-info --sigs "$out"
-in client "$out/bin/app"
+in_store client nix path-info --sigs "$out"
+in_store client "$out/bin/app"
