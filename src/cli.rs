@@ -2,6 +2,7 @@
 //! subcommand.
 
 mod build;
+mod import_helper;
 mod key;
 mod serve;
 mod status;
@@ -61,6 +62,11 @@ enum Command {
     /// Manage this client's Iroh key.
     #[command(subcommand)]
     Key(key::Command),
+    /// Run the root import helper for users Nix does not trust (on a client).
+    ///
+    /// Imports builder outputs signed by an allowlisted key, from a loopback
+    /// cache, for members of its group; `build` uses it when needed.
+    ImportHelper(import_helper::Args),
 }
 
 /// Where the builder keeps its state, shared by the builder-side commands.
@@ -107,7 +113,7 @@ pub fn main() -> ExitCode {
     // The server's log is its interface; a client command logs only
     // warnings unless asked.
     let default_filter = match cli.command {
-        Command::Serve(_) => "drv_thru=info,iroh=warn",
+        Command::Serve(_) | Command::ImportHelper(_) => "drv_thru=info,iroh=warn",
         _ => "drv_thru=warn,iroh=error",
     };
     init_logging(cli.verbose, default_filter);
@@ -126,6 +132,7 @@ pub fn main() -> ExitCode {
             Command::Ticket(command) => ticket::run(command).await,
             Command::Status(args) => status::run(args, relay).await,
             Command::Key(command) => key::run(command),
+            Command::ImportHelper(args) => import_helper::run(args).await,
         }
     });
     match result {

@@ -12,6 +12,8 @@
 //! - [`transport`]: tonic's HTTP/2 over Iroh streams and unix sockets.
 //! - [`server`]: the builder's services, authorization layer and state.
 //! - [`client`]: reaching a builder from the command line.
+//! - [`helper`]: the client machine's root import helper, the only code
+//!   that imports into the store for users Nix does not trust.
 //! - [`cli`]: one module per subcommand.
 
 #![deny(missing_docs)]
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod endpoint;
+pub mod helper;
 pub mod keys;
 pub mod nix;
 pub mod nixcmd;
