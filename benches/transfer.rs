@@ -1,0 +1,1815 @@
+//! Transfer benchmark: drv-thru against `nix copy` on the same data, in one run.
+//!
+//! ```text
+//! cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] [--cases LIST]
+//!                                  [--small-count 2000] [--clients 8] [--dir DIR] [--keep]
+//!                                  [--compare OTHER_DRV_THRU_BINARY [--compare-label before]]
+//! ```
+//!
+//! `--compare` measures a second drv-thru build (its own builder process and
+//! client) in the same run, for before/after figures on equal terms.
+//!
+//! Like the end-to-end tests, it makes two Nix stores on this machine (a
+//! directory bind-mounted over `/nix` in a private mount namespace each), starts
+//! a real `drv-thru serve` in the builder's store and runs the real
+//! `drv-thru build` in the client's. Needs root; skips with a message otherwise.
+//!
+//! Every case builds a `.drv` that was instantiated during setup, so evaluation
+//! is never timed. Baselines move the same store paths with `nix copy`: from a
+//! `file://?compression=none` cache, from the same cache over loopback HTTP
+//! (`python3 -m http.server`) and over `ssh-ng://` through an sshd started in
+//! the builder's store (skipped with a note when there is no sshd). Caches are
+//! filled before timing; drv-thru's builder cache is measured both cold (filled
+//! by the timed request) and warm.
+//!
+//! Prints a markdown table of medians (or JSON with `--json`). It asserts
+//! nothing about timing.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    ffi::OsStr,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+// === options ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Case {
+    Download,
+    DownloadText,
+    Upload,
+    SmallUp,
+    SmallDown,
+    Trivial,
+    Concurrent,
+}
+
+impl Case {
+    const ALL: [Case; 7] = [
+        Case::Download,
+        Case::DownloadText,
+        Case::Upload,
+        Case::SmallUp,
+        Case::SmallDown,
+        Case::Trivial,
+        Case::Concurrent,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Case::Download => "download",
+            Case::DownloadText => "download-text",
+            Case::Upload => "upload",
+            Case::SmallUp => "small-up",
+            Case::SmallDown => "small-down",
+            Case::Trivial => "trivial",
+            Case::Concurrent => "concurrent",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Options {
+    size: u64,
+    runs: usize,
+    json: bool,
+    cases: Vec<Case>,
+    small_count: usize,
+    clients: usize,
+    dir: Option<PathBuf>,
+    keep: bool,
+    compare: Option<PathBuf>,
+    compare_label: String,
+}
+
+const USAGE: &str = "usage: cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] \
+[--cases download,download-text,upload,small-up,small-down,trivial,concurrent] \
+[--small-count 2000] [--clients 8] [--dir DIR] [--keep] [--compare OTHER_DRV_THRU_BINARY [--compare-label before]]";
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let number: u64 = digits.parse().map_err(|_| format!("bad size {text:?}"))?;
+    let shift = match unit.trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return Err(format!("bad size unit in {text:?} (use K, M or G)")),
+    };
+    Ok(number << shift)
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        size: 1 << 30,
+        runs: 3,
+        json: false,
+        cases: Case::ALL.to_vec(),
+        small_count: 2000,
+        clients: 8,
+        dir: None,
+        keep: false,
+        compare: None,
+        compare_label: "before".to_owned(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => {}
+            "--size" => options.size = parse_size(&value("--size")?)?,
+            "--runs" => {
+                options.runs = value("--runs")?
+                    .parse()
+                    .map_err(|_| "--runs needs a number")?
+            }
+            "--json" => options.json = true,
+            "--cases" => {
+                let list = value("--cases")?;
+                options.cases = list
+                    .split(',')
+                    .filter(|name| !name.is_empty())
+                    .map(|name| {
+                        Case::ALL
+                            .into_iter()
+                            .find(|case| case.name() == name)
+                            .ok_or(format!("unknown case {name:?}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--small-count" => {
+                options.small_count = value("--small-count")?
+                    .parse()
+                    .map_err(|_| "--small-count needs a number")?
+            }
+            "--clients" => {
+                options.clients = value("--clients")?
+                    .parse()
+                    .map_err(|_| "--clients needs a number")?
+            }
+            "--dir" => options.dir = Some(PathBuf::from(value("--dir")?)),
+            "--keep" => options.keep = true,
+            "--compare" => options.compare = Some(PathBuf::from(value("--compare")?)),
+            "--compare-label" => options.compare_label = value("--compare-label")?,
+            "--help" | "-h" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if options.runs == 0 || options.size < 1024 || options.small_count == 0 || options.clients == 0
+    {
+        return Err(format!("sizes and counts must be positive\n{USAGE}"));
+    }
+    options.cases.sort();
+    options.cases.dedup();
+    Ok(options)
+}
+
+// === stores ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Builder,
+    Client,
+}
+
+/// Where everything lives: `DIR/stores/{builder,client}` are the two `/nix`
+/// directories, `DIR/home/*` their users' homes.
+struct World {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl World {
+    fn store_dir(&self, side: Side) -> PathBuf {
+        self.dir.join("stores").join(match side {
+            Side::Builder => "builder",
+            Side::Client => "client",
+        })
+    }
+
+    fn home(&self, side: Side) -> PathBuf {
+        self.dir.join("home").join(match side {
+            Side::Builder => "builder",
+            Side::Client => "client",
+        })
+    }
+
+    /// `program` with `side`'s store mounted on `/nix`.
+    fn command(&self, side: Side, program: impl AsRef<OsStr>) -> Command {
+        let home = self.home(side);
+        let mut command = Command::new("unshare");
+        command
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                r#"mount --bind "$0" /nix && exec "$@""#,
+            ])
+            .arg(self.store_dir(side))
+            .arg(program)
+            .env("NIX_CONF_DIR", &self.conf)
+            .env("XDG_CACHE_HOME", "/nix/var/xdg-cache")
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("HOME", &home)
+            .env("DRV_THRU_RELAY", "disabled")
+            .env_remove("RUST_LOG")
+            .env_remove("DRV_THRU_DATA_DIR")
+            .env_remove("NIX_REMOTE")
+            .current_dir(&self.dir);
+        command
+    }
+
+    fn run_ok(&self, side: Side, program: &str, args: &[&str]) -> String {
+        let output = self
+            .command(side, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|err| panic!("running {program}: {err}"));
+        check(&output, program, args);
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Deletes whichever of `paths` are valid, all at once.
+    fn delete(&self, side: Side, paths: &[String]) {
+        if paths.is_empty() {
+            return;
+        }
+        let mut args = vec!["--check-validity", "--print-invalid"];
+        args.extend(paths.iter().map(String::as_str));
+        let invalid = self.run_ok(side, "nix-store", &args);
+        let invalid: Vec<&str> = invalid.lines().collect();
+        let valid: Vec<&str> = paths
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !invalid.contains(p))
+            .collect();
+        if valid.is_empty() {
+            return;
+        }
+        let mut args = vec!["--delete"];
+        args.extend(valid);
+        self.run_ok(side, "nix-store", &args);
+    }
+
+    /// Forgets Nix's narinfo cache, so every run asks its cache afresh.
+    fn forget_narinfo_cache(&self, side: Side) {
+        let _ = std::fs::remove_dir_all(self.store_dir(side).join("var/xdg-cache"));
+    }
+}
+
+fn check(output: &Output, program: &str, args: &[&str]) {
+    assert!(
+        output.status.success(),
+        "{program} {} failed ({}):\n{}",
+        shorten(&args.join(" ")),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn shorten(text: &str) -> String {
+    if text.len() > 300 {
+        format!("{}…", &text[..text.floor_char_boundary(300)])
+    } else {
+        text.to_owned()
+    }
+}
+
+// === the builder process ===
+
+struct Server {
+    child: Child,
+    endpoint_id: String,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(world: &World, bin: &Path, name: &str, trusted: &str) -> Self {
+        let data_dir = world.dir.join(format!("builder-data-{name}"));
+        let mut child = world
+            .command(Side::Builder, bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--trusted-client", trusted, "--max-concurrent-builds", "2"])
+            .env("RUST_LOG", "drv_thru=info,iroh=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting drv-thru serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let writer = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                writer.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let (mut endpoint_id, mut addr) = (None, None);
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "drv-thru serve did not become ready:\n{}",
+                        log.lock().unwrap().join("\n")
+                    )
+                });
+            if let Some(rest) = line.split("endpoint_id=").nth(1) {
+                endpoint_id = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                addr = addr.or_else(|| rest.split_whitespace().next().and_then(|a| a.parse().ok()));
+            }
+            if line.contains("admin socket ready") {
+                break;
+            }
+        }
+        Self {
+            child,
+            endpoint_id: endpoint_id.expect("the log names the endpoint id"),
+            addr: addr.expect("the log names a listening address"),
+            data_dir,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Empties the builder's signed output cache.
+    fn clear_cache(&self) {
+        let cache = self.data_dir.join("cache");
+        if let Ok(entries) = std::fs::read_dir(&cache) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let _ = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+            }
+        }
+    }
+
+    fn status(&self, world: &World) -> Value {
+        let out = world.run_ok(
+            Side::Builder,
+            drv_thru_bin().to_str().expect("UTF-8 path"),
+            &[
+                "status",
+                "--json",
+                "--data-dir",
+                self.data_dir.to_str().expect("UTF-8 path"),
+            ],
+        );
+        serde_json::from_str(&out).expect("status --json prints JSON")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn drv_thru_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_drv-thru"))
+}
+
+/// A drv-thru build to measure: this tree's, or another given with `--compare`.
+struct Variant {
+    /// How the table names it.
+    label: String,
+    /// Its `drv-thru` binary, for both the builder and the client.
+    bin: PathBuf,
+    /// Its builder, and its name in the client's builders.json.
+    server: Server,
+    name: String,
+}
+
+// === helper services: HTTP and sshd ===
+
+struct Service {
+    child: Child,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn start_http(dir: &Path) -> Result<(Service, u16), String> {
+    let port = free_port();
+    let mut child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--directory")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|err| format!("python3: {err}"))?;
+    if wait_for_port(port, &mut child) {
+        Ok((Service { child }, port))
+    } else {
+        let _ = child.kill();
+        Err("python3 -m http.server did not start".to_owned())
+    }
+}
+
+struct Ssh {
+    _service: Service,
+    opts: String,
+    url: String,
+}
+
+/// An sshd in the builder's store, so `nix-daemon --stdio` serves that store.
+fn start_sshd(world: &World) -> Result<Ssh, String> {
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        return Err("no /usr/sbin/sshd (apt-get install openssh-server)".to_owned());
+    }
+    let daemon = which("nix-daemon").ok_or("no nix-daemon on PATH")?;
+    let dir = world.dir.join("ssh");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all("/run/sshd").map_err(|e| format!("/run/sshd: {e}"))?;
+    for key in ["host", "client"] {
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(key))
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("ssh-keygen: {e}"))?;
+        if !status.success() {
+            return Err("ssh-keygen failed".to_owned());
+        }
+    }
+    std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))
+        .map_err(|e| e.to_string())?;
+    let port = free_port();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPermitRootLogin yes\n\
+             AuthorizedKeysFile {auth}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             PidFile none\nLogLevel ERROR\n",
+            host = dir.join("host").display(),
+            auth = dir.join("authorized_keys").display(),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut child = world
+        .command(Side::Builder, sshd)
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(dir.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("sshd: {e}"))?;
+    if !wait_for_port(port, &mut child) {
+        let _ = child.kill();
+        return Err("sshd did not start".to_owned());
+    }
+    Ok(Ssh {
+        _service: Service { child },
+        opts: format!(
+            "-p {port} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+            dir.join("client").display()
+        ),
+        url: format!(
+            "ssh-ng://root@127.0.0.1?remote-program={}",
+            daemon.display()
+        ),
+    })
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+// === measuring ===
+
+/// One timed command: wall time and, for drv-thru, its peak RSS.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    secs: f64,
+    client_rss: Option<u64>,
+    server_rss: Option<u64>,
+}
+
+/// `VmHWM` of `pid` in bytes.
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Resets `VmHWM` of `pid` to its current RSS (`clear_refs` value 5).
+fn reset_hwm(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Runs `command` to completion, sampling the child's peak RSS.
+fn timed(mut command: Command, what: &str, server: Option<&Server>) -> Sample {
+    if let Some(server) = server {
+        reset_hwm(server.pid());
+    }
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("{what}: {err}"));
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let mut peak = None;
+            while !done.load(Ordering::Relaxed) {
+                if let Some(hwm) = vm_hwm(pid) {
+                    peak = Some(hwm.max(peak.unwrap_or(0)));
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut out = String::new();
+    let _ = stdout.read_to_string(&mut out);
+    let status = child.wait().expect("waiting for a child");
+    let secs = start.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let client_rss = sampler.join().expect("sampler");
+    let err = err_reader.join().expect("stderr reader");
+    if !status.success() {
+        let log = server.map_or(String::new(), |s| {
+            let log = s.log.lock().unwrap();
+            let tail = log.len().saturating_sub(40);
+            format!("\nbuilder log (last lines):\n{}", log[tail..].join("\n"))
+        });
+        panic!("{what} failed ({status}):\n{err}{log}");
+    }
+    Sample {
+        secs,
+        client_rss,
+        server_rss: server.and_then(|s| vm_hwm(s.pid())),
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The timings of one method in one case.
+#[derive(Debug, Clone)]
+struct Measured {
+    case: Case,
+    method: String,
+    bytes: u64,
+    samples: Vec<Sample>,
+}
+
+impl Measured {
+    fn secs(&self) -> Vec<f64> {
+        self.samples.iter().map(|s| s.secs).collect()
+    }
+
+    fn median(&self) -> f64 {
+        median(&self.secs())
+    }
+
+    fn mib_s(&self) -> f64 {
+        self.bytes as f64 / MIB / self.median()
+    }
+
+    fn rss(&self, pick: fn(&Sample) -> Option<u64>) -> Option<f64> {
+        let values: Vec<f64> = self
+            .samples
+            .iter()
+            .filter_map(|s| pick(s).map(|b| b as f64))
+            .collect();
+        (!values.is_empty()).then(|| median(&values))
+    }
+}
+
+/// The concurrency case's findings per run.
+#[derive(Debug, Clone, Default)]
+struct ConcurrentRun {
+    total: f64,
+    per_build: Vec<f64>,
+    finished: usize,
+    fifo: bool,
+    queued: usize,
+    idle_after: bool,
+}
+
+// === the bench's Nix expression ===
+
+const EXPRESSION: &str = r#"
+# Written by benches/transfer.rs. Only a static busybox is needed.
+let
+  params = import ./params.nix;
+  inherit (params) salt size smallCount freshCount;
+  system = "x86_64-linux";
+  bb = builtins.path { path = ./bb; name = "busybox-static"; };
+  tools = derivation {
+    name = "bench-tools";
+    inherit system salt;
+    builder = "${bb}/bin/busybox";
+    args = [ "sh" "-euc" "${bb}/bin/busybox mkdir -p $out/bin; ${bb}/bin/busybox --install -s $out/bin" ];
+  };
+  mk = name: script: attrs: derivation ({
+    inherit name system salt;
+    builder = "${tools}/bin/sh";
+    args = [ "-euc" script ];
+    PATH = "${tools}/bin";
+  } // attrs);
+  range = n: builtins.genList (i: i) n;
+  smallOutputs = map (i: "o${toString i}") (range smallCount);
+  smallSrcs = map (i: builtins.path { path = ./data/small + "/s${toString i}"; name = "bench-small-src-${toString i}"; }) (range smallCount);
+  upSrc = builtins.path { path = ./data/upload.bin; name = "bench-upload-src"; };
+  fresh = tag: builtins.listToAttrs (map (i: {
+    name = "n${toString i}";
+    value = mk "bench-${tag}-${toString i}" "${if tag == "conc" then "sleep 0.3; " else ""}echo ${tag} ${toString i} > $out" { };
+  }) (range freshCount));
+in rec {
+  inherit tools;
+
+  # Incompressible.
+  rand = mk "bench-rand" "head -c ${toString size} /dev/urandom > $out" { };
+
+  # Text: a hex dump of random bytes (zstd -1 makes it about 47 %).
+  text = mk "bench-text" ''
+    od -An -tx1 -v /dev/urandom | head -c 8388608 > chunk
+    i=0
+    while [ $i -le $(( ${toString size} / 8388608 )) ]; do cat chunk; i=$((i+1)); done | head -c ${toString size} > $out
+  '' { };
+
+  # A source the builder lacks; the build does not read it.
+  upload = mk "bench-upload" ": ${upSrc}; echo uploaded > $out" { };
+
+  # Many small sources the builder lacks.
+  smallUp = mk "bench-small-up" "echo uploaded > $out" { srcs = smallSrcs; passAsFile = [ "srcs" ]; };
+
+  # Many small outputs, 1-16 KiB of random data each, and one path referring to all.
+  smallMulti = mk "bench-small-multi" ''
+    i=0
+    while [ $i -lt ${toString smallCount} ]; do
+      eval "o=\$o$i"
+      head -c $(( 1024 + (i * 7919 % 16) * 1024 )) /dev/urandom > "$o"
+      i=$((i+1))
+    done
+  '' { outputs = smallOutputs; };
+  smallDown = mk "bench-small-down" "cp $refsPath $out" {
+    refs = map (o: smallMulti.${o}) smallOutputs;
+    passAsFile = [ "refs" ];
+  };
+
+  remote = fresh "remote";
+  local = fresh "local";
+  conc = fresh "conc";
+}
+"#;
+
+fn small_size(i: usize) -> usize {
+    1024 + (i * 7919 % 16) * 1024
+}
+
+// === setup ===
+
+struct Paths {
+    rand_drv: String,
+    rand: String,
+    text_drv: String,
+    text: String,
+    upload_drv: String,
+    upload_out: String,
+    upload_src: String,
+    small_up_drv: String,
+    small_up_out: String,
+    small_srcs: Vec<String>,
+    small_down_drv: String,
+    small_down_closure: Vec<String>,
+    small_down: String,
+    small_bytes: u64,
+    remote: Vec<String>,
+    local: Vec<String>,
+    conc: Vec<String>,
+}
+
+struct Bench {
+    options: Options,
+    world: World,
+    variants: Vec<Variant>,
+    paths: Paths,
+    http: Option<(Service, u16)>,
+    ssh: Result<Ssh, String>,
+    notes: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+fn write_random(path: &Path, len: usize) {
+    let mut urandom = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
+    let mut file = std::fs::File::create(path).expect("creating a data file");
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buffer.len());
+        urandom
+            .read_exact(&mut buffer[..n])
+            .expect("reading /dev/urandom");
+        file.write_all(&buffer[..n]).expect("writing a data file");
+        left -= n;
+    }
+}
+
+fn busybox() -> Option<&'static str> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Bench {
+    fn setup(options: Options) -> Result<Self, String> {
+        let busybox = busybox().ok_or("no static busybox (apt-get install busybox-static)")?;
+        let (tmp, dir) = match &options.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                (None, dir.canonicalize().map_err(|e| e.to_string())?)
+            }
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("drv-thru-bench-")
+                    .tempdir_in("/tmp")
+                    .map_err(|e| e.to_string())?;
+                let dir = tmp.path().to_owned();
+                (Some(tmp), dir)
+            }
+        };
+        let tmp = match tmp {
+            Some(tmp) if options.keep => {
+                let _ = tmp.keep();
+                None
+            }
+            other => other,
+        };
+        let conf = dir.join("conf");
+        let world = World {
+            dir: dir.clone(),
+            conf: conf.clone(),
+        };
+        for side in [Side::Builder, Side::Client] {
+            std::fs::create_dir_all(world.store_dir(side)).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(world.home(side).join(".config/drv-thru"))
+                .map_err(|e| e.to_string())?;
+        }
+        std::fs::create_dir_all(&conf).map_err(|e| e.to_string())?;
+        std::fs::write(
+            conf.join("nix.conf"),
+            "sandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n\
+             build-users-group =\nwarn-dirty = false\nmax-jobs = 2\n",
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir.join("bb/bin")).map_err(|e| e.to_string())?;
+        std::fs::copy(busybox, dir.join("bb/bin/busybox")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir.join("data/small")).map_err(|e| e.to_string())?;
+
+        let salt = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let fresh = options.runs * options.clients.max(2) + 1;
+        std::fs::write(
+            dir.join("params.nix"),
+            format!(
+                "{{ salt = \"{salt}\"; size = {}; smallCount = {}; freshCount = {fresh}; }}\n",
+                options.size, options.small_count
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("bench.nix"), EXPRESSION).map_err(|e| e.to_string())?;
+        progress(&format!(
+            "setup in {}: {} of random upload data, {} small files",
+            dir.display(),
+            human(options.size),
+            options.small_count
+        ));
+        write_random(&dir.join("data/upload.bin"), options.size as usize);
+        let mut small_bytes = 0u64;
+        for i in 0..options.small_count {
+            write_random(&dir.join(format!("data/small/s{i}")), small_size(i));
+            small_bytes += small_size(i) as u64;
+        }
+
+        // The client instantiates everything; the builder only what it builds.
+        let fresh_attrs = |tag: &str, n: usize| -> Vec<String> {
+            (0..n).map(|i| format!("{tag}.n{i}")).collect()
+        };
+        let runs = options.runs;
+        let mut client_attrs: Vec<String> =
+            ["tools", "rand", "text", "upload", "smallUp", "smallDown"]
+                .map(str::to_owned)
+                .to_vec();
+        client_attrs.extend(fresh_attrs("remote", runs * 2));
+        client_attrs.extend(fresh_attrs("local", runs));
+        client_attrs.extend(fresh_attrs("conc", runs * options.clients));
+        progress("instantiating in the client store");
+        let drvs = instantiate(&world, Side::Client, &client_attrs);
+        let drv = |attr: &str| drvs[attr].clone();
+        progress("building download data in the builder store");
+        let builder_attrs: Vec<String> = ["tools", "rand", "text", "smallDown"]
+            .map(str::to_owned)
+            .to_vec();
+        let builder_drvs = instantiate(&world, Side::Builder, &builder_attrs);
+        for attr in &builder_attrs {
+            assert_eq!(
+                builder_drvs[attr], drvs[attr],
+                "both stores instantiate the same {attr}"
+            );
+        }
+        let outputs = |side: Side, drv: &str| -> Vec<String> {
+            lines(&world.run_ok(side, "nix-store", &["--realise", drv]))
+        };
+        let rand = outputs(Side::Builder, &drv("rand")).remove(0);
+        let text = outputs(Side::Builder, &drv("text")).remove(0);
+        let small_down = outputs(Side::Builder, &drv("smallDown")).remove(0);
+        let small_down_closure = lines(&world.run_ok(
+            Side::Builder,
+            "nix-store",
+            &["--query", "--requisites", &small_down],
+        ));
+        let query_out = |drv: &str| -> String {
+            lines(&world.run_ok(Side::Client, "nix-store", &["--query", "--outputs", drv]))
+                .remove(0)
+        };
+        let upload_drv = drv("upload");
+        let small_up_drv = drv("smallUp");
+        let refs = |drv: &str| -> Vec<String> {
+            lines(&world.run_ok(Side::Client, "nix-store", &["--query", "--references", drv]))
+        };
+        let upload_src = refs(&upload_drv)
+            .into_iter()
+            .find(|p| p.ends_with("-bench-upload-src"))
+            .expect("the upload derivation refers to its source");
+        let small_srcs: Vec<String> = refs(&small_up_drv)
+            .into_iter()
+            .filter(|p| p.contains("-bench-small-src-"))
+            .collect();
+        assert_eq!(small_srcs.len(), options.small_count);
+
+        let paths = Paths {
+            rand_drv: drv("rand"),
+            rand,
+            text_drv: drv("text"),
+            text,
+            upload_out: query_out(&upload_drv),
+            upload_drv,
+            upload_src,
+            small_up_out: query_out(&small_up_drv),
+            small_up_drv,
+            small_srcs,
+            small_down_drv: drv("smallDown"),
+            small_down_closure,
+            small_down,
+            small_bytes,
+            remote: fresh_attrs("remote", runs * 2)
+                .iter()
+                .map(|a| drv(a))
+                .collect(),
+            local: fresh_attrs("local", runs).iter().map(|a| drv(a)).collect(),
+            conc: fresh_attrs("conc", runs * options.clients)
+                .iter()
+                .map(|a| drv(a))
+                .collect(),
+        };
+
+        progress("filling the file:// caches for the baselines");
+        let mut down: Vec<&str> = vec![&paths.rand, &paths.text, &paths.small_down];
+        down.sort();
+        let down_url = format!("file://{}/cache-down?compression=none", dir.display());
+        let mut args = vec!["copy", "--to", down_url.as_str()];
+        args.extend(down);
+        world.run_ok(Side::Builder, "nix", &args);
+        let up_url = format!("file://{}/cache-up?compression=none", dir.display());
+        let mut args = vec!["copy", "--to", up_url.as_str(), paths.upload_src.as_str()];
+        args.extend(paths.small_srcs.iter().map(String::as_str));
+        world.run_ok(Side::Client, "nix", &args);
+
+        let mut notes = Vec::new();
+        let http = match start_http(&dir) {
+            Ok(http) => Some(http),
+            Err(err) => {
+                notes.push(format!("http baseline skipped: {err}"));
+                None
+            }
+        };
+        let ssh = start_sshd(&world);
+        if let Err(err) = &ssh {
+            notes.push(format!("ssh-ng baseline skipped: {err}"));
+        }
+
+        // The client is a trusted client of the builder and knows its key.
+        let key = world.home(Side::Client).join(".config/drv-thru/secret.key");
+        let client_id = drv_thru::keys::load_or_create_endpoint_key(&key)
+            .map_err(|e| format!("client key: {e}"))?
+            .public()
+            .to_string();
+        let mut builds = vec![("drv-thru".to_owned(), drv_thru_bin().to_owned())];
+        if let Some(other) = &options.compare {
+            let other = other
+                .canonicalize()
+                .map_err(|e| format!("--compare: {e}"))?;
+            builds.push((format!("drv-thru ({})", options.compare_label), other));
+        }
+        let mut variants = Vec::new();
+        let mut builders = serde_json::Map::new();
+        for (i, (label, bin)) in builds.into_iter().enumerate() {
+            let name = format!("bench{i}");
+            let server = Server::start(&world, &bin, &name, &client_id);
+            let public_key = std::fs::read_to_string(server.data_dir.join("signing-public.key"))
+                .map_err(|e| format!("builder signing key: {e}"))?;
+            builders.insert(
+                name.clone(),
+                json!({
+                    "endpoint_id": server.endpoint_id,
+                    "relay_url": null,
+                    "addrs": [server.addr.to_string()],
+                    "public_key": public_key.trim(),
+                }),
+            );
+            variants.push(Variant {
+                label,
+                bin,
+                server,
+                name,
+            });
+        }
+        std::fs::write(
+            world
+                .home(Side::Client)
+                .join(".config/drv-thru/builders.json"),
+            json!({ "builders": builders }).to_string(),
+        )
+        .map_err(|e| e.to_string())?;
+
+        Ok(Self {
+            options,
+            world,
+            variants,
+            paths,
+            http,
+            ssh,
+            notes,
+            _tmp: tmp,
+        })
+    }
+
+    fn drv_thru_build(&self, variant: &Variant, drv: &str) -> Command {
+        let mut command = self.world.command(Side::Client, &variant.bin);
+        command.args([
+            "build",
+            drv,
+            "--builder",
+            &variant.name,
+            "--no-nom",
+            "--no-link",
+        ]);
+        command
+    }
+
+    fn nix_copy(&self, side: Side, direction: &str, url: &str, paths: &[&str]) -> Command {
+        let mut command = self.world.command(side, "nix");
+        command.args(["copy", "--no-check-sigs", direction, url]);
+        command.args(paths);
+        if let Ok(ssh) = &self.ssh {
+            command.env("NIX_SSHOPTS", &ssh.opts);
+        }
+        command
+    }
+
+    fn http_url(&self, cache: &str) -> Option<String> {
+        self.http
+            .as_ref()
+            .map(|(_, port)| format!("http://127.0.0.1:{port}/{cache}"))
+    }
+
+    fn file_url(&self, cache: &str) -> String {
+        format!("file://{}/{cache}", self.world.dir.display())
+    }
+}
+
+fn instantiate(world: &World, side: Side, attrs: &[String]) -> HashMap<String, String> {
+    let mut found = HashMap::new();
+    // Bounded batches keep the command line short.
+    for batch in attrs.chunks(200) {
+        let mut args: Vec<&str> = vec!["bench.nix"];
+        for attr in batch {
+            args.extend(["-A", attr]);
+        }
+        let out = lines(&world.run_ok(side, "nix-instantiate", &args));
+        assert_eq!(out.len(), batch.len(), "one .drv per attribute: {out:?}");
+        found.extend(batch.iter().cloned().zip(out));
+    }
+    found
+}
+
+fn progress(message: &str) {
+    eprintln!("bench: {message}");
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{} GiB", bytes >> 30)
+    } else if bytes >= 1 << 20 {
+        format!("{:.0} MiB", bytes as f64 / MIB)
+    } else {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+// === cases ===
+
+/// What to undo before each run of a method, so every run does the same work.
+#[derive(Clone, Copy)]
+struct Reset<'a> {
+    /// Paths to delete from the client's store.
+    client: &'a [String],
+    /// Paths to delete from the builder's store.
+    builder: &'a [String],
+    /// Whether to empty the builder's signed output cache.
+    cold_cache: bool,
+}
+
+impl Bench {
+    fn measure(
+        &self,
+        case: Case,
+        method: String,
+        bytes: u64,
+        reset: Reset<'_>,
+        server: Option<&Server>,
+        mut command: impl FnMut() -> Command,
+    ) -> Measured {
+        let mut samples = Vec::new();
+        for run in 0..self.options.runs {
+            self.world.delete(Side::Client, reset.client);
+            self.world.delete(Side::Builder, reset.builder);
+            if reset.cold_cache {
+                for variant in &self.variants {
+                    variant.server.clear_cache();
+                }
+            }
+            self.world.forget_narinfo_cache(Side::Client);
+            self.world.forget_narinfo_cache(Side::Builder);
+            sync();
+            let what = format!("{} / {method} (run {})", case.name(), run + 1);
+            let sample = timed(command(), &what, server);
+            progress(&format!("{what}: {:.2} s", sample.secs));
+            samples.push(sample);
+        }
+        Measured {
+            case,
+            method,
+            bytes,
+            samples,
+        }
+    }
+
+    fn download(&self, case: Case) -> Vec<Measured> {
+        let p = &self.paths;
+        let (drv, paths, bytes): (&str, Vec<String>, u64) = match case {
+            Case::Download => (&p.rand_drv, vec![p.rand.clone()], self.options.size),
+            Case::DownloadText => (&p.text_drv, vec![p.text.clone()], self.options.size),
+            _ => (&p.small_down_drv, self.small_down_paths(), p.small_bytes),
+        };
+        let top = match case {
+            Case::Download => p.rand.as_str(),
+            Case::DownloadText => p.text.as_str(),
+            _ => p.small_down.as_str(),
+        };
+        let warm = Reset {
+            client: &paths,
+            builder: &[],
+            cold_cache: false,
+        };
+        let cold = Reset {
+            cold_cache: true,
+            ..warm
+        };
+        let mut results = Vec::new();
+        for variant in &self.variants {
+            for (reset, which) in [(cold, "cold"), (warm, "warm")] {
+                results.push(self.measure(
+                    case,
+                    format!("{} (builder cache {which})", variant.label),
+                    bytes,
+                    reset,
+                    Some(&variant.server),
+                    || self.drv_thru_build(variant, drv),
+                ));
+            }
+        }
+        results.extend(self.baselines(case, bytes, warm, |url| {
+            self.nix_copy(Side::Client, "--from", url, &[top])
+        }));
+        results
+    }
+
+    /// The three `nix copy` baselines; `copy` makes the command for a URL.
+    fn baselines(
+        &self,
+        case: Case,
+        bytes: u64,
+        reset: Reset<'_>,
+        copy: impl Fn(&str) -> Command,
+    ) -> Vec<Measured> {
+        let cache = match case {
+            Case::Upload | Case::SmallUp => "cache-up",
+            _ => "cache-down",
+        };
+        let mut urls = vec![("nix copy file://", self.file_url(cache))];
+        if let Some(http) = self.http_url(cache) {
+            urls.push(("nix copy http://", http));
+        }
+        if let Ok(ssh) = &self.ssh {
+            urls.push(("nix copy ssh-ng://", ssh.url.clone()));
+        }
+        urls.into_iter()
+            .map(|(method, url)| {
+                self.measure(case, method.to_owned(), bytes, reset, None, || copy(&url))
+            })
+            .collect()
+    }
+
+    fn small_down_paths(&self) -> Vec<String> {
+        self.paths.small_down_closure.clone()
+    }
+
+    fn upload(&self, case: Case) -> Vec<Measured> {
+        let p = &self.paths;
+        let (drv, out, srcs, bytes): (&str, &str, Vec<String>, u64) = match case {
+            Case::Upload => (
+                &p.upload_drv,
+                &p.upload_out,
+                vec![p.upload_src.clone()],
+                self.options.size,
+            ),
+            _ => (
+                &p.small_up_drv,
+                &p.small_up_out,
+                p.small_srcs.clone(),
+                p.small_bytes,
+            ),
+        };
+        // What a drv-thru run leaves on the builder, so each run starts afresh.
+        let mut builder_paths = vec![out.to_owned(), drv.to_owned()];
+        builder_paths.extend(srcs.iter().cloned());
+        let src_refs: Vec<&str> = srcs.iter().map(String::as_str).collect();
+        let client_paths = [out.to_owned()];
+        let reset = Reset {
+            client: &client_paths,
+            builder: &builder_paths,
+            cold_cache: false,
+        };
+        let mut results: Vec<Measured> = self
+            .variants
+            .iter()
+            .map(|variant| {
+                self.measure(
+                    case,
+                    variant.label.clone(),
+                    bytes,
+                    reset,
+                    Some(&variant.server),
+                    || self.drv_thru_build(variant, drv),
+                )
+            })
+            .collect();
+        results.extend(self.baselines(case, bytes, reset, |url| {
+            if url.starts_with("ssh-ng:") {
+                self.nix_copy(Side::Client, "--to", url, &src_refs)
+            } else {
+                self.nix_copy(Side::Builder, "--from", url, &src_refs)
+            }
+        }));
+        results
+    }
+
+    fn trivial(&self) -> Vec<Measured> {
+        let run = |method: String, drvs: &[String], remote: Option<&Variant>| {
+            let mut samples = Vec::new();
+            for (i, drv) in drvs.iter().enumerate() {
+                sync();
+                let command = match remote {
+                    Some(variant) => self.drv_thru_build(variant, drv),
+                    None => {
+                        let mut command = self.world.command(Side::Client, "nix");
+                        command.args(["build", "--no-link", drv]);
+                        command
+                    }
+                };
+                let what = format!("trivial / {method} (run {})", i + 1);
+                let sample = timed(command, &what, remote.map(|v| &v.server));
+                progress(&format!("{what}: {:.3} s", sample.secs));
+                samples.push(sample);
+            }
+            Measured {
+                case: Case::Trivial,
+                method,
+                bytes: 0,
+                samples,
+            }
+        };
+        let runs = self.options.runs;
+        let mut results: Vec<Measured> = self
+            .variants
+            .iter()
+            .zip(self.paths.remote.chunks(runs))
+            .map(|(variant, drvs)| run(format!("{} build", variant.label), drvs, Some(variant)))
+            .collect();
+        results.push(run("local nix build".to_owned(), &self.paths.local, None));
+        results
+    }
+
+    fn concurrent(&self) -> Vec<ConcurrentRun> {
+        let clients = self.options.clients;
+        let variant = &self.variants[0];
+        let mut runs = Vec::new();
+        for (run, drvs) in self.paths.conc.chunks(clients).enumerate() {
+            let order = Arc::new(Mutex::new(QueueOrder::default()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let watcher = {
+                let order = order.clone();
+                let stop = stop.clone();
+                let data_dir = variant.server.data_dir.clone();
+                thread::spawn(move || watch_queue(&data_dir, &order, &stop))
+            };
+            // Let the watcher subscribe first.
+            thread::sleep(Duration::from_millis(300));
+            let start = Instant::now();
+            let children: Vec<_> = drvs
+                .iter()
+                .map(|drv| {
+                    let mut command = self.drv_thru_build(variant, drv);
+                    command
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped());
+                    (Instant::now(), command.spawn().expect("starting a client"))
+                })
+                .collect();
+            let mut per_build = Vec::new();
+            let mut finished = 0;
+            let handles: Vec<_> = children
+                .into_iter()
+                .map(|(started, mut child)| {
+                    thread::spawn(move || {
+                        let mut err = String::new();
+                        if let Some(mut stderr) = child.stderr.take() {
+                            let _ = stderr.read_to_string(&mut err);
+                        }
+                        let status = child.wait().expect("waiting for a client");
+                        (started.elapsed().as_secs_f64(), status.success(), err)
+                    })
+                })
+                .collect();
+            for handle in handles {
+                let (secs, ok, err) = handle.join().expect("client thread");
+                per_build.push(secs);
+                if ok {
+                    finished += 1;
+                } else {
+                    progress(&format!("a concurrent client failed:\n{err}"));
+                }
+            }
+            let total = start.elapsed().as_secs_f64();
+            // Give the builder a moment to record the last sessions' ends.
+            let mut idle_after = false;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let status = variant.server.status(&self.world);
+                let busy = status["active"].as_array().map_or(1, Vec::len)
+                    + status["queued"].as_array().map_or(1, Vec::len);
+                if busy == 0 {
+                    idle_after = true;
+                    break;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            stop.store(true, Ordering::Relaxed);
+            let _ = watcher.join();
+            let order = order.lock().unwrap();
+            let result = ConcurrentRun {
+                total,
+                per_build,
+                finished,
+                fifo: order.is_fifo(),
+                queued: order.queued.len(),
+                idle_after,
+            };
+            progress(&format!(
+                "concurrent (run {}): {:.2} s, {finished}/{clients} finished, {} queued, FIFO {}, idle after {}",
+                run + 1,
+                result.total,
+                result.queued,
+                result.fifo,
+                result.idle_after
+            ));
+            runs.push(result);
+        }
+        runs
+    }
+}
+
+fn sync() {
+    unsafe { libc::sync() };
+}
+
+/// The order builds entered the queue and the order they started building,
+/// from the builder's status stream.
+#[derive(Debug, Default)]
+struct QueueOrder {
+    queued: Vec<String>,
+    started: Vec<String>,
+}
+
+impl QueueOrder {
+    fn observe(&mut self, status: &drv_thru::proto::BuilderStatus) {
+        let mut queued: Vec<_> = status.queued.iter().collect();
+        queued.sort_by_key(|q| q.position);
+        for build in queued {
+            if !self.queued.contains(&build.session_id) {
+                self.queued.push(build.session_id.clone());
+            }
+        }
+        for build in &status.active {
+            let building = matches!(
+                build.phase(),
+                drv_thru::proto::BuildPhase::Building | drv_thru::proto::BuildPhase::ServingOutputs
+            );
+            if building && !self.started.contains(&build.session_id) {
+                self.started.push(build.session_id.clone());
+            }
+        }
+    }
+
+    /// Whether the builds that waited started in the order they were queued.
+    fn is_fifo(&self) -> bool {
+        let started: Vec<&String> = self
+            .started
+            .iter()
+            .filter(|id| self.queued.contains(id))
+            .collect();
+        let queued: Vec<&String> = self
+            .queued
+            .iter()
+            .filter(|id| started.contains(id))
+            .collect();
+        started == queued
+    }
+}
+
+fn watch_queue(data_dir: &Path, order: &Mutex<QueueOrder>, stop: &AtomicBool) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let Ok(channel) = drv_thru::client::admin(data_dir).await else {
+            progress("cannot watch the builder's status; FIFO not checked");
+            return;
+        };
+        let mut client = drv_thru::proto::builder_client::BuilderClient::new(channel);
+        let Ok(stream) = client
+            .watch_status(drv_thru::proto::WatchStatusRequest::default())
+            .await
+        else {
+            return;
+        };
+        let mut stream = stream.into_inner();
+        while !stop.load(Ordering::Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(100), stream.message()).await {
+                Ok(Ok(Some(message))) => {
+                    if let Some(status) = message.status {
+                        order.lock().unwrap().observe(&status);
+                    }
+                }
+                Ok(_) => return,
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+// === report ===
+
+fn fmt_ratio(numerator: f64, denominator: f64) -> String {
+    if numerator.is_finite() && denominator.is_finite() && denominator > 0.0 {
+        format!("{:.2}×", numerator / denominator)
+    } else {
+        "–".to_owned()
+    }
+}
+
+fn rate(mib_s: f64) -> String {
+    if mib_s < 10.0 {
+        format!("{mib_s:.1}")
+    } else {
+        format!("{mib_s:.0}")
+    }
+}
+
+fn mib(bytes: Option<f64>) -> String {
+    bytes.map_or("–".to_owned(), |b| format!("{:.1}", b / MIB))
+}
+
+struct Report {
+    measured: Vec<Measured>,
+    concurrent: Vec<ConcurrentRun>,
+}
+
+impl Bench {
+    fn meta(&self) -> Value {
+        let nix = Command::new("nix")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let date = Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+        json!({
+            "date": date,
+            "nix": nix,
+            "cpus": cpus,
+            "size_bytes": self.options.size,
+            "runs": self.options.runs,
+            "small_count": self.options.small_count,
+            "small_bytes": self.paths.small_bytes,
+            "clients": self.options.clients,
+            "max_concurrent_builds": 2,
+            "notes": self.notes,
+        })
+    }
+
+    fn markdown(&self, report: &Report) -> String {
+        let meta = self.meta();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "drv-thru transfer benchmark, {}; {}; {} CPUs; size {}, {} small paths ({}); medians of {} runs\n",
+            meta["date"].as_str().unwrap_or(""),
+            meta["nix"].as_str().unwrap_or(""),
+            meta["cpus"],
+            human(self.options.size),
+            self.options.small_count,
+            human(self.paths.small_bytes),
+            self.options.runs
+        );
+        let transfer: Vec<&Measured> = report
+            .measured
+            .iter()
+            .filter(|m| m.case != Case::Trivial)
+            .collect();
+        if !transfer.is_empty() {
+            out.push_str("| case | method | median s | MiB/s | min–max s | vs file:// | vs http | vs ssh-ng |\n");
+            out.push_str("|---|---|---|---|---|---|---|---|\n");
+            for m in &transfer {
+                let baseline = |name: &str| {
+                    transfer
+                        .iter()
+                        .find(|b| b.case == m.case && b.method == name)
+                        .map_or(f64::NAN, |b| b.median())
+                };
+                let secs = m.secs();
+                let (min, max) = (
+                    secs.iter().copied().fold(f64::INFINITY, f64::min),
+                    secs.iter().copied().fold(0.0, f64::max),
+                );
+                let ratios = if m.method.starts_with("drv-thru") {
+                    ["nix copy file://", "nix copy http://", "nix copy ssh-ng://"]
+                        .map(|b| fmt_ratio(baseline(b), m.median()))
+                } else {
+                    ["", "", ""].map(str::to_owned)
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.2} | {} | {:.2}–{:.2} | {} | {} | {} |",
+                    m.case.name(),
+                    m.method,
+                    m.median(),
+                    rate(m.mib_s()),
+                    min,
+                    max,
+                    ratios[0],
+                    ratios[1],
+                    ratios[2]
+                );
+            }
+            out.push_str("\nRatios are throughput relative to the baseline (baseline time ÷ drv-thru time; above 1 is faster). drv-thru times are a whole `drv-thru build` of an instantiated .drv (session, upload, a no-op or trivial build, import).\n");
+        }
+        let trivial: Vec<&Measured> = report
+            .measured
+            .iter()
+            .filter(|m| m.case == Case::Trivial)
+            .collect();
+        if let Some(local) = trivial.iter().find(|m| !m.method.starts_with("drv-thru")) {
+            let _ = writeln!(
+                out,
+                "\n| trivial build (`echo > $out`), evaluation excluded | median s | min–max s | overhead s |\n|---|---|---|---|"
+            );
+            for m in &trivial {
+                let secs = m.secs();
+                let overhead = if m.method.starts_with("drv-thru") {
+                    format!("**{:.3}**", m.median() - local.median())
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.3} | {:.3}–{:.3} | {overhead} |",
+                    m.method,
+                    m.median(),
+                    secs.iter().copied().fold(f64::INFINITY, f64::min),
+                    secs.iter().copied().fold(0.0, f64::max)
+                );
+            }
+        }
+        if !report.concurrent.is_empty() {
+            let c = &report.concurrent;
+            let totals: Vec<f64> = c.iter().map(|r| r.total).collect();
+            let all: Vec<f64> = c.iter().flat_map(|r| r.per_build.clone()).collect();
+            let _ = writeln!(
+                out,
+                "\n| {} clients at once, max_concurrent_builds = 2 (builds sleep 0.3 s) | value |\n|---|---|",
+                self.options.clients
+            );
+            let _ = writeln!(out, "| total s (median) | {:.2} |", median(&totals));
+            let _ = writeln!(out, "| per build p50 s | {:.2} |", percentile(&all, 50.0));
+            let _ = writeln!(out, "| per build p99 s | {:.2} |", percentile(&all, 99.0));
+            let _ = writeln!(
+                out,
+                "| finished | {}/{} |",
+                c.iter().map(|r| r.finished).sum::<usize>(),
+                c.len() * self.options.clients
+            );
+            let _ = writeln!(
+                out,
+                "| builds that waited in the queue | {} |",
+                c.iter().map(|r| r.queued).sum::<usize>()
+            );
+            let _ = writeln!(
+                out,
+                "| started in FIFO order | {} |",
+                if c.iter().all(|r| r.fifo) {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            );
+            let _ = writeln!(
+                out,
+                "| builder idle afterwards (no slot held) | {} |",
+                if c.iter().all(|r| r.idle_after) {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            );
+        }
+        let rss: Vec<&Measured> = report
+            .measured
+            .iter()
+            .filter(|m| {
+                matches!(m.case, Case::Download | Case::Upload) && m.method.starts_with("drv-thru")
+            })
+            .collect();
+        if !rss.is_empty() {
+            out.push_str("\n| peak RSS (VmHWM, drv-thru processes only), median | server MiB | client MiB |\n|---|---|---|\n");
+            for m in rss {
+                let _ = writeln!(
+                    out,
+                    "| {} / {} | {} | {} |",
+                    m.case.name(),
+                    m.method,
+                    mib(m.rss(|s| s.server_rss)),
+                    mib(m.rss(|s| s.client_rss))
+                );
+            }
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "\nNote: {note}");
+        }
+        out
+    }
+
+    fn json(&self, report: &Report) -> Value {
+        let measured: Vec<Value> = report
+            .measured
+            .iter()
+            .map(|m| {
+                let baselines: BTreeMap<&str, f64> = report
+                    .measured
+                    .iter()
+                    .filter(|b| b.case == m.case && b.method.starts_with("nix copy"))
+                    .map(|b| (b.method.as_str(), b.median() / m.median()))
+                    .collect();
+                json!({
+                    "case": m.case.name(),
+                    "method": m.method,
+                    "bytes": m.bytes,
+                    "secs": m.secs(),
+                    "median_secs": m.median(),
+                    "mib_per_sec": if m.bytes > 0 { json!(m.mib_s()) } else { Value::Null },
+                    "throughput_vs": if m.method.starts_with("drv-thru") { json!(baselines) } else { Value::Null },
+                    "server_peak_rss_bytes": m.samples.iter().map(|s| s.server_rss).collect::<Vec<_>>(),
+                    "client_peak_rss_bytes": m.samples.iter().map(|s| s.client_rss).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let concurrent: Vec<Value> = report
+            .concurrent
+            .iter()
+            .map(|r| {
+                json!({
+                    "total_secs": r.total,
+                    "per_build_secs": r.per_build,
+                    "finished": r.finished,
+                    "queued": r.queued,
+                    "fifo": r.fifo,
+                    "idle_after": r.idle_after,
+                })
+            })
+            .collect();
+        json!({ "meta": self.meta(), "measured": measured, "concurrent": concurrent })
+    }
+}
+
+fn main() {
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(err) => {
+            eprintln!("{err}");
+            std::process::exit(2);
+        }
+    };
+    if unsafe { libc::geteuid() } != 0 {
+        println!(
+            "skipping the transfer benchmark: it needs root (private mount namespaces for two Nix stores)"
+        );
+        return;
+    }
+    if Command::new("nix-store").arg("--version").output().is_err() {
+        println!("skipping the transfer benchmark: Nix is not installed");
+        return;
+    }
+    let json_output = options.json;
+    let cases = options.cases.clone();
+    let bench = match Bench::setup(options) {
+        Ok(bench) => bench,
+        Err(err) => {
+            println!("skipping the transfer benchmark: {err}");
+            return;
+        }
+    };
+    let mut report = Report {
+        measured: Vec::new(),
+        concurrent: Vec::new(),
+    };
+    for case in cases {
+        progress(&format!("case {}", case.name()));
+        match case {
+            Case::Download | Case::DownloadText | Case::SmallDown => {
+                report.measured.extend(bench.download(case))
+            }
+            Case::Upload | Case::SmallUp => report.measured.extend(bench.upload(case)),
+            Case::Trivial => report.measured.extend(bench.trivial()),
+            Case::Concurrent => report.concurrent = bench.concurrent(),
+        }
+    }
+    if json_output {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&bench.json(&report)).expect("JSON")
+        );
+    } else {
+        println!("{}", bench.markdown(&report));
+    }
+    progress("done");
+}
