@@ -18,6 +18,7 @@ use super::Failure;
 use crate::{
     client::{self, Target, cache_proxy::CacheProxy, session::Session},
     endpoint::RelayChoice,
+    helper::{self, client::HelperClient},
     nix::{signing::PublicKey, store_path::StorePath},
     nixcmd::{EvalFlags, Nix},
     proto::{self, BuildResult, build_response::Event},
@@ -158,6 +159,32 @@ impl Progress {
         }
     }
 
+    /// Counts paths: the closure takes paths done, paths in all and bytes
+    /// received so far.
+    fn paths(&mut self, message: &'static str) -> impl Fn(u64, u64, u64) + Send + 'static {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0).with_message(message);
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} paths {prefix}")
+                    .expect("the template is valid")
+                    .progress_chars("=> "),
+            );
+            self.bar = Some(bar.clone());
+            bar
+        });
+        move |done, total, bytes| match &bar {
+            Some(bar) => {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_prefix(format!("({} received)", format_bytes(bytes)));
+            }
+            None => eprintln!(
+                "{message}: {done} of {total} paths ({} received)",
+                format_bytes(bytes)
+            ),
+        }
+    }
+
     fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
@@ -246,7 +273,7 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
 
     // Whether the outputs will be importable is settled before the builder
     // is even contacted: a refusal costs no ticket use and no upload.
-    let trust = import_trust(&nix, &target).await?;
+    let import = import_trust(&nix, &target).await?;
     let closure = nix
         .closure(std::slice::from_ref(&evaluated.drv_path))
         .await?;
@@ -257,7 +284,7 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
     };
     let mut progress = Progress::new();
     let connection = client::connect(&target, relay, args.key_file.as_deref()).await?;
-    let outcome = remote(&args, &nix, trust, &connection, &plan, &mut progress).await;
+    let outcome = remote(&args, &nix, import, &connection, &plan, &mut progress).await;
     progress.finish();
     connection.close().await;
     match outcome? {
@@ -282,7 +309,7 @@ enum Remote {
 async fn remote(
     args: &Args,
     nix: &Nix,
-    trust: Option<PublicKey>,
+    import: Import,
     connection: &client::Connection,
     plan: &Plan,
     progress: &mut Progress,
@@ -336,22 +363,58 @@ async fn remote(
     let proxy = CacheProxy::start(
         connection.channel.clone(),
         session.id.clone(),
-        trust.clone(),
+        import.key().cloned(),
     )
     .await
     .context("starting the loopback cache")?;
     let paths: Vec<StorePath> = outputs.values().cloned().collect();
-    nix.copy_from(&proxy.url(), &paths, trust.as_ref(), true)
-        .await
-        .context("importing the outputs into the local store")?;
+    match import {
+        Import::Direct(key) => nix
+            .copy_from(&proxy.url(), &paths, key.as_ref(), true)
+            .await
+            .context("importing the outputs into the local store")?,
+        Import::Helper(mut helper, key) => {
+            let report = progress.paths("importing through the import helper");
+            helper
+                .import(&key, &proxy.url(), &paths, |step| {
+                    report(
+                        step.paths_done.into(),
+                        step.paths_total.into(),
+                        proxy.bytes_received(),
+                    )
+                })
+                .await
+                .context("importing the outputs through the import helper")?;
+            progress.finish();
+        }
+    }
     tracing::info!(bytes = proxy.bytes_received(), "outputs imported");
     Ok(Remote::Built(outputs))
 }
 
-/// Decides, before anything is uploaded, how the outputs will be trusted:
-/// returns the key to pass to `nix copy`, or `None` when local Nix already
-/// trusts the builder's key.
-async fn import_trust(nix: &Nix, target: &Target) -> anyhow::Result<Option<PublicKey>> {
+/// How the outputs get into the local store.
+enum Import {
+    /// `nix copy` as this user, trusting this key for the copy (or nothing
+    /// more when Nix already trusts the builder's key).
+    Direct(Option<PublicKey>),
+    /// Through the root import helper, which has this key on its allowlist.
+    Helper(Box<HelperClient>, PublicKey),
+}
+
+impl Import {
+    /// The key the outputs must be signed with, if Nix is not to decide.
+    fn key(&self) -> Option<&PublicKey> {
+        match self {
+            Self::Direct(key) => key.as_ref(),
+            Self::Helper(_, key) => Some(key),
+        }
+    }
+}
+
+/// Decides, before anything is uploaded, how the outputs will be imported:
+/// directly when Nix trusts the builder's key or the user, otherwise through
+/// the import helper, which must be reachable and have the key allowlisted.
+async fn import_trust(nix: &Nix, target: &Target) -> anyhow::Result<Import> {
     let trust = nix.trust().await.context("asking Nix whom it trusts")?;
     let Some(key) = target.trusted_signing_key() else {
         bail!(
@@ -360,16 +423,32 @@ async fn import_trust(nix: &Nix, target: &Target) -> anyhow::Result<Option<Publi
         );
     };
     if trust.trusts_key(key) {
-        return Ok(None);
+        return Ok(Import::Direct(None));
     }
     if trust.trusted_user {
-        return Ok(Some(key.clone()));
+        return Ok(Import::Direct(Some(key.clone())));
     }
-    bail!(
-        "your Nix does not trust the builder's key {key} and you are not a trusted Nix user, so the \
-         outputs could not be imported; add the key to services.drv-thru.client.ticketHelper.trustedBuilderPublicKeys \
-         (or nix.settings.trusted-public-keys) on this machine"
-    )
+    let untrusted = format!(
+        "your Nix does not trust the builder's key {key} and you are not a trusted Nix user, so \
+         the outputs can only be imported through the drv-thru import helper"
+    );
+    let socket = helper::client::socket_path();
+    let mut helper = HelperClient::connect(&socket)
+        .await
+        .with_context(|| untrusted.clone())?;
+    if !helper
+        .check_key(key)
+        .await
+        .with_context(|| untrusted.clone())?
+    {
+        bail!(
+            "{untrusted}, but the key is not on its allowlist; add it to \
+             services.drv-thru.client.ticketHelper.trustedBuilderPublicKeys (or \
+             nix.settings.trusted-public-keys) on this machine"
+        );
+    }
+    tracing::debug!(socket = %socket.display(), "outputs will be imported through the import helper");
+    Ok(Import::Helper(Box::new(helper), key.clone()))
 }
 
 async fn finish(
