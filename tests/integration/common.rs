@@ -207,14 +207,21 @@ impl Drop for Builder {
     }
 }
 
-type Spawned = (Child, mpsc::Receiver<String>, Arc<Mutex<Vec<String>>>);
+/// A spawned process, its stderr lines as they come, and all of them so far.
+pub type Spawned = (Child, mpsc::Receiver<String>, Arc<Mutex<Vec<String>>>);
 
 fn spawn_server(mut command: Command, data_dir: &Path, extra_args: &[String]) -> Spawned {
-    let mut child = command
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(extra_args)
-        .env("RUST_LOG", "drv_thru=debug,iroh=warn")
+        .env("RUST_LOG", "drv_thru=debug,iroh=warn");
+    spawn_logged(command)
+}
+
+/// Spawns `command` with no stdin or stdout, collecting its stderr lines.
+pub fn spawn_logged(mut command: Command) -> Spawned {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -4,6 +4,7 @@
 
 mod builds;
 mod common;
+mod helper;
 mod nixenv;
 mod server;
 mod status;

@@ -9,9 +9,11 @@
 
 use std::{
     ffi::OsStr,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use crate::common::{Launcher, binary, offline};
@@ -124,6 +126,7 @@ const PASSED: &[&str] = &[
     "RUST_LOG",
     "DRV_THRU_RELAY",
     "NIX_REMOTE",
+    "DRV_THRU_IMPORT_HELPER_SOCKET",
 ];
 
 impl Store {
@@ -191,9 +194,107 @@ impl Store {
             .is_empty()
     }
 
+    /// Starts a `nix-daemon` on this store, as on a multi-user machine: root
+    /// is its only trusted user, builds run as the `nixbld` users and
+    /// nothing is substituted. Commands reach it with `NIX_REMOTE=daemon`.
+    pub fn start_daemon(&self) -> Daemon {
+        let conf = self
+            .world
+            .dir
+            .path()
+            .join("daemon-conf")
+            .join(self.dir.file_name().expect("a store directory has a name"));
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("nix.conf"),
+            "sandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n\
+             build-users-group = nixbld\ntrusted-users = root\nallowed-users = *\n",
+        )
+        .unwrap();
+        let log = conf.join("daemon.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut child = self
+            .command("nix-daemon")
+            .env("NIX_CONF_DIR", &conf)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let socket = self.dir.join("var/nix/daemon-socket/socket");
+        let start = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!(
+                    "nix-daemon did not start ({exited:?}); its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Daemon { child }
+    }
+
     /// Launches `drv-thru` processes in this store.
     pub fn launcher(&self) -> Launcher {
         let store = self.clone();
         Arc::new(move || store.command(binary()))
     }
+}
+
+/// A running `nix-daemon`; dropping it kills the daemon and every process it
+/// started (its per-connection workers and their builds), which would
+/// otherwise outlive it.
+pub struct Daemon {
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        // Stopped, it forks no new workers while its tree is collected.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        for descendant in descendants(pid) {
+            unsafe { libc::kill(descendant, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every process below `pid`, children before their own children.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `PID (COMM) STATE PPID ...`; COMM may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((child, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        next += 1;
+    }
+    found.remove(0);
+    found
 }
