@@ -8,6 +8,8 @@ missing=()
 for tool in nix nix-store busybox setpriv debootstrap; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
+# Multi-user tests run nix-daemon with build users from nix-setup-systemd.
+getent group nixbld >/dev/null || missing+=(nixbld)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing: ${missing[*]}; run as root once so tests/run.sh can install them" >&2
@@ -15,7 +17,7 @@ if ((${#missing[@]})); then
   fi
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    nix-bin busybox-static util-linux debootstrap
+    nix-bin nix-setup-systemd busybox-static util-linux debootstrap
 fi
 if ! command -v buf >/dev/null; then
   npm install -g --no-fund --no-audit @bufbuild/buf@1
