@@ -414,3 +414,67 @@ fn rebuild_checks_even_on_a_builder_that_never_built_it() {
         pair.builder.log()
     );
 }
+
+/// The builder service needs no Nix trusted-user rights: it runs as an
+/// unprivileged user talking to a `nix-daemon` that trusts only root, and
+/// still accepts uploads (content-addressed, so Nix needs no signature) and
+/// builds.
+#[test]
+fn multi_user_builder_needs_no_trusted_user_rights() {
+    if !available() {
+        return;
+    }
+    const NOBODY: &str = "65534";
+    let world = Arc::new(World::new(&salt("multi-user")));
+    // The builder's user must reach its data directory inside the world.
+    std::fs::set_permissions(
+        world.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let client = world.store("client");
+    let builder_store = world.store("builder");
+    let _daemon = builder_store.start_daemon();
+    let home = world.dir.path().join("builder-home");
+    let data_dir = world.dir.path().join("data");
+    for dir in [&home, &data_dir] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+    }
+    let launcher: crate::common::Launcher = {
+        let store = builder_store.clone();
+        let home = home.clone();
+        Arc::new(move || {
+            let mut command = store.command("setpriv");
+            command
+                .args([
+                    &format!("--reuid={NOBODY}"),
+                    &format!("--regid={NOBODY}"),
+                    "--clear-groups",
+                    crate::common::binary(),
+                ])
+                .env("NIX_REMOTE", "daemon")
+                .env("HOME", &home)
+                .env("XDG_CACHE_HOME", home.join(".cache"));
+            command
+        })
+    };
+    let builder = Builder::start_with(launcher, data_dir, &[]);
+    let pair = Pair {
+        salt: String::new(),
+        world,
+        client,
+        builder_store,
+        builder,
+    };
+    let output = pair.build("app", &["--ticket", &pair.ticket(&[]), "--no-link"]);
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    let app = pair.out_path("app");
+    assert!(pair.client.has(&app));
+    assert!(pair.builder_store.has(&app));
+}
