@@ -132,12 +132,12 @@ impl Drop for Helper {
     }
 }
 
+/// A salt no earlier run used, so every derivation is new to every store.
 fn salt(test: &str) -> String {
-    format!(
-        "{test}-{}-{:?}",
-        std::process::id(),
-        std::time::Instant::now()
-    )
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{test}-{}-{}", std::process::id(), now.as_nanos())
 }
 
 /// A world whose directory other users can reach (they need the socket,
@@ -218,10 +218,10 @@ async fn unprivileged_probe() {
 
 /// Asks the helper about `key` as [`USER`] with these `setpriv` group
 /// options; returns what the caller got.
-fn probe(groups: &[&str], socket: &Path, key: &PublicKey) -> String {
+fn probe(group_options: &[&str], socket: &Path, key: &PublicKey) -> String {
     let output = Command::new("setpriv")
         .arg(format!("--reuid={USER}"))
-        .args(groups)
+        .args(group_options)
         .arg(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -244,6 +244,17 @@ fn probe(groups: &[&str], socket: &Path, key: &PublicKey) -> String {
             )
         })
         .to_owned()
+}
+
+/// CheckKey's answer for `key`, or the code it was refused with.
+async fn check_key(client: &mut ImportHelperClient<Channel>, key: &str) -> Result<bool, Code> {
+    let request = CheckKeyRequest {
+        builder_public_key: key.to_owned(),
+    };
+    match client.check_key(request).await {
+        Ok(response) => Ok(response.into_inner().allowlisted),
+        Err(status) => Err(status.code()),
+    }
 }
 
 /// The code a request is refused with, or `None` if the helper accepted it.
@@ -496,36 +507,24 @@ async fn hostile_requests_are_refused_before_nix_runs() {
         failed.message().starts_with("import failed: "),
         "{failed:?}"
     );
+    // Log lines arrive in order: once this one is in, an earlier Nix run
+    // would be too.
+    helper.wait_for("nix command finished");
     assert_eq!(helper.nix_runs(), 1, "{}", helper.log());
     assert!(!store.has(ABSENT));
 
     // CheckKey answers without running anything.
-    let check = |key: &str| CheckKeyRequest {
-        builder_public_key: key.to_owned(),
-    };
-    assert!(
-        client
-            .check_key(check(&good_key.to_string()))
-            .await
-            .unwrap()
-            .into_inner()
-            .allowlisted
-    );
-    assert!(
-        !client
-            .check_key(check(&key("other").to_string()))
-            .await
-            .unwrap()
-            .into_inner()
-            .allowlisted
+    assert_eq!(
+        check_key(&mut client, &good_key.to_string()).await,
+        Ok(true)
     );
     assert_eq!(
-        client
-            .check_key(check("--option"))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
+        check_key(&mut client, &key("other").to_string()).await,
+        Ok(false)
+    );
+    assert_eq!(
+        check_key(&mut client, "--option").await,
+        Err(Code::InvalidArgument)
     );
 
     // Other users: the socket's mode keeps out everyone outside the group,
@@ -543,13 +542,7 @@ async fn hostile_requests_are_refused_before_nix_runs() {
     assert!(!helper.log().contains("refused a caller"));
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert!(probe(&outside, &socket, &good_key).contains("join its group"));
-    assert!(
-        helper
-            .log()
-            .contains("refused a caller outside the helper's group"),
-        "{}",
-        helper.log()
-    );
+    helper.wait_for("refused a caller outside the helper's group");
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660)).unwrap();
 
     // A bad allowlist on reload keeps the old one; a good one replaces it.
@@ -560,34 +553,22 @@ async fn hostile_requests_are_refused_before_nix_runs() {
             .log()
             .contains(&format!("{}:2: ", allowlist.display()))
     );
-    assert!(
-        client
-            .check_key(check(&good_key.to_string()))
-            .await
-            .unwrap()
-            .into_inner()
-            .allowlisted
+    assert_eq!(
+        check_key(&mut client, &good_key.to_string()).await,
+        Ok(true)
     );
     let next_key = key("builder-2");
     write_allowlist(&allowlist, &[&next_key]);
     helper.reload("allowlist reloaded");
-    assert!(
-        !client
-            .check_key(check(&good_key.to_string()))
-            .await
-            .unwrap()
-            .into_inner()
-            .allowlisted,
+    assert_eq!(
+        check_key(&mut client, &good_key.to_string()).await,
+        Ok(false),
         "{}",
         helper.log()
     );
-    assert!(
-        client
-            .check_key(check(&next_key.to_string()))
-            .await
-            .unwrap()
-            .into_inner()
-            .allowlisted
+    assert_eq!(
+        check_key(&mut client, &next_key.to_string()).await,
+        Ok(true)
     );
 
     drop(client);
@@ -730,5 +711,5 @@ fn untrusted_user_imports_through_the_helper() {
         "{}",
         text(&built.stderr)
     );
-    assert!(helper.log().contains("imported"), "{}", helper.log());
+    helper.wait_for("imported bytes=");
 }
