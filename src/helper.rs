@@ -110,7 +110,7 @@ pub async fn run(options: HelperOptions) -> anyhow::Result<()> {
     let serving = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(16)
-        .layer(CallerLayer::new(policy))
+        .layer(CallerLayer::new(std::sync::Arc::new(policy)))
         .add_service(ImportHelperServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(
             transport::unix::incoming(listener),

@@ -7,6 +7,7 @@
 //!   import helper. Requests carry the caller's kernel-reported credentials
 //!   as a [`UnixPeer`] extension.
 
+pub mod authorize;
 pub mod iroh;
 pub mod unix;
 

@@ -3,18 +3,14 @@
 //! kernel reports for the socket's caller. Every request is logged with
 //! those credentials.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    task::{Context, Poll},
-};
-
 use tonic::{Status, body::Body};
-use tower::{Layer, Service};
 use tracing::{info, warn};
 
 use super::HelperError;
-use crate::transport::UnixPeer;
+use crate::transport::{
+    UnixPeer,
+    authorize::{AuthorizeLayer, Policy},
+};
 
 /// Which callers the helper serves.
 #[derive(Debug, Clone)]
@@ -66,67 +62,17 @@ impl CallerPolicy {
     }
 }
 
-/// The layer that installs [`CallerCheck`] around the helper's router.
-#[derive(Debug, Clone)]
-pub struct CallerLayer {
-    policy: std::sync::Arc<CallerPolicy>,
-}
+impl Policy for CallerPolicy {
+    /// Callers carry nothing further: the check is all.
+    type Grant = ();
 
-impl CallerLayer {
-    /// A layer enforcing `policy`.
-    pub fn new(policy: CallerPolicy) -> Self {
-        Self {
-            policy: std::sync::Arc::new(policy),
-        }
+    fn authorize(&self, request: &http::Request<Body>) -> Result<Option<()>, Status> {
+        self.check(request).map(|()| None)
     }
 }
 
-impl<S> Layer<S> for CallerLayer {
-    type Service = CallerCheck<S>;
-
-    fn layer(&self, inner: S) -> CallerCheck<S> {
-        CallerCheck {
-            inner,
-            policy: self.policy.clone(),
-        }
-    }
-}
-
-/// Logs each request with its caller and refuses callers the policy does
-/// not allow, before any handler runs.
-#[derive(Debug, Clone)]
-pub struct CallerCheck<S> {
-    inner: S,
-    policy: std::sync::Arc<CallerPolicy>,
-}
-
-impl<S> Service<http::Request<Body>> for CallerCheck<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        match self.policy.check(&request) {
-            Ok(()) => {
-                // The clone is ready-polled by the caller's next poll_ready;
-                // the ready instance serves this request.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(request))
-            }
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
-        }
-    }
-}
+/// The layer that checks every caller of the helper's router.
+pub type CallerLayer = AuthorizeLayer<CallerPolicy>;
 
 #[cfg(test)]
 mod tests {

@@ -7,17 +7,10 @@
 //! socket caller's uid. A ticket is presented as `authorization: Bearer
 //! <id>.<secret>` metadata and checked (without taking a use) on every call.
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use iroh::EndpointId;
 use tonic::{Status, body::Body, metadata::MetadataMap};
-use tower::{Layer, Service};
 use tracing::{debug, warn};
 
 use super::ticket_store::{TicketRecord, TicketRefusal, TicketStore};
@@ -25,7 +18,10 @@ use crate::{
     config::Limits,
     proto,
     ticket::BearerSecret,
-    transport::{IrohPeer, UnixPeer},
+    transport::{
+        IrohPeer, UnixPeer,
+        authorize::{AuthorizeLayer, Policy},
+    },
 };
 
 /// Response metadata naming why a call was refused, in a stable
@@ -278,67 +274,16 @@ fn refusal(status: Status, reason: &'static str) -> Status {
     Status::with_metadata(status.code(), status.message(), metadata)
 }
 
-/// The layer that installs [`Auth`] around the router.
-#[derive(Debug, Clone)]
-pub struct AuthLayer {
-    policy: Arc<AuthPolicy>,
-}
+impl Policy for AuthPolicy {
+    type Grant = Principal;
 
-impl AuthLayer {
-    /// A layer enforcing `policy`.
-    pub fn new(policy: Arc<AuthPolicy>) -> Self {
-        Self { policy }
+    fn authorize(&self, request: &http::Request<Body>) -> Result<Option<Principal>, Status> {
+        AuthPolicy::authorize(self, request)
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-
-    fn layer(&self, inner: S) -> Auth<S> {
-        Auth {
-            inner,
-            policy: self.policy.clone(),
-        }
-    }
-}
-
-/// Authorizes each request, inserting its [`Principal`] as an extension.
-#[derive(Debug, Clone)]
-pub struct Auth<S> {
-    inner: S,
-    policy: Arc<AuthPolicy>,
-}
-
-impl<S> Service<http::Request<Body>> for Auth<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        match self.policy.authorize(&request) {
-            Ok(principal) => {
-                if let Some(principal) = principal {
-                    request.extensions_mut().insert(principal);
-                }
-                // The clone is ready-polled by the caller's next poll_ready;
-                // the ready instance serves this request.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(request))
-            }
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
-        }
-    }
-}
+/// The layer that authorizes every request of the builder's router.
+pub type AuthLayer = AuthorizeLayer<AuthPolicy>;
 
 /// The principal the auth layer attached to `request`.
 ///
