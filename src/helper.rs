@@ -101,8 +101,7 @@ pub async fn run(options: HelperOptions) -> anyhow::Result<()> {
     };
 
     let socket = &options.socket;
-    let listener = bind(socket, options.group.is_some().then_some(gid))?;
-    let _cleanup = RemoveOnDrop(socket.clone());
+    let (listener, _socket) = bind(socket, options.group.is_some().then_some(gid))?;
     info!(socket = %socket.display(), gid, keys, "import helper ready");
 
     let service = ImportHelperService::new(allowlist.clone(), Nix::new());
@@ -159,7 +158,10 @@ fn resolve_group(group: &str) -> anyhow::Result<u32> {
 
 /// Binds the socket `0660`, given to `gid` when set, after making sure no
 /// other helper is serving it.
-fn bind(socket: &Path, gid: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
+fn bind(
+    socket: &Path,
+    gid: Option<u32>,
+) -> anyhow::Result<(tokio::net::UnixListener, transport::unix::SocketFile)> {
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         bail!(
             "another import helper is already serving {}; stop it first",
@@ -169,25 +171,8 @@ fn bind(socket: &Path, gid: Option<u32>) -> anyhow::Result<tokio::net::UnixListe
     if let Some(dir) = socket.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let listener = transport::unix::bind(socket, 0o660)
-        .with_context(|| format!("binding {}", socket.display()))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(socket, None, Some(gid))
-            .with_context(|| format!("giving group {gid} access to {}", socket.display()))?;
-    }
-    Ok(listener)
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_file(&self.0)
-            && err.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(path = %self.0.display(), "could not remove: {err}");
-        }
-    }
+    transport::unix::bind(socket, 0o660, gid)
+        .with_context(|| format!("binding {}", socket.display()))
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ pub mod tickets;
 pub mod upload;
 
 use std::{
-    fs, io,
+    fs,
     os::{fd::AsRawFd, unix::fs::PermissionsExt},
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -205,15 +205,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let admin_path = admin_socket_path(&data_dir);
-    let admin_listener =
-        transport::unix::bind(&admin_path, if admin_gid.is_some() { 0o660 } else { 0o600 })
-            .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
-    if let Some(gid) = admin_gid {
-        std::os::unix::fs::chown(&admin_path, None, Some(gid)).with_context(|| {
-            format!("giving the admin group access to {}", admin_path.display())
-        })?;
-    }
-    let _socket_cleanup = RemoveOnDrop(admin_path.clone());
+    let (admin_listener, _admin_socket) = transport::unix::bind(
+        &admin_path,
+        if admin_gid.is_some() { 0o660 } else { 0o600 },
+        admin_gid,
+    )
+    .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
     info!(path = %admin_path.display(), "admin socket ready");
 
     let over_iroh = services.server().serve_with_incoming_shutdown(
@@ -269,18 +266,6 @@ impl Signals {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
-        }
-    }
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Err(err) = fs::remove_file(&self.0)
-            && err.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %self.0.display(), "could not remove: {err}");
         }
     }
 }

@@ -112,20 +112,54 @@ impl Connected for UnixConnection {
     }
 }
 
-/// Binds a unix socket at `path` with permission bits `mode`, replacing a
-/// stale socket file left by a dead process.
+/// A socket file that is removed when dropped, so a stopped server leaves
+/// no stale socket behind.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_file(&self.0)
+            && err.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.0.display(), "could not remove socket: {err}");
+        }
+    }
+}
+
+/// Binds a unix socket at `path` with permission bits `mode`, owned by
+/// group `gid` when given, replacing a stale socket file left by a dead
+/// process.
 ///
-/// The caller must hold whatever lock makes it the only live server for
-/// this path, or it would steal a running server's socket.
-pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
+/// The socket is bound under a temporary name and renamed into place only
+/// once its mode and group are set, so it is never connectable with the
+/// umask's looser permissions. The caller must hold whatever lock makes it
+/// the only live server for this path, or it would steal a running
+/// server's socket.
+pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<(UnixListener, SocketFile)> {
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy())
+        .unwrap_or_default();
+    let staging = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    match std::fs::remove_file(&staging) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(err) => return Err(err),
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    let listener = UnixListener::bind(&staging)?;
+    let staged = SocketFile(staging.clone());
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(&staging, None, Some(gid))?;
+    }
+    std::fs::rename(&staging, path)?;
+    std::mem::forget(staged);
+    Ok((listener, SocketFile(path.to_owned())))
 }
 
 /// The stream of accepted connections, each tagged with its credentials.
