@@ -378,7 +378,7 @@ in
         description = ''
           Size limit of the signed output cache in `dataDir/cache`; the least
           recently used entries are pruned beyond it. `null` keeps it
-          unbounded. Needs a drv-thru release that knows `cache_max_size`.
+          unbounded.
         '';
       };
 
