@@ -28,6 +28,7 @@ pub mod nix;
 pub mod nixcmd;
 pub mod proto;
 pub mod server;
+pub mod store_nar;
 pub mod ticket;
 pub mod transport;
 pub mod units;

@@ -32,6 +32,7 @@ pub(crate) fn tuned_client_endpoint() -> tonic::transport::Endpoint {
     tonic::transport::Endpoint::from_static("http://drv-thru.invalid")
         .initial_stream_window_size(http2::STREAM_WINDOW)
         .initial_connection_window_size(http2::CONNECTION_WINDOW)
+        .max_frame_size(http2::MAX_FRAME_SIZE)
         .http2_max_header_list_size(64 << 10)
         .connect_timeout(std::time::Duration::from_secs(30))
 }

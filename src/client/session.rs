@@ -2,23 +2,40 @@
 //! session with the derivation's closure, upload what the builder lacks,
 //! build while streaming events.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, pin::Pin};
 
 use anyhow::{Context, anyhow};
-use tokio::{io::AsyncReadExt, sync::mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_util::io::ReaderStream;
 
 use super::{BuilderChannel, status_error};
 use crate::{
     nix::store_path::StorePath,
     nixcmd::{Nix, PathInfo},
     proto::{self, build_response::Event, builder_client::BuilderClient},
+    store_nar,
     transport::http2,
 };
 
 /// Upload chunk size: large enough to amortise per-message costs, small
 /// enough to keep memory flat.
 const CHUNK: usize = 256 << 10;
+
+/// The NAR of a local store path in chunks: read in-process when the path
+/// is on this file system (no process per path), else from `nix-store
+/// --dump`. The builder checks every NAR against its announced hash.
+fn nar_chunks(
+    nix: &Nix,
+    path: &StorePath,
+) -> anyhow::Result<Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>> {
+    if let Some(physical) = store_nar::physical(path) {
+        return Ok(Box::pin(store_nar::stream(physical)));
+    }
+    let nar = nix.dump(path)?;
+    Ok(Box::pin(ReaderStream::with_capacity(nar, CHUNK)))
+}
 
 /// An admitted session.
 #[derive(Debug)]
@@ -98,8 +115,9 @@ impl Session {
             let mut sent = 0u64;
             let mut first = true;
             for path in paths {
-                let mut nar = nix.dump(&path)?;
-                let start = proto::UploadInputsRequest {
+                // The first chunk of each NAR names its path, so a small
+                // path is one message.
+                let mut header = Some(proto::UploadInputsRequest {
                     session_id: if first {
                         session_id.clone()
                     } else {
@@ -107,26 +125,15 @@ impl Session {
                     },
                     store_path: path.to_string(),
                     data: Default::default(),
-                };
+                });
                 first = false;
-                if tx.send(start).await.is_err() {
-                    return Ok(());
-                }
-                loop {
-                    let mut chunk = vec![0u8; CHUNK];
-                    let n = nar
-                        .read(&mut chunk)
-                        .await
-                        .with_context(|| format!("reading {path} from the local store"))?;
-                    if n == 0 {
-                        break;
-                    }
-                    chunk.truncate(n);
-                    sent += n as u64;
-                    let message = proto::UploadInputsRequest {
-                        data: chunk.into(),
-                        ..Default::default()
-                    };
+                let mut nar = nar_chunks(&nix, &path)?;
+                while let Some(chunk) = nar.next().await {
+                    let chunk =
+                        chunk.with_context(|| format!("reading {path} from the local store"))?;
+                    sent += chunk.len() as u64;
+                    let mut message = header.take().unwrap_or_default();
+                    message.data = chunk;
                     if tx.send(message).await.is_err() {
                         // The builder ended the call; its status says why.
                         return Ok(());

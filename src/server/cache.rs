@@ -1,12 +1,17 @@
 //! The builder's persistent signed binary cache (`DATA_DIR/cache`) and the
 //! Cache service that serves it to the session that built the outputs.
 //!
-//! The layout is a Nix binary cache (`<hash>.narinfo`, `nar/<filehash>.nar.zst`),
-//! filled on first request: the NAR is dumped from the store, checked
-//! against the store's own hash, compressed, and described by a narinfo
-//! signed with the builder's key. Later requests, from any session, are
-//! served from disk. Least recently used entries are pruned past the size
-//! limit.
+//! The layout is a Nix binary cache (`<hash>.narinfo`, `nar/<narhash>.nar`).
+//! A narinfo is made on first request from what the store records (hash,
+//! size, references; fetched in batches for a session's whole closure) and
+//! signed with the builder's key, so Nix can start fetching at once. The
+//! NAR is then streamed straight from the store to the client while it is
+//! written to the cache and hashed; only a NAR that matches the store's own
+//! hash is kept, and its narinfo is written after it. Later requests, from
+//! any session, are served from disk. NARs are stored uncompressed: on a
+//! fast link zstd costs more CPU than it saves (see the README's
+//! Performance section), and Nix reads them without decompressing. Least
+//! recently used entries are pruned past the size limit.
 
 use std::{
     collections::HashMap,
@@ -16,6 +21,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use bytes::Bytes;
 use tokio::{io::AsyncReadExt, sync::Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -24,19 +30,27 @@ use tracing::{debug, info, warn};
 use super::{auth::principal, session::Sessions};
 use crate::{
     nix::{
-        hash::Sha256Hash,
         nar::NarHasher,
         narinfo::NarInfo,
         signing::SecretKey,
         store_path::{StorePath, StorePathHash},
     },
-    nixcmd::Nix,
+    nixcmd::{Nix, PathInfo},
     proto::{self, cache_server},
+    store_nar,
     transport::IrohPeer,
 };
 
 /// Bytes per NAR chunk on the wire.
 const CHUNK: usize = 256 << 10;
+
+/// Path infos fetched with one `nix path-info` call: a session's closure
+/// is asked for in batches this large, ahead of Nix's narinfo requests.
+const INFO_BATCH: usize = 1000;
+
+/// Path infos kept for fills to come; beyond this the oldest batch is
+/// dropped (a fill then asks for its own).
+const MAX_KNOWN_INFOS: usize = 20_000;
 
 /// Why a cache entry could not be produced.
 #[derive(Debug, thiserror::Error)]
@@ -55,15 +69,26 @@ pub enum CacheError {
     Io(#[from] std::io::Error),
 }
 
+/// Narinfos handed out whose NARs are not cached yet, by URL. Entries go
+/// when their NAR is cached; the map is emptied if it ever gets this large
+/// (a client that asked for a narinfo and never for its NAR).
+type Pending = Arc<Mutex<HashMap<String, NarInfo>>>;
+
+const MAX_PENDING: usize = 100_000;
+
 /// The signed cache on disk.
 #[derive(Debug)]
 pub struct SignedCache {
     dir: PathBuf,
     key: SecretKey,
     nix: Nix,
-    fills: Semaphore,
+    fills: Arc<Semaphore>,
     max_bytes: Option<u64>,
+    /// Fills in progress, by store path hash: one writer per entry.
     filling: Mutex<HashMap<StorePathHash, Arc<tokio::sync::Mutex<()>>>>,
+    pending: Pending,
+    /// What the store records about paths about to be asked for.
+    infos: Mutex<HashMap<StorePath, PathInfo>>,
 }
 
 impl SignedCache {
@@ -80,9 +105,11 @@ impl SignedCache {
             dir,
             key,
             nix,
-            fills: Semaphore::new(parallel_fills.max(1)),
+            fills: Arc::new(Semaphore::new(parallel_fills.max(1))),
             max_bytes,
             filling: Mutex::new(HashMap::new()),
+            pending: Pending::default(),
+            infos: Mutex::new(HashMap::new()),
         }
     }
 
@@ -106,123 +133,274 @@ impl SignedCache {
         ready.then_some(narinfo)
     }
 
-    /// The signed narinfo of `path`, filling the entry first if needed.
-    pub async fn narinfo(&self, path: &StorePath) -> Result<NarInfo, CacheError> {
+    /// The signed narinfo of `path`: from disk if its entry is complete,
+    /// else made from what the store records, its NAR to be streamed by
+    /// [`Self::nar_stream`]. `neighbours` (the rest of the requester's
+    /// closure) are looked up in the same batch, so a closure of many small
+    /// paths costs a few `nix path-info` calls, not one per path.
+    pub async fn narinfo(
+        &self,
+        path: &StorePath,
+        neighbours: impl FnOnce() -> Vec<StorePath>,
+    ) -> Result<NarInfo, CacheError> {
         if let Some(narinfo) = self.read_ready(path).await {
             return Ok(narinfo);
         }
-        let lock = {
-            let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
-            filling.entry(*path.hash_part()).or_default().clone()
-        };
-        let result = async {
-            let _guard = lock.lock().await;
-            if let Some(narinfo) = self.read_ready(path).await {
-                return Ok(narinfo);
-            }
-            let _permit = self
-                .fills
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            self.fill(path).await
-        }
-        .await;
-        {
-            let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
-            // The map holds only entries being filled, so it cannot grow without bound.
-            if Arc::strong_count(&lock) == 2 {
-                filling.remove(path.hash_part());
-            }
-        }
-        if result.is_ok() {
-            self.prune().await;
-        }
-        result
-    }
-
-    async fn fill(&self, path: &StorePath) -> Result<NarInfo, CacheError> {
-        let info = self
-            .nix
-            .path_info(std::slice::from_ref(path))
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| CacheError::NotInStore(path.clone()))?;
-        let nar_dir = self.dir.join("nar");
-        tokio::fs::create_dir_all(&nar_dir).await?;
-        let tmp = tempfile::NamedTempFile::new_in(&nar_dir)?;
-        let mut reader = self.nix.dump(path)?;
-        let mut encoder = zstd::stream::write::Encoder::new(HashingWriter::new(tmp.reopen()?), 1)?;
-        let mut nar = NarHasher::new();
-        let mut buffer = vec![0u8; CHUNK];
-        loop {
-            let n = reader.read(&mut buffer).await?;
-            if n == 0 {
-                break;
-            }
-            nar.write_all(&buffer[..n])
-                .expect("hashing into memory cannot fail");
-            tokio::task::block_in_place(|| encoder.write_all(&buffer[..n]))?;
-        }
-        let writer = tokio::task::block_in_place(|| encoder.finish())?;
-        let (file_hash, file_size) = writer.finish()?;
-        let (nar_hash, nar_size) = nar.finish();
-        if nar_hash != info.nar_hash || nar_size != info.nar_size {
-            return Err(CacheError::Corrupt(path.clone()));
-        }
-        let url = format!("nar/{}.nar.zst", file_hash.to_nix_base32());
-        tmp.persist(self.dir.join(&url)).map_err(|err| err.error)?;
-        let mut narinfo = NarInfo {
-            store_path: path.clone(),
-            url,
-            compression: Some("zstd".to_owned()),
-            file_hash: Some(file_hash),
-            file_size: Some(file_size),
-            nar_hash,
-            nar_size,
-            // Nix lists a self-reference among the references; so do narinfos.
-            references: info.references.into_iter().collect(),
-            deriver: info.deriver,
-            signatures: Vec::new(),
-            ca: info.ca,
-            extra: Vec::new(),
-        };
+        let info = self.path_info(path, neighbours).await?;
+        let mut narinfo = info.to_narinfo(format!("nar/{}.nar", info.nar_hash.to_nix_base32()));
+        narinfo.signatures.clear();
         narinfo.sign(&self.key);
-        let tmp_info = tempfile::NamedTempFile::new_in(&self.dir)?;
-        tokio::fs::write(tmp_info.path(), narinfo.to_string()).await?;
-        tmp_info
-            .persist(self.narinfo_path(path))
-            .map_err(|err| err.error)?;
-        info!(%path, nar_size, file_size, "cache entry filled");
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.len() >= MAX_PENDING {
+                pending.clear();
+            }
+            pending.insert(narinfo.url.clone(), narinfo.clone());
+        }
         Ok(narinfo)
     }
 
-    /// Opens a NAR file named by a narinfo `URL:`.
-    pub async fn open_nar(&self, url: &str) -> Option<tokio::fs::File> {
+    async fn path_info(
+        &self,
+        path: &StorePath,
+        neighbours: impl FnOnce() -> Vec<StorePath>,
+    ) -> Result<PathInfo, CacheError> {
+        if let Some(info) = self.take_info(path) {
+            return Ok(info);
+        }
+        let mut batch = vec![path.clone()];
+        {
+            let known = self.infos.lock().unwrap_or_else(|p| p.into_inner());
+            batch.extend(
+                neighbours()
+                    .into_iter()
+                    .filter(|p| p != path && !known.contains_key(p))
+                    .filter(|p| !self.narinfo_path(p).exists())
+                    .take(INFO_BATCH - 1),
+            );
+        }
+        let infos = self.nix.path_info(&batch).await?;
+        {
+            let mut known = self.infos.lock().unwrap_or_else(|p| p.into_inner());
+            if known.len() + infos.len() > MAX_KNOWN_INFOS {
+                known.clear();
+            }
+            known.extend(infos.into_iter().map(|info| (info.path.clone(), info)));
+        }
+        self.take_info(path)
+            .ok_or_else(|| CacheError::NotInStore(path.clone()))
+    }
+
+    fn take_info(&self, path: &StorePath) -> Option<PathInfo> {
+        self.infos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(path)
+    }
+
+    /// The NAR named by a narinfo `URL:`: from disk, or streamed from the
+    /// store while the entry is filled.
+    pub async fn nar_stream(&self, url: &str) -> Option<NarStream> {
         let name = url.strip_prefix("nar/")?;
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return None;
         }
-        tokio::fs::File::open(self.dir.join("nar").join(name))
-            .await
-            .ok()
+        let file = self.dir.join("nar").join(name);
+        if let Ok(file) = tokio::fs::File::open(&file).await {
+            return Some(file_stream(file));
+        }
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .cloned()?;
+        Some(self.fill_stream(pending).await)
     }
 
-    /// Removes least recently used entries until the cache fits its limit.
-    async fn prune(&self) {
-        let Some(max) = self.max_bytes else {
-            return;
+    /// Streams the NAR of `narinfo` from the store; the first reader of an
+    /// entry also writes it to the cache.
+    async fn fill_stream(&self, narinfo: NarInfo) -> NarStream {
+        let path = narinfo.store_path.clone();
+        let lock = {
+            let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+            filling.entry(*path.hash_part()).or_default().clone()
         };
-        let dir = self.dir.clone();
-        let result = tokio::task::spawn_blocking(move || prune_dir(&dir, max)).await;
-        match result {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => info!(removed, "pruned cache entries"),
-            Ok(Err(err)) => warn!("pruning the cache: {err}"),
+        let writer = lock.clone().try_lock_owned().ok();
+        let permit = match writer {
+            Some(_) => self.fills.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let fill = match (writer, permit) {
+            (Some(guard), Some(permit)) => Some(Fill {
+                dir: self.dir.clone(),
+                narinfo_path: self.narinfo_path(&path),
+                narinfo: narinfo.clone(),
+                pending: self.pending.clone(),
+                max_bytes: self.max_bytes,
+                _guard: guard,
+                _permit: permit,
+            }),
+            _ => None,
+        };
+        let source = store_nar::physical(&path);
+        let nix = self.nix.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = stream_and_fill(source, &nix, &narinfo, fill, &tx);
+            match result {
+                Ok(filled) => {
+                    if filled {
+                        info!(path = %narinfo.store_path, nar_size = narinfo.nar_size, "cache entry filled");
+                    }
+                }
+                Err(err) => {
+                    warn!(path = %narinfo.store_path, "serving a NAR: {err}");
+                    let _ = tx.blocking_send(Err(Status::internal(format!(
+                        "the builder could not serve {}: {err}",
+                        narinfo.store_path
+                    ))));
+                }
+            }
+        });
+        {
+            let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+            // The map holds only entries being filled, so it cannot grow without bound.
+            if Arc::strong_count(&lock) <= 2 {
+                filling.remove(path.hash_part());
+            }
+        }
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+type NarStream = Pin<Box<dyn Stream<Item = Result<proto::GetNarResponse, Status>> + Send>>;
+
+fn file_stream(mut file: tokio::fs::File) -> NarStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let mut chunk = vec![0u8; CHUNK];
+            let result = match file.read(&mut chunk).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Ok(proto::GetNarResponse { data: chunk.into() })
+                }
+                Err(err) => Err(Status::internal(format!("reading a cached NAR: {err}"))),
+            };
+            let failed = result.is_err();
+            if tx.send(result).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The right to write one cache entry, held while it is written.
+struct Fill {
+    dir: PathBuf,
+    narinfo_path: PathBuf,
+    narinfo: NarInfo,
+    pending: Pending,
+    max_bytes: Option<u64>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Sends the NAR of `narinfo` to `tx`, read from `source` in-process (or
+/// from `nix-store --dump` if the store is elsewhere), checking it against
+/// the narinfo and, with `fill`, writing the cache entry. Runs on a
+/// blocking thread. Returns whether an entry was written.
+fn stream_and_fill(
+    source: Option<PathBuf>,
+    nix: &Nix,
+    narinfo: &NarInfo,
+    fill: Option<Fill>,
+    tx: &tokio::sync::mpsc::Sender<Result<proto::GetNarResponse, Status>>,
+) -> Result<bool, CacheError> {
+    let nar_dir = fill.as_ref().map(|f| f.dir.join("nar"));
+    let mut tmp = match &nar_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            Some(tempfile::NamedTempFile::new_in(dir)?)
+        }
+        None => None,
+    };
+    let mut hasher = NarHasher::new();
+    let mut client_gone = false;
+    let mut sink = |bytes: Bytes| -> std::io::Result<()> {
+        hasher
+            .write_all(&bytes)
+            .expect("hashing into memory cannot fail");
+        if let Some(tmp) = tmp.as_mut() {
+            tmp.write_all(&bytes)?;
+        }
+        if !client_gone
+            && tx
+                .blocking_send(Ok(proto::GetNarResponse { data: bytes }))
+                .is_err()
+        {
+            // Keep filling the entry for the next reader, unless nobody writes it.
+            if tmp.is_none() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the client went away",
+                ));
+            }
+            client_gone = true;
+        }
+        Ok(())
+    };
+    match source {
+        Some(source) => {
+            store_nar::dump(&source, CHUNK, &mut sink)?;
+        }
+        None => {
+            let path = narinfo.store_path.clone();
+            let nix = nix.clone();
+            let handle = tokio::runtime::Handle::current();
+            handle.block_on(async move {
+                let mut reader = nix.dump(&path)?;
+                let mut buffer = vec![0u8; CHUNK];
+                loop {
+                    let n = reader.read(&mut buffer).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    sink(Bytes::copy_from_slice(&buffer[..n]))?;
+                }
+                Ok::<_, CacheError>(())
+            })?;
+        }
+    }
+    let (nar_hash, nar_size) = hasher.finish();
+    if nar_hash != narinfo.nar_hash || nar_size != narinfo.nar_size {
+        return Err(CacheError::Corrupt(narinfo.store_path.clone()));
+    }
+    let (Some(fill), Some(tmp)) = (fill, tmp) else {
+        return Ok(false);
+    };
+    tmp.persist(fill.dir.join(&fill.narinfo.url))
+        .map_err(|err| err.error)?;
+    let tmp_info = tempfile::NamedTempFile::new_in(&fill.dir)?;
+    std::fs::write(tmp_info.path(), fill.narinfo.to_string())?;
+    tmp_info
+        .persist(&fill.narinfo_path)
+        .map_err(|err| err.error)?;
+    fill.pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&fill.narinfo.url);
+    if let Some(max) = fill.max_bytes {
+        match prune_dir(&fill.dir, max) {
+            Ok(0) => {}
+            Ok(removed) => info!(removed, "pruned cache entries"),
             Err(err) => warn!("pruning the cache: {err}"),
         }
     }
+    Ok(true)
 }
 
 fn filetime_touch(path: &Path) -> std::io::Result<()> {
@@ -267,42 +445,6 @@ fn prune_dir(dir: &Path, max: u64) -> std::io::Result<usize> {
     Ok(removed)
 }
 
-/// A writer that hashes and counts what passes through it.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: sha2::Sha256,
-    size: u64,
-}
-
-impl<W: std::io::Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
-        Self {
-            inner,
-            hasher: sha2::Digest::new(),
-            size: 0,
-        }
-    }
-
-    fn finish(mut self) -> std::io::Result<(Sha256Hash, u64)> {
-        self.inner.flush()?;
-        let digest: [u8; 32] = sha2::Digest::finalize(self.hasher).into();
-        Ok((Sha256Hash::from_bytes(digest), self.size))
-    }
-}
-
-impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        sha2::Digest::update(&mut self.hasher, &buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Serves [`cache_server::Cache`] to sessions.
 #[derive(Debug)]
 pub struct CacheService {
@@ -330,8 +472,6 @@ impl CacheService {
     }
 }
 
-type NarStream = Pin<Box<dyn Stream<Item = Result<proto::GetNarResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl cache_server::Cache for CacheService {
     async fn get_cache_info(
@@ -357,13 +497,19 @@ impl cache_server::Cache for CacheService {
         let not_found =
             || Status::not_found(format!("{hash} is not an output of this session's build"));
         let path = session.readable(&hash).ok_or_else(not_found)?;
-        let narinfo = self.cache.narinfo(&path).await.map_err(|err| {
-            warn!(%path, "cache fill failed: {err}");
-            match err {
-                CacheError::NotInStore(_) => not_found(),
-                other => Status::internal(format!("the builder could not serve {path}: {other}")),
-            }
-        })?;
+        let narinfo = self
+            .cache
+            .narinfo(&path, || session.readable_paths())
+            .await
+            .map_err(|err| {
+                warn!(%path, "cache fill failed: {err}");
+                match err {
+                    CacheError::NotInStore(_) => not_found(),
+                    other => {
+                        Status::internal(format!("the builder could not serve {path}: {other}"))
+                    }
+                }
+            })?;
         session.allow_nar(&narinfo.url);
         debug!(session = %session.id, %path, "narinfo served");
         Ok(Response::new(proto::GetNarInfoResponse {
@@ -384,27 +530,7 @@ impl cache_server::Cache for CacheService {
         if !session.may_fetch_nar(&url) {
             return Err(not_found());
         }
-        let mut file = self.cache.open_nar(&url).await.ok_or_else(not_found)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            loop {
-                let mut chunk = vec![0u8; CHUNK];
-                let result = match file.read(&mut chunk).await {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        chunk.truncate(n);
-                        Ok(proto::GetNarResponse { data: chunk.into() })
-                    }
-                    Err(err) => Err(Status::internal(format!("reading a cached NAR: {err}"))),
-                };
-                let failed = result.is_err();
-                if tx.send(result).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let stream = self.cache.nar_stream(&url).await.ok_or_else(not_found)?;
+        Ok(Response::new(stream))
     }
 }

@@ -273,6 +273,11 @@ impl Session {
         self.state().readable.get(hash).cloned()
     }
 
+    /// Every store path this session may read (its outputs' closure).
+    pub fn readable_paths(&self) -> Vec<StorePath> {
+        self.state().readable.values().cloned().collect()
+    }
+
     /// Remembers that a narinfo naming `url` was served to this session.
     pub fn allow_nar(&self, url: &str) {
         self.state().served_nars.insert(url.to_owned());

@@ -91,7 +91,7 @@ impl Incoming {
     }
 
     /// Checks the complete NAR and returns the narinfo to import it with.
-    async fn finish(self) -> Result<NarInfo, Status> {
+    async fn finish(mut self) -> Result<NarInfo, Status> {
         let path = self.input.path.clone();
         self.validator.finish().map_err(|err| {
             Status::invalid_argument(format!(
@@ -122,8 +122,10 @@ impl Incoming {
             // the store path from the contents when importing.
             _ => {}
         }
+        // No fsync: Nix imports the file right away and staging does not
+        // outlive a crash; flushing is all that is needed.
         self.file
-            .sync_all()
+            .flush()
             .await
             .map_err(internal("writing an upload file"))?;
         Ok(NarInfo {
