@@ -29,7 +29,7 @@ cargo clippy --all-targets --locked -- -D warnings
 buf lint
 
 echo "== tests (Nix $(nix --version | awk '{print $NF}'))"
-cargo test --all-targets --locked
+cargo test --locked
 
 # The end-to-end suite again against a modern Nix: Debian trixie's 2.26 in a
 # root of its own (made once, then reused).
@@ -40,4 +40,10 @@ if [[ $(id -u) -eq 0 ]]; then
   DRV_THRU_TEST_TRIXIE=$trixie cargo test --locked --test integration
 else
   echo "== skipping the Nix 2.26 run: it needs root"
+fi
+
+# The benchmark, small: it must keep working; its timings are not checked.
+if [[ $(id -u) -eq 0 ]]; then
+  echo "== benchmark (small)"
+  cargo bench --locked --bench transfer -- --size 8M --runs 1 --small-count 100 --clients 4
 fi
