@@ -266,19 +266,11 @@ pub fn session_request() -> proto::OpenSessionRequest {
     let name = "hb09lmdvs22v5ianga0vgpi9k446q3kw-t.drv";
     let contents = std::fs::read(dir.join(name)).unwrap();
     let mut nar = Vec::new();
-    for part in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        &contents,
-        b")",
-    ] {
-        nar.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        nar.extend_from_slice(part);
-        nar.resize(nar.len().div_ceil(8) * 8, 0);
-    }
+    drv_thru::store_nar::dump(&dir.join(name), drv_thru::store_nar::CHUNK, |chunk| {
+        nar.extend_from_slice(&chunk);
+        Ok(())
+    })
+    .unwrap();
     let sha256 = |bytes: &[u8]| drv_thru::nix::hash::Sha256Hash::digest(bytes);
     let drv_path = format!("/nix/store/{name}");
     proto::OpenSessionRequest {
