@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use super::{auth::principal, session::Sessions};
 use crate::{
     nix::{
+        hash::Sha256Hash,
         nar::NarHasher,
         narinfo::NarInfo,
         signing::SecretKey,
@@ -247,7 +248,7 @@ impl SignedCache {
         let source = store_nar::physical(&path);
         let nix = self.nix.clone();
         tokio::task::spawn_blocking(move || {
-            let result = stream_and_fill(source, &nix, &narinfo, fill, &tx);
+            let result = stream_and_fill(source, &nix, &narinfo, fill, tx.clone());
             match result {
                 Ok(filled) => {
                     if filled {
@@ -318,7 +319,7 @@ fn stream_and_fill(
     nix: &Nix,
     narinfo: &NarInfo,
     fill: Option<Fill>,
-    tx: &tokio::sync::mpsc::Sender<Result<proto::GetNarResponse, Status>>,
+    tx: tokio::sync::mpsc::Sender<Result<proto::GetNarResponse, Status>>,
 ) -> Result<bool, CacheError> {
     let nar_dir = fill.as_ref().map(|f| f.dir.join("nar"));
     let mut tmp = match &nar_dir {
@@ -379,13 +380,27 @@ fn stream_and_fill(
     if nar_hash != narinfo.nar_hash || nar_size != narinfo.nar_size {
         return Err(CacheError::Corrupt(narinfo.store_path.clone()));
     }
+    // The reader has everything; what follows only concerns the cache.
+    drop(tx);
     let (Some(fill), Some(tmp)) = (fill, tmp) else {
         return Ok(false);
     };
-    tmp.persist(fill.dir.join(&fill.narinfo.url))
-        .map_err(|err| err.error)?;
+    let plain = fill.dir.join(&fill.narinfo.url);
+    tmp.persist(&plain).map_err(|err| err.error)?;
+    let narinfo = match compress(&plain, &fill.dir, &fill.narinfo) {
+        Ok(Some(compressed)) => {
+            // Readers that already opened the plain file keep reading it.
+            let _ = std::fs::remove_file(&plain);
+            compressed
+        }
+        Ok(None) => fill.narinfo.clone(),
+        Err(err) => {
+            warn!(path = %fill.narinfo.store_path, "compressing a cache entry: {err}");
+            fill.narinfo.clone()
+        }
+    };
     let tmp_info = tempfile::NamedTempFile::new_in(&fill.dir)?;
-    std::fs::write(tmp_info.path(), fill.narinfo.to_string())?;
+    std::fs::write(tmp_info.path(), narinfo.to_string())?;
     tmp_info
         .persist(&fill.narinfo_path)
         .map_err(|err| err.error)?;
@@ -401,6 +416,69 @@ fn stream_and_fill(
         }
     }
     Ok(true)
+}
+
+/// Entries shrink to at most this fraction (in tenths) of their NAR size,
+/// or they stay uncompressed.
+const WORTHWHILE_TENTHS: u64 = 9;
+
+/// A zstd-compressed copy of the NAR in `plain`, with the narinfo naming it,
+/// when that saves at least a tenth. Compressible outputs then cost less to
+/// send and store, while incompressible ones never pay for decompression.
+/// The signature covers the NAR's hash and size, not the file, so it stays
+/// valid.
+fn compress(plain: &Path, dir: &Path, narinfo: &NarInfo) -> Result<Option<NarInfo>, CacheError> {
+    let mut tmp = tempfile::NamedTempFile::new_in(dir.join("nar"))?;
+    let mut hashed = HashingWriter::new(tmp.as_file_mut());
+    zstd::stream::copy_encode(std::fs::File::open(plain)?, &mut hashed, 3)?;
+    let (file_hash, file_size) = hashed.finish();
+    if file_size.saturating_mul(10) > narinfo.nar_size.saturating_mul(WORTHWHILE_TENTHS) {
+        return Ok(None);
+    }
+    let url = format!("nar/{}.nar.zst", file_hash.to_nix_base32());
+    tmp.persist(dir.join(&url)).map_err(|err| err.error)?;
+    Ok(Some(NarInfo {
+        url,
+        compression: Some("zstd".to_owned()),
+        file_hash: Some(file_hash),
+        file_size: Some(file_size),
+        ..narinfo.clone()
+    }))
+}
+
+/// A writer that hashes and counts what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl<W: std::io::Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: sha2::Digest::new(),
+            size: 0,
+        }
+    }
+
+    fn finish(self) -> (Sha256Hash, u64) {
+        let digest: [u8; 32] = sha2::Digest::finalize(self.hasher).into();
+        (Sha256Hash::from_bytes(digest), self.size)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn filetime_touch(path: &Path) -> std::io::Result<()> {

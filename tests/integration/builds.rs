@@ -153,6 +153,51 @@ fn ticket_build_imports_signed_outputs_once() {
         "{run}"
     );
 
+    // The builder keeps signed entries: compressible NARs as zstd, random
+    // data as it is.
+    let nar_dir = pair.builder.data_dir.join("cache/nar");
+    let has = |suffix: &str| {
+        std::fs::read_dir(&nar_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(suffix))
+            })
+            .unwrap_or(false)
+    };
+    wait_until("cache entries are written", Duration::from_secs(20), || {
+        has(".nar.zst") && has(".nar")
+    });
+    let fills = |log: &str| log.matches("cache entry filled").count();
+    let filled = fills(&pair.builder.log());
+
+    // A second client gets the same outputs from the cache, not the store.
+    let second = pair.world.store("client2");
+    let output = second
+        .command(crate::common::binary())
+        .args([
+            "build",
+            &pair.world.installable("app"),
+            "--no-nom",
+            "--no-link",
+            "--ticket",
+            &pair.ticket(&[]),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    assert!(second.has(&app));
+    assert_eq!(
+        fills(&pair.builder.log()),
+        filled,
+        "the second client was served from the cache"
+    );
+
     // `fail` is not in the closure of `app`, so it must go to the builder.
     let again = pair.build("fail", &["--ticket", &ticket]);
     assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
