@@ -57,6 +57,27 @@ let
   isAbsolutePath = matches "/.*";
   isStoreFile = lib.hasPrefix "${builtins.storeDir}/";
 
+  # Sandboxing both services share; each adds what sets it apart.
+  commonHardening = {
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+  };
+
   # --- server ---------------------------------------------------------------
 
   # StateDirectory= only covers /var/lib; other data directories are created
@@ -620,7 +641,7 @@ in
           # only instead of changing the builder's global Nix settings.
           NIX_CONFIG = "extra-experimental-features = nix-command";
         };
-        serviceConfig = {
+        serviceConfig = commonHardening // {
           Type = "simple";
           ExecStart = utils.escapeSystemdExecArgs (
             [
@@ -643,29 +664,12 @@ in
           # on admin.sock would map to nobody) and ProtectProc=invisible
           # (the admin check reads the caller's /proc/PID/status for its
           # supplementary groups).
-          NoNewPrivileges = true;
           # CAP_CHOWN only to hand admin.sock to the admin group; under
           # ProtectSystem=strict it reaches nothing but the service's own
           # writable directories.
           CapabilityBoundingSet = if serverCfg.adminGroup == null then [ "" ] else [ "CAP_CHOWN" ];
           AmbientCapabilities = if serverCfg.adminGroup == null then [ "" ] else [ "CAP_CHOWN" ];
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
           RemoveIPC = true;
-          SystemCallArchitectures = "native";
           # @resources stays allowed: nix raises its stack limit with
           # setrlimit. @chown is re-allowed for admin.sock (see above).
           SystemCallFilter = [
@@ -795,7 +799,7 @@ in
           HOME = "/var/cache/drv-thru-import-helper";
           XDG_CACHE_HOME = "/var/cache/drv-thru-import-helper";
         };
-        serviceConfig = {
+        serviceConfig = commonHardening // {
           Type = "simple";
           ExecStart = utils.escapeSystemdExecArgs [
             "${cfg.package}/bin/drv-thru"
@@ -822,23 +826,6 @@ in
           # Root without capabilities: it only talks to the daemon socket,
           # its own socket and the CLI's loopback cache.
           CapabilityBoundingSet = [ "" ];
-          NoNewPrivileges = true;
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          PrivateDevices = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectClock = true;
-          ProtectHostname = true;
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          SystemCallArchitectures = "native";
           SystemCallFilter = [
             "@system-service"
             "~@privileged"
