@@ -322,6 +322,20 @@ async fn remote(
         client::session::inputs(infos),
     )
     .await?;
+    if let Import::NixTrusted(trust) = &import {
+        let trusted = session
+            .announced_key
+            .parse::<PublicKey>()
+            .is_ok_and(|announced| trust.trusts_key(&announced));
+        if !trusted {
+            bail!(
+                "the builder signs with {:?}, which your Nix does not trust, and no key is configured \
+                 for it here; build with a ticket, give the builder a builders.json entry with \
+                 \"public_key\", or add the key to nix.settings.trusted-public-keys",
+                session.announced_key
+            );
+        }
+    }
     if !session.missing.is_empty() {
         let total: u64 = infos
             .iter()
@@ -369,6 +383,10 @@ async fn remote(
     .context("starting the loopback cache")?;
     let paths: Vec<StorePath> = outputs.values().cloned().collect();
     match import {
+        Import::NixTrusted(_) => nix
+            .copy_from(&proxy.url(), &paths, None, true)
+            .await
+            .context("importing the outputs into the local store")?,
         Import::Direct(key) => nix
             .copy_from(&proxy.url(), &paths, key.as_ref(), true)
             .await
@@ -399,6 +417,9 @@ enum Import {
     Direct(Option<PublicKey>),
     /// Through the root import helper, which has this key on its allowlist.
     Helper(Box<HelperClient>, PublicKey),
+    /// No key is configured for the builder (`--server`): plain `nix copy`,
+    /// provided the key the builder announces is one Nix trusts already.
+    NixTrusted(crate::nixcmd::TrustInfo),
 }
 
 impl Import {
@@ -407,6 +428,7 @@ impl Import {
         match self {
             Self::Direct(key) => key.as_ref(),
             Self::Helper(_, key) => Some(key),
+            Self::NixTrusted(_) => None,
         }
     }
 }
@@ -417,10 +439,10 @@ impl Import {
 async fn import_trust(nix: &Nix, target: &Target) -> anyhow::Result<Import> {
     let trust = nix.trust().await.context("asking Nix whom it trusts")?;
     let Some(key) = target.trusted_signing_key() else {
-        bail!(
-            "no signing key is configured for this builder, so its outputs cannot be checked; \
-             use a ticket, or a builders.json entry with \"public_key\""
-        );
+        // Only Nix's own trusted keys can vouch for this builder; whether
+        // they include its key is checked once the session is open, still
+        // before anything is uploaded.
+        return Ok(Import::NixTrusted(trust));
     };
     if trust.trusts_key(key) {
         return Ok(Import::Direct(None));

@@ -46,6 +46,9 @@ pub struct Session {
     pub missing: Vec<StorePath>,
     /// The limits that apply.
     pub limits: proto::SessionLimits,
+    /// The signing key the builder announces. Never trusted for being
+    /// announced: only compared with keys the client trusts already.
+    pub announced_key: String,
     builder: BuilderClient<BuilderChannel>,
 }
 
@@ -96,6 +99,7 @@ impl Session {
             id: response.session_id,
             missing,
             limits: response.limits.unwrap_or_default(),
+            announced_key: response.signing_public_key,
             builder,
         })
     }

@@ -523,3 +523,77 @@ fn multi_user_builder_needs_no_trusted_user_rights() {
     assert!(pair.client.has(&app));
     assert!(pair.builder_store.has(&app));
 }
+
+/// `--server ID` names no signing key: the builder's announced key is good
+/// only if the client's Nix trusts it already, and that is settled before
+/// anything is uploaded.
+#[test]
+fn server_by_endpoint_id_relies_on_keys_nix_trusts() {
+    if !available() {
+        return;
+    }
+    let world = Arc::new(World::new(&salt("server-id")));
+    let client = world.store("client");
+    let me = drv_thru::keys::load_or_create_endpoint_key(
+        &client.home.join(".config/drv-thru/secret.key"),
+    )
+    .unwrap()
+    .public();
+    let builder_store = world.store("builder");
+    let builder = Builder::start_with(
+        builder_store.launcher(),
+        world.dir.path().join("data"),
+        &["--trusted-client", &me.to_string()],
+    );
+    let key = std::fs::read_to_string(builder.data_dir.join("signing-public.key")).unwrap();
+    let build = |nix_config: Option<String>| {
+        let mut command = client.command(crate::common::binary());
+        command.args([
+            "build",
+            &world.installable("lib"),
+            "--no-nom",
+            "--no-link",
+            "--server",
+            &builder.endpoint_id.to_string(),
+            "--addr",
+            &builder.addr.to_string(),
+        ]);
+        if let Some(config) = nix_config {
+            command.env("NIX_CONFIG", config);
+        }
+        command.output().unwrap()
+    };
+
+    let refused = build(None);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("which your Nix does not trust"),
+        "{}",
+        stderr(&refused)
+    );
+    let store = std::fs::read_dir(builder_store.dir.join("store"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(
+        !store.iter().any(|name| name.ends_with(".drv")),
+        "nothing was uploaded: {store:?}"
+    );
+
+    let built = build(Some(format!("extra-trusted-public-keys = {}", key.trim())));
+    assert!(
+        built.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&built),
+        builder.log()
+    );
+    assert!(
+        stdout(&built).trim().ends_with("-testlib"),
+        "{}",
+        stdout(&built)
+    );
+}

@@ -126,6 +126,7 @@ const PASSED: &[&str] = &[
     "RUST_LOG",
     "DRV_THRU_RELAY",
     "NIX_REMOTE",
+    "NIX_CONFIG",
     "DRV_THRU_IMPORT_HELPER_SOCKET",
 ];
 
