@@ -271,19 +271,36 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
         anyhow!("say where to build: --ticket TICKET, --builder NAME or --server ENDPOINT_ID")
     })?;
 
-    // Whether the outputs will be importable is settled before the builder
-    // is even contacted: a refusal costs no ticket use and no upload.
-    let import = import_trust(&nix, &target).await?;
-    let closure = nix
-        .closure(std::slice::from_ref(&evaluated.drv_path))
-        .await?;
+    // The trust decision, the closure and the connection are independent,
+    // so they run together. Whether the outputs will be importable is
+    // settled before the session is opened: a refusal costs no ticket use
+    // and no upload.
+    let inputs = async {
+        let closure = nix
+            .closure(std::slice::from_ref(&evaluated.drv_path))
+            .await?;
+        anyhow::Ok(nix.path_info(&closure).await?)
+    };
+    let (import, inputs, connection) = tokio::join!(
+        import_trust(&nix, &target),
+        inputs,
+        client::connect(&target, relay, args.key_file.as_deref()),
+    );
+    let prepared = import.and_then(|import| Ok((import, inputs?)));
+    let ((import, inputs), connection) = match (prepared, connection) {
+        (Ok(prepared), Ok(connection)) => (prepared, connection),
+        (Err(err), Ok(connection)) => {
+            connection.close().await;
+            return Err(err.into());
+        }
+        (Err(err), Err(_)) | (Ok(_), Err(err)) => return Err(err.into()),
+    };
     let plan = Plan {
-        inputs: nix.path_info(&closure).await?,
+        inputs,
         drv: evaluated.drv_path.clone(),
         outputs: evaluated.outputs.clone(),
     };
     let mut progress = Progress::new();
-    let connection = client::connect(&target, relay, args.key_file.as_deref()).await?;
     let outcome = remote(&args, &nix, import, &connection, &plan, &mut progress).await;
     progress.finish();
     connection.close().await;
