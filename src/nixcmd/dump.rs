@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::process::Stdio;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, ReadBuf};
@@ -40,15 +39,7 @@ impl std::fmt::Debug for NarDump {
 
 impl NarDump {
     pub(super) fn spawn(nix: &Nix, line: CommandLine) -> Result<Self, NixCmdError> {
-        let mut command = nix.tokio_command(&line);
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| NixCmdError::Spawn {
-            command: line.to_string(),
-            source,
-        })?;
+        let mut child = nix.spawn(&line)?;
         let stdout = child.stdout.take().expect("stdout was piped");
         let stderr = child.stderr.take().expect("stderr was piped");
         Ok(Self {

@@ -271,6 +271,23 @@ fn store_path(s: &str) -> Result<StorePath, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
 
+/// Asserts that `info`'s content address recomputes to its own store path.
+#[cfg(test)]
+pub(super) fn assert_ca_recomputes(info: &PathInfo) {
+    let refs = info
+        .references
+        .iter()
+        .filter(|r| **r != info.path)
+        .cloned()
+        .collect();
+    let again = info
+        .ca
+        .as_ref()
+        .expect("a content-addressed path")
+        .store_path(info.path.name(), &refs, false);
+    assert_eq!(again.unwrap(), info.path);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,19 +374,8 @@ mod tests {
         assert_eq!(out.ca, None);
         assert_eq!(out.deriver.unwrap().name(), "nixcmd-hello.drv");
         // Content addresses recompute to the paths they describe.
-        for info in [drv, src] {
-            let refs = info
-                .references
-                .iter()
-                .filter(|r| **r != info.path)
-                .cloned()
-                .collect();
-            let again = info
-                .ca
-                .as_ref()
-                .unwrap()
-                .store_path(info.path.name(), &refs, false);
-            assert_eq!(again.unwrap(), info.path);
+        for info in [&drv, &src] {
+            assert_ca_recomputes(info);
         }
     }
 

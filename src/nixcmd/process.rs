@@ -234,7 +234,8 @@ pub(super) async fn read_limited<R: AsyncRead + Unpin>(
 
 impl Nix {
     /// A tokio command for `line` with the handle's program location, environment and
-    /// credentials; stdin is closed.
+    /// credentials; stdin is closed, stdout and stderr are piped, and the child is killed if
+    /// dropped.
     pub(super) fn tokio_command(&self, line: &CommandLine) -> Command {
         let config = &self.config;
         let mut command = Command::new(self.program_path(line.program));
@@ -251,21 +252,27 @@ impl Nix {
         if let Some((uid, gid)) = config.credentials {
             command.uid(uid).gid(gid);
         }
-        command.stdin(Stdio::null());
         command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Starts `line` (see [`Self::tokio_command`]).
+    pub(super) fn spawn(&self, line: &CommandLine) -> Result<tokio::process::Child, NixCmdError> {
+        self.tokio_command(line)
+            .spawn()
+            .map_err(|source| NixCmdError::Spawn {
+                command: line.to_string(),
+                source,
+            })
     }
 
     /// Runs a command to the end, collecting stdout (bounded) and the tail of stderr.
     pub(super) async fn run(&self, line: &CommandLine) -> Result<Output, NixCmdError> {
-        let mut command = self.tokio_command(line);
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| NixCmdError::Spawn {
-            command: line.to_string(),
-            source,
-        })?;
+        let mut child = self.spawn(line)?;
         let io_error = |source| NixCmdError::Io {
             command: line.to_string(),
             source,

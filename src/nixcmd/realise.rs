@@ -2,7 +2,7 @@
 //! turned into events, and a kill that reaches the builders too.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::BufReader;
@@ -232,11 +232,7 @@ fn spawn_step(
     control: &Control,
 ) -> Result<Option<Child>, NixCmdError> {
     let mut command = nix.tokio_command(line);
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    command.process_group(0);
     // Holding the lock across the spawn means a kill either comes before (and we do not start)
     // or sees the new leader.
     let mut state = control.lock();

@@ -289,18 +289,7 @@ fn evaluates_and_queries_the_store() {
         ));
         assert_eq!(infos[0].references, refs.iter().cloned().collect());
         for info in &infos {
-            let refs = info
-                .references
-                .iter()
-                .filter(|r| **r != info.path)
-                .cloned()
-                .collect();
-            let again = info
-                .ca
-                .as_ref()
-                .unwrap()
-                .store_path(info.path.name(), &refs, false);
-            assert_eq!(again.unwrap(), info.path);
+            super::parse::assert_ca_recomputes(info);
         }
 
         // The NAR stream matches what the store recorded.
