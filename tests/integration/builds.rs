@@ -340,14 +340,7 @@ fn upload_over_its_limit_is_refused_and_leaves_nothing() {
         "{}",
         stderr(&output)
     );
-    let store = std::fs::read_dir(pair.builder_store.dir.join("store"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let store = pair.builder_store.entries();
     assert!(
         !store.iter().any(|name| name.ends_with("-busybox-static")),
         "{store:?}"
@@ -571,14 +564,7 @@ fn server_by_endpoint_id_relies_on_keys_nix_trusts() {
         "{}",
         stderr(&refused)
     );
-    let store = std::fs::read_dir(builder_store.dir.join("store"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let store = builder_store.entries();
     assert!(
         !store.iter().any(|name| name.ends_with(".drv")),
         "nothing was uploaded: {store:?}"

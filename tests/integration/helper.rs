@@ -662,14 +662,7 @@ fn untrusted_user_imports_through_the_helper() {
         "{}",
         text(&refused.stderr)
     );
-    let builder_paths: Vec<String> = std::fs::read_dir(builder_store.dir.join("store"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let builder_paths = builder_store.entries();
     assert!(
         !builder_paths
             .iter()

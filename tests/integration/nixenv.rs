@@ -238,6 +238,19 @@ impl Store {
         Daemon { child }
     }
 
+    /// The names of the entries in this store's `/nix/store` directory
+    /// (valid or not), to check that nothing arrived.
+    pub fn entries(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("store"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Launches `drv-thru` processes in this store.
     pub fn launcher(&self) -> Launcher {
         let store = self.clone();
