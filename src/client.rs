@@ -22,6 +22,7 @@ use crate::{
     keys,
     nix::signing,
     ticket::Ticket,
+    transport::iroh::{ConnectError, Link},
 };
 
 /// A channel that presents a ticket with every call (or nothing).
@@ -130,9 +131,20 @@ pub struct Connection {
     pub endpoint: Endpoint,
     /// The gRPC channel with credentials attached.
     pub channel: BuilderChannel,
+    link: Link,
+    credentials: Credentials,
 }
 
 impl Connection {
+    /// `n` channels for bulk data besides [`Self::channel`], each on a QUIC
+    /// stream of its own (opened on first use), so a transfer spread over
+    /// them is not capped by one stream's flow-control window.
+    pub fn bulk_channels(&self, n: usize) -> Vec<BuilderChannel> {
+        (0..n)
+            .map(|_| InterceptedService::new(self.link.lazy_channel(), self.credentials.clone()))
+            .collect()
+    }
+
     /// Closes the endpoint, telling the builder we are gone.
     pub async fn close(self) {
         self.endpoint.close().await;
@@ -157,11 +169,21 @@ pub async fn connect(
     let secret_key = keys::load_or_create_endpoint_key(&key_path)?;
     let endpoint = EndpointOptions::new(secret_key).relay(relay).bind().await?;
     let addr = target.addr()?;
-    match crate::transport::iroh::connect(&endpoint, addr).await {
-        Ok(channel) => Ok(Connection {
-            channel: InterceptedService::new(channel, target.credentials()),
-            endpoint,
-        }),
+    let link = async {
+        let link = Link::dial(&endpoint, addr).await?;
+        let channel = link.channel().await?;
+        Ok::<_, ConnectError>((link, channel))
+    };
+    match link.await {
+        Ok((link, channel)) => {
+            let credentials = target.credentials();
+            Ok(Connection {
+                channel: InterceptedService::new(channel, credentials.clone()),
+                endpoint,
+                link,
+                credentials,
+            })
+        }
         Err(err) => {
             endpoint.close().await;
             Err(err.into())

@@ -5,28 +5,32 @@
 //! A narinfo is made on first request from what the store records (hash,
 //! size, references; fetched in batches for a session's whole closure) and
 //! signed with the builder's key, so Nix can start fetching at once. The
-//! NAR is then streamed straight from the store to the client while it is
-//! written to the cache and hashed; only a NAR that matches the store's own
-//! hash is kept, and its narinfo is written after it. Later requests, from
-//! any session, are served from disk. NARs are stored uncompressed: on a
-//! fast link zstd costs more CPU than it saves (see the README's
-//! Performance section), and Nix reads them without decompressing. Least
-//! recently used entries are pruned past the size limit.
+//! first request for its NAR starts writing the entry from the store; every
+//! reader, of the whole file or of a byte range, follows that write (see
+//! [`nar_file`]). Only a NAR that matches the store's own hash is kept, and
+//! its narinfo is written after it. Later requests, from any session, are
+//! served from disk. An entry is recompressed with zstd afterwards when
+//! that saves at least a tenth: incompressible outputs never pay for
+//! decompression. Least recently used entries are pruned past the size
+//! limit.
+
+mod nar_file;
 
 use std::{
     collections::HashMap,
     io::Write as _,
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use tokio::{io::AsyncReadExt, sync::Semaphore};
-use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use self::nar_file::{NarFile, Writer};
 use super::{auth::principal, session::Sessions};
 use crate::{
     nix::{
@@ -85,8 +89,8 @@ pub struct SignedCache {
     nix: Nix,
     fills: Arc<Semaphore>,
     max_bytes: Option<u64>,
-    /// Fills in progress, by store path hash: one writer per entry.
-    filling: Mutex<HashMap<StorePathHash, Arc<tokio::sync::Mutex<()>>>>,
+    /// Entries being filled (one writer each) or just filled.
+    open: OpenEntries,
     pending: Pending,
     /// What the store records about paths about to be asked for.
     infos: Mutex<HashMap<StorePath, PathInfo>>,
@@ -108,7 +112,7 @@ impl SignedCache {
             nix,
             fills: Arc::new(Semaphore::new(parallel_fills.max(1))),
             max_bytes,
-            filling: Mutex::new(HashMap::new()),
+            open: OpenEntries::default(),
             pending: Pending::default(),
             infos: Mutex::new(HashMap::new()),
         }
@@ -199,223 +203,214 @@ impl SignedCache {
             .remove(path)
     }
 
-    /// The NAR named by a narinfo `URL:`: from disk, or streamed from the
-    /// store while the entry is filled.
-    pub async fn nar_stream(&self, url: &str) -> Option<NarStream> {
-        let name = url.strip_prefix("nar/")?;
+    /// The NAR file named by a narinfo `URL:`: being filled, on disk, or
+    /// (for a narinfo just handed out) a fill started now. `None` if the URL
+    /// names nothing this cache has or is about to have.
+    pub fn nar(&self, url: &str) -> Result<Option<NarFile>, CacheError> {
+        let Some(name) = url.strip_prefix("nar/") else {
+            return Ok(None);
+        };
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return None;
+            return Ok(None);
         }
-        let file = self.dir.join("nar").join(name);
-        if let Ok(file) = tokio::fs::File::open(&file).await {
-            return Some(file_stream(file));
+        if let Some(entry) = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(url)
+        {
+            entry.touched = Instant::now();
+            return Ok(Some(entry.nar.clone()));
+        }
+        if let Ok(file) = std::fs::File::open(self.dir.join("nar").join(name)) {
+            let size = file.metadata()?.len();
+            return Ok(Some(NarFile::complete(file, size)));
         }
         let pending = self
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(url)
-            .cloned()?;
-        Some(self.fill_stream(pending).await)
+            .cloned();
+        pending.map(|narinfo| self.start_fill(narinfo)).transpose()
     }
 
-    /// Streams the NAR of `narinfo` from the store; the first reader of an
-    /// entry also writes it to the cache.
-    async fn fill_stream(&self, narinfo: NarInfo) -> NarStream {
-        let path = narinfo.store_path.clone();
-        let lock = {
-            let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
-            filling.entry(*path.hash_part()).or_default().clone()
-        };
-        let writer = lock.clone().try_lock_owned().ok();
-        let permit = match writer {
-            Some(_) => self.fills.clone().acquire_owned().await.ok(),
-            None => None,
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let fill = match (writer, permit) {
-            (Some(guard), Some(permit)) => Some(Fill {
-                dir: self.dir.clone(),
-                narinfo_path: self.narinfo_path(&path),
-                narinfo: narinfo.clone(),
-                pending: self.pending.clone(),
-                max_bytes: self.max_bytes,
-                _guard: guard,
-                _permit: permit,
-            }),
-            _ => None,
-        };
-        let source = store_nar::physical(&path);
-        let nix = self.nix.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = stream_and_fill(source, &nix, &narinfo, fill, tx.clone());
-            match result {
-                Ok(filled) => {
-                    if filled {
-                        info!(path = %narinfo.store_path, nar_size = narinfo.nar_size, "cache entry filled");
-                    }
-                }
-                Err(err) => {
-                    warn!(path = %narinfo.store_path, "serving a NAR: {err}");
-                    let _ = tx.blocking_send(Err(Status::internal(format!(
-                        "the builder could not serve {}: {err}",
-                        narinfo.store_path
-                    ))));
-                }
-            }
-        });
-        {
-            let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
-            // The map holds only entries being filled, so it cannot grow without bound.
-            if Arc::strong_count(&lock) <= 2 {
-                filling.remove(path.hash_part());
-            }
+    /// Starts writing the entry of `narinfo` from the store; readers follow
+    /// the returned file as it grows.
+    fn start_fill(&self, narinfo: NarInfo) -> Result<NarFile, CacheError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = open.get(&narinfo.url) {
+            return Ok(entry.nar.clone());
         }
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-    }
-}
-
-type NarStream = Pin<Box<dyn Stream<Item = Result<proto::GetNarResponse, Status>> + Send>>;
-
-fn file_stream(mut file: tokio::fs::File) -> NarStream {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let mut chunk = vec![0u8; CHUNK];
-            let result = match file.read(&mut chunk).await {
-                Ok(0) => return,
-                Ok(n) => {
-                    chunk.truncate(n);
-                    Ok(proto::GetNarResponse { data: chunk.into() })
-                }
-                Err(err) => Err(Status::internal(format!("reading a cached NAR: {err}"))),
+        let nar_dir = self.dir.join("nar");
+        std::fs::create_dir_all(&nar_dir)?;
+        let tmp = tempfile::NamedTempFile::new_in(&nar_dir)?;
+        let (nar, writer) = NarFile::growing(tmp.reopen()?, narinfo.nar_size);
+        open.insert(
+            narinfo.url.clone(),
+            OpenEntry {
+                nar: nar.clone(),
+                touched: Instant::now(),
+            },
+        );
+        let fill = Fill {
+            dir: self.dir.clone(),
+            narinfo_path: self.narinfo_path(&narinfo.store_path),
+            pending: self.pending.clone(),
+            max_bytes: self.max_bytes,
+            source: store_nar::physical(&narinfo.store_path),
+            nix: self.nix.clone(),
+            narinfo,
+        };
+        let fills = self.fills.clone();
+        let open = self.open.clone();
+        tokio::spawn(async move {
+            let url = fill.narinfo.url.clone();
+            let path = fill.narinfo.store_path.clone();
+            let nar_size = fill.narinfo.nar_size;
+            let result = match fills.acquire_owned().await {
+                Ok(_permit) => tokio::task::spawn_blocking(move || fill.run(tmp, writer))
+                    .await
+                    .unwrap_or_else(|err| Err(CacheError::Io(std::io::Error::other(err)))),
+                Err(_) => return,
             };
-            let failed = result.is_err();
-            if tx.send(result).await.is_err() || failed {
-                return;
+            match result {
+                Ok(()) => {
+                    info!(%path, nar_size, "cache entry filled");
+                    linger(&open, &url).await;
+                }
+                Err(err) => warn!(%path, "filling a cache entry: {err}"),
             }
-        }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+            open.lock().unwrap_or_else(|p| p.into_inner()).remove(&url);
+        });
+        Ok(nar)
+    }
 }
 
-/// The right to write one cache entry, held while it is written.
+/// How long a filled entry stays readable under the URL it was filled as
+/// after its last use: compression may replace that file on disk while a
+/// client is still fetching ranges of it.
+const LINGER: Duration = Duration::from_secs(120);
+
+async fn linger(open: &OpenEntries, url: &str) {
+    loop {
+        let touched = match open.lock().unwrap_or_else(|p| p.into_inner()).get(url) {
+            Some(entry) => entry.touched,
+            None => return,
+        };
+        if touched.elapsed() >= LINGER {
+            return;
+        }
+        tokio::time::sleep(LINGER - touched.elapsed()).await;
+    }
+}
+
+/// Entries being filled or recently filled, by URL.
+type OpenEntries = Arc<Mutex<HashMap<String, OpenEntry>>>;
+
+#[derive(Debug)]
+struct OpenEntry {
+    nar: NarFile,
+    touched: Instant,
+}
+
+/// Everything needed to write one cache entry on a blocking thread.
 struct Fill {
     dir: PathBuf,
     narinfo_path: PathBuf,
     narinfo: NarInfo,
     pending: Pending,
     max_bytes: Option<u64>,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The path on this file system, or `None` to ask `nix-store --dump`.
+    source: Option<PathBuf>,
+    nix: Nix,
 }
 
-/// Sends the NAR of `narinfo` to `tx`, read from `source` in-process (or
-/// from `nix-store --dump` if the store is elsewhere), checking it against
-/// the narinfo and, with `fill`, writing the cache entry. Runs on a
-/// blocking thread. Returns whether an entry was written.
-fn stream_and_fill(
-    source: Option<PathBuf>,
-    nix: &Nix,
-    narinfo: &NarInfo,
-    fill: Option<Fill>,
-    tx: tokio::sync::mpsc::Sender<Result<proto::GetNarResponse, Status>>,
-) -> Result<bool, CacheError> {
-    let nar_dir = fill.as_ref().map(|f| f.dir.join("nar"));
-    let mut tmp = match &nar_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            Some(tempfile::NamedTempFile::new_in(dir)?)
-        }
-        None => None,
-    };
-    let mut hasher = NarHasher::new();
-    let mut client_gone = false;
-    let mut sink = |bytes: Bytes| -> std::io::Result<()> {
-        hasher
-            .write_all(&bytes)
-            .expect("hashing into memory cannot fail");
-        if let Some(tmp) = tmp.as_mut() {
-            tmp.write_all(&bytes)?;
-        }
-        if !client_gone
-            && tx
-                .blocking_send(Ok(proto::GetNarResponse { data: bytes }))
-                .is_err()
-        {
-            // Keep filling the entry for the next reader, unless nobody writes it.
-            if tmp.is_none() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::BrokenPipe,
-                    "the client went away",
+impl Fill {
+    /// Writes the NAR into `tmp`, telling readers through `writer`, checks it
+    /// against the store's hash and only then makes it an entry (compressed
+    /// if that pays), narinfo last.
+    fn run(self, tmp: tempfile::NamedTempFile, writer: Writer) -> Result<(), CacheError> {
+        match self.write(tmp.as_file(), &writer) {
+            Ok(()) => {}
+            Err(err) => {
+                writer.abandon(&format!(
+                    "the builder could not serve {}: {err}",
+                    self.narinfo.store_path
                 ));
+                return Err(err);
             }
-            client_gone = true;
+        }
+        let plain = self.dir.join(&self.narinfo.url);
+        tmp.persist(&plain).map_err(|err| err.error)?;
+        writer.finish();
+        let narinfo = match compress(&plain, &self.dir, &self.narinfo) {
+            Ok(Some(compressed)) => {
+                // Readers hold the plain file open, so it can go.
+                let _ = std::fs::remove_file(&plain);
+                compressed
+            }
+            Ok(None) => self.narinfo.clone(),
+            Err(err) => {
+                warn!(path = %self.narinfo.store_path, "compressing a cache entry: {err}");
+                self.narinfo.clone()
+            }
+        };
+        let tmp_info = tempfile::NamedTempFile::new_in(&self.dir)?;
+        std::fs::write(tmp_info.path(), narinfo.to_string())?;
+        tmp_info
+            .persist(&self.narinfo_path)
+            .map_err(|err| err.error)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.narinfo.url);
+        if let Some(max) = self.max_bytes {
+            match prune_dir(&self.dir, max) {
+                Ok(0) => {}
+                Ok(removed) => info!(removed, "pruned cache entries"),
+                Err(err) => warn!("pruning the cache: {err}"),
+            }
         }
         Ok(())
-    };
-    match source {
-        Some(source) => {
-            store_nar::dump(&source, CHUNK, &mut sink)?;
-        }
-        None => {
-            let path = narinfo.store_path.clone();
-            let nix = nix.clone();
-            let handle = tokio::runtime::Handle::current();
-            handle.block_on(async move {
-                let mut reader = nix.dump(&path)?;
-                let mut buffer = vec![0u8; CHUNK];
-                loop {
-                    let n = reader.read(&mut buffer).await?;
-                    if n == 0 {
-                        break;
+    }
+
+    fn write(&self, mut out: &std::fs::File, writer: &Writer) -> Result<(), CacheError> {
+        let mut hasher = NarHasher::new();
+        let mut sink = |bytes: Bytes| -> std::io::Result<()> {
+            hasher
+                .write_all(&bytes)
+                .expect("hashing into memory cannot fail");
+            out.write_all(&bytes)?;
+            writer.advance(bytes.len() as u64);
+            Ok(())
+        };
+        match &self.source {
+            Some(source) => {
+                store_nar::dump(source, CHUNK, &mut sink)?;
+            }
+            None => {
+                let handle = tokio::runtime::Handle::current();
+                handle.block_on(async {
+                    let mut reader = self.nix.dump(&self.narinfo.store_path)?;
+                    let mut buffer = vec![0u8; CHUNK];
+                    loop {
+                        let n = reader.read(&mut buffer).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        sink(Bytes::copy_from_slice(&buffer[..n]))?;
                     }
-                    sink(Bytes::copy_from_slice(&buffer[..n]))?;
-                }
-                Ok::<_, CacheError>(())
-            })?;
+                    Ok::<_, CacheError>(())
+                })?;
+            }
         }
+        let (nar_hash, nar_size) = hasher.finish();
+        if nar_hash != self.narinfo.nar_hash || nar_size != self.narinfo.nar_size {
+            return Err(CacheError::Corrupt(self.narinfo.store_path.clone()));
+        }
+        Ok(())
     }
-    let (nar_hash, nar_size) = hasher.finish();
-    if nar_hash != narinfo.nar_hash || nar_size != narinfo.nar_size {
-        return Err(CacheError::Corrupt(narinfo.store_path.clone()));
-    }
-    // The reader has everything; what follows only concerns the cache.
-    drop(tx);
-    let (Some(fill), Some(tmp)) = (fill, tmp) else {
-        return Ok(false);
-    };
-    let plain = fill.dir.join(&fill.narinfo.url);
-    tmp.persist(&plain).map_err(|err| err.error)?;
-    let narinfo = match compress(&plain, &fill.dir, &fill.narinfo) {
-        Ok(Some(compressed)) => {
-            // Readers that already opened the plain file keep reading it.
-            let _ = std::fs::remove_file(&plain);
-            compressed
-        }
-        Ok(None) => fill.narinfo.clone(),
-        Err(err) => {
-            warn!(path = %fill.narinfo.store_path, "compressing a cache entry: {err}");
-            fill.narinfo.clone()
-        }
-    };
-    let tmp_info = tempfile::NamedTempFile::new_in(&fill.dir)?;
-    std::fs::write(tmp_info.path(), narinfo.to_string())?;
-    tmp_info
-        .persist(&fill.narinfo_path)
-        .map_err(|err| err.error)?;
-    fill.pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&fill.narinfo.url);
-    if let Some(max) = fill.max_bytes {
-        match prune_dir(&fill.dir, max) {
-            Ok(0) => {}
-            Ok(removed) => info!(removed, "pruned cache entries"),
-            Err(err) => warn!("pruning the cache: {err}"),
-        }
-    }
-    Ok(true)
 }
 
 /// Entries shrink to at most this fraction (in tenths) of their NAR size,
@@ -595,20 +590,34 @@ impl cache_server::Cache for CacheService {
         }))
     }
 
-    type GetNarStream = NarStream;
+    type GetNarStream = ReceiverStream<Result<proto::GetNarResponse, Status>>;
 
     async fn get_nar(
         &self,
         request: Request<proto::GetNarRequest>,
-    ) -> Result<Response<NarStream>, Status> {
+    ) -> Result<Response<Self::GetNarStream>, Status> {
         let session = self.session(&request, &request.get_ref().session_id)?;
-        let url = request.into_inner().url;
+        let proto::GetNarRequest {
+            url,
+            offset,
+            length,
+            ..
+        } = request.into_inner();
         let not_found =
             || Status::not_found(format!("{url} was not named by a narinfo of this session"));
         if !session.may_fetch_nar(&url) {
             return Err(not_found());
         }
-        let stream = self.cache.nar_stream(&url).await.ok_or_else(not_found)?;
-        Ok(Response::new(stream))
+        let nar = self
+            .cache
+            .nar(&url)
+            .map_err(|err| {
+                warn!(%url, "opening a cache entry: {err}");
+                Status::internal(format!("the builder could not serve {url}: {err}"))
+            })?
+            .ok_or_else(not_found)?;
+        Ok(Response::new(ReceiverStream::new(
+            nar.read_range(offset, length)?,
+        )))
     }
 }

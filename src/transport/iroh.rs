@@ -206,34 +206,73 @@ async fn dial(endpoint: &Endpoint, addr: EndpointAddr) -> Result<Connection, Con
     }
 }
 
-/// Opens a gRPC channel to a builder over one QUIC connection.
+/// A QUIC connection to a builder from which gRPC channels are made.
 ///
-/// Each HTTP/2 connection the channel makes is a new bidirectional stream on
-/// that connection; if the connection has died, the next one re-dials.
-pub async fn connect(endpoint: &Endpoint, addr: EndpointAddr) -> Result<Channel, ConnectError> {
-    let id = addr.id;
-    let connection = dial(endpoint, addr.clone()).await?;
-    let shared = Arc::new(Mutex::new(connection));
-    let endpoint = endpoint.clone();
-    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
-        let shared = shared.clone();
-        let endpoint = endpoint.clone();
-        let addr = addr.clone();
-        async move {
-            let mut connection = shared.lock().await;
-            if connection.close_reason().is_some() {
-                *connection = dial(&endpoint, addr).await.map_err(io::Error::other)?;
+/// Each channel is an HTTP/2 connection on a bidirectional stream of its
+/// own, with its own flow-control window: bulk transfers spread over several
+/// channels to fill a long link. If the connection dies, the next channel
+/// (or reconnecting one) dials again.
+#[derive(Debug, Clone)]
+pub struct Link {
+    connection: Arc<Mutex<Connection>>,
+    endpoint: Endpoint,
+    addr: EndpointAddr,
+}
+
+impl Link {
+    /// Dials the builder at `addr`.
+    pub async fn dial(endpoint: &Endpoint, addr: EndpointAddr) -> Result<Self, ConnectError> {
+        let connection = dial(endpoint, addr.clone()).await?;
+        Ok(Self {
+            connection: Arc::new(Mutex::new(connection)),
+            endpoint: endpoint.clone(),
+            addr,
+        })
+    }
+
+    /// A channel whose HTTP/2 connection is set up now.
+    pub async fn channel(&self) -> Result<Channel, ConnectError> {
+        super::tuned_client_endpoint()
+            .connect_with_connector(self.connector())
+            .await
+            .map_err(|source| ConnectError::Channel {
+                id: self.addr.id,
+                source,
+            })
+    }
+
+    /// A channel that opens its stream on first use.
+    pub fn lazy_channel(&self) -> Channel {
+        super::tuned_client_endpoint().connect_with_connector_lazy(self.connector())
+    }
+
+    fn connector(
+        &self,
+    ) -> impl tower::Service<
+        tonic::codegen::http::Uri,
+        Response = TokioIo<IrohStream>,
+        Error = io::Error,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        let link = self.clone();
+        tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let link = link.clone();
+            async move {
+                let mut connection = link.connection.lock().await;
+                if connection.close_reason().is_some() {
+                    *connection = dial(&link.endpoint, link.addr.clone())
+                        .await
+                        .map_err(io::Error::other)?;
+                }
+                let (send, recv) = connection.open_bi().await.map_err(io::Error::other)?;
+                let peer = IrohPeer {
+                    endpoint_id: connection.remote_id(),
+                    connection: connection.clone(),
+                };
+                Ok::<_, io::Error>(TokioIo::new(IrohStream::new(send, recv, peer)))
             }
-            let (send, recv) = connection.open_bi().await.map_err(io::Error::other)?;
-            let peer = IrohPeer {
-                endpoint_id: connection.remote_id(),
-                connection: connection.clone(),
-            };
-            Ok::<_, io::Error>(TokioIo::new(IrohStream::new(send, recv, peer)))
-        }
-    });
-    super::tuned_client_endpoint()
-        .connect_with_connector(connector)
-        .await
-        .map_err(|source| ConnectError::Channel { id, source })
+        })
+    }
 }

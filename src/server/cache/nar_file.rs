@@ -1,0 +1,229 @@
+//! A cached NAR file that can be read by byte range, also while it is still
+//! being written.
+//!
+//! Every reader follows the writer through the file rather than taking bytes
+//! from it directly: the writer then runs at disk speed whoever is reading,
+//! one client can fetch several ranges of a large file over parallel
+//! streams, and a second client asking for the same entry joins the fill
+//! instead of starting another.
+
+use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
+
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use super::CHUNK;
+use crate::proto;
+
+/// How far the writer has got.
+#[derive(Debug, Clone, Default)]
+struct Written {
+    bytes: u64,
+    /// Set once the file is complete (`Ok`) or abandoned (`Err`, why).
+    done: Option<Result<(), Arc<str>>>,
+}
+
+/// A file of known final size, complete or being written.
+#[derive(Debug, Clone)]
+pub struct NarFile {
+    file: Arc<File>,
+    size: u64,
+    written: watch::Receiver<Written>,
+}
+
+/// The writing end of a [`NarFile`]: reports progress to its readers.
+#[derive(Debug)]
+pub struct Writer {
+    written: watch::Sender<Written>,
+}
+
+impl NarFile {
+    /// A complete file of `size` bytes.
+    pub fn complete(file: File, size: u64) -> Self {
+        let (_, written) = watch::channel(Written {
+            bytes: size,
+            done: Some(Ok(())),
+        });
+        Self {
+            file: Arc::new(file),
+            size,
+            written,
+        }
+    }
+
+    /// A file that will hold `size` bytes once written through the
+    /// returned [`Writer`]. `file` must be opened for reading.
+    pub fn growing(file: File, size: u64) -> (Self, Writer) {
+        let (tx, written) = watch::channel(Written::default());
+        let nar = Self {
+            file: Arc::new(file),
+            size,
+            written,
+        };
+        (nar, Writer { written: tx })
+    }
+
+    /// Streams `length` bytes from `offset` (0: to the end), waiting for the
+    /// writer as needed. Ends with an error if the writer gives up.
+    pub fn read_range(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<mpsc::Receiver<Result<proto::GetNarResponse, Status>>, Status> {
+        if offset > self.size || (offset == self.size && self.size > 0) {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} is past the end of the file ({} bytes)",
+                self.size
+            )));
+        }
+        let end = match length {
+            0 => self.size,
+            length => offset.saturating_add(length).min(self.size),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let file = self.file.clone();
+        let mut written = self.written.clone();
+        let runtime = tokio::runtime::Handle::current();
+        // A blocking thread: reads are plain `pread`s, mostly from the page
+        // cache, and waiting for the writer blocks on the runtime.
+        tokio::task::spawn_blocking(move || {
+            let mut pos = offset;
+            while pos < end {
+                let available = runtime.block_on(async {
+                    let state = written
+                        .wait_for(|w| w.bytes > pos || w.done.is_some())
+                        .await
+                        .map(|state| state.clone());
+                    match state {
+                        Ok(Written { bytes, .. }) if bytes > pos => Ok(bytes),
+                        Ok(Written {
+                            done: Some(Err(why)),
+                            ..
+                        }) => Err(Status::internal(why.to_string())),
+                        _ => Err(Status::internal("the cache entry was abandoned")),
+                    }
+                });
+                let result = available.and_then(|available| {
+                    let n = (available.min(end) - pos).min(CHUNK as u64) as usize;
+                    let mut chunk = vec![0; n];
+                    file.read_exact_at(&mut chunk, pos)
+                        .map_err(|err| Status::internal(format!("reading a cached NAR: {err}")))?;
+                    pos += n as u64;
+                    Ok(proto::GetNarResponse { data: chunk.into() })
+                });
+                let failed = result.is_err();
+                if tx.blocking_send(result).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+impl Writer {
+    /// `bytes` more bytes are in the file.
+    pub fn advance(&self, bytes: u64) {
+        self.written.send_modify(|w| w.bytes += bytes);
+    }
+
+    /// The file is complete.
+    pub fn finish(self) {
+        self.written.send_modify(|w| w.done = Some(Ok(())));
+    }
+
+    /// The file will not be completed, because of `why`.
+    pub fn abandon(self, why: &str) {
+        self.written
+            .send_modify(|w| w.done = Some(Err(Arc::from(why))));
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // A writer that panicked or returned early must not leave readers waiting.
+        self.written.send_if_modified(|w| {
+            let unfinished = w.done.is_none();
+            if unfinished {
+                w.done = Some(Err(Arc::from("the cache entry was abandoned")));
+            }
+            unfinished
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    async fn collect(
+        mut rx: mpsc::Receiver<Result<proto::GetNarResponse, Status>>,
+    ) -> Result<Vec<u8>, Status> {
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            out.extend_from_slice(&chunk?.data);
+        }
+        Ok(out)
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn reads_ranges_of_a_complete_file() {
+        let bytes = data(3 * CHUNK + 17);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        let nar = NarFile::complete(file, bytes.len() as u64);
+        let whole = collect(nar.read_range(0, 0).unwrap()).await.unwrap();
+        assert_eq!(whole, bytes);
+        let middle = collect(nar.read_range(100, 2 * CHUNK as u64).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(middle, &bytes[100..100 + 2 * CHUNK]);
+        let tail = collect(nar.read_range(bytes.len() as u64 - 5, 1 << 30).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(tail, &bytes[bytes.len() - 5..]);
+        let err = nar.read_range(bytes.len() as u64, 0).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+    }
+
+    #[tokio::test]
+    async fn readers_follow_the_writer() {
+        let bytes = data(2 * CHUNK + 3);
+        let mut file = tempfile::tempfile().unwrap();
+        let (nar, writer) = NarFile::growing(file.try_clone().unwrap(), bytes.len() as u64);
+        let early = nar.read_range(CHUNK as u64, 0).unwrap();
+        let whole = nar.read_range(0, 0).unwrap();
+        for piece in bytes.chunks(1000) {
+            file.write_all(piece).unwrap();
+            writer.advance(piece.len() as u64);
+        }
+        writer.finish();
+        assert_eq!(collect(early).await.unwrap(), &bytes[CHUNK..]);
+        assert_eq!(collect(whole).await.unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_fill_fails_its_readers() {
+        let mut file = tempfile::tempfile().unwrap();
+        let (nar, writer) = NarFile::growing(file.try_clone().unwrap(), 10_000);
+        let reader = nar.read_range(0, 0).unwrap();
+        file.write_all(&[1; 100]).unwrap();
+        writer.advance(100);
+        writer.abandon("the NAR does not match");
+        let err = collect(reader).await.unwrap_err();
+        assert!(err.message().contains("does not match"), "{err:?}");
+        let dropped = {
+            let (nar, writer) = NarFile::growing(tempfile::tempfile().unwrap(), 10);
+            let reader = nar.read_range(0, 0).unwrap();
+            drop(writer);
+            collect(reader).await
+        };
+        assert!(dropped.is_err());
+    }
+}
