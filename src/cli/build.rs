@@ -16,7 +16,11 @@ use tokio::io::AsyncWriteExt;
 
 use super::Failure;
 use crate::{
-    client::{self, Target, cache_proxy::CacheProxy, session::Session},
+    client::{
+        self, Target,
+        cache_proxy::CacheProxy,
+        session::{Session, UPLOAD_STREAMS},
+    },
     endpoint::RelayChoice,
     helper::{self, client::HelperClient},
     nix::{signing::PublicKey, store_path::StorePath},
@@ -381,7 +385,9 @@ async fn remote(
             format_bytes(total)
         ));
         let report = progress.bytes("uploading", total);
-        session.upload(nix, report).await?;
+        session
+            .upload(nix, connection.bulk_channels(UPLOAD_STREAMS), report)
+            .await?;
         progress.finish();
     }
     let mut sink = LogSink::new(args.no_nom);

@@ -17,8 +17,8 @@ use super::status::ClientLabel;
 use crate::{
     config::Limits,
     nix::{
-        content_address::{ContentAddress, FileIngestionMethod},
-        hash::{HashAlgo, Sha256Hash},
+        content_address::ContentAddress,
+        hash::Sha256Hash,
         store_path::{StorePath, StorePathHash},
     },
     proto,
@@ -102,14 +102,6 @@ impl DeclaredInput {
             nar_size: input.nar_size,
         })
     }
-
-    /// Whether the NAR hash alone proves the content address (recursive
-    /// SHA-256, as for almost every source); otherwise the content must be
-    /// checked separately.
-    pub fn nar_hash_is_content_hash(&self) -> bool {
-        matches!(&self.ca, ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash }
-            if hash.algo() == HashAlgo::Sha256 && hash.digest() == self.nar_hash.as_bytes())
-    }
 }
 
 /// Where a session's build is.
@@ -153,6 +145,8 @@ pub struct Session {
     pub inputs: BTreeMap<StorePath, DeclaredInput>,
     /// Cancelled when the owner's connection closes.
     pub cancelled: CancellationToken,
+    /// The input upload in progress, shared by its concurrent calls.
+    pub upload: super::upload::Slot,
     uploaded: AtomicU64,
     state: Mutex<SessionState>,
 }
@@ -176,6 +170,7 @@ impl Session {
             drv,
             inputs,
             cancelled: CancellationToken::new(),
+            upload: Default::default(),
             uploaded: AtomicU64::new(0),
             state: Mutex::new(SessionState {
                 missing,
@@ -375,7 +370,6 @@ mod tests {
     fn accepts_a_drv_whose_path_matches_its_content_address() {
         let input = DeclaredInput::from_proto(text_input()).unwrap();
         assert!(input.path.is_derivation());
-        assert!(!input.nar_hash_is_content_hash());
     }
 
     #[test]

@@ -209,6 +209,34 @@ fn ticket_build_imports_signed_outputs_once() {
 }
 
 #[test]
+fn large_input_arrives_intact_in_parallel_parts() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("big-input"), &[]);
+    let big = pair.world.flake.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    // Not a multiple of the part size, so the last part is short.
+    let data: Vec<u8> = (0..(9 << 20) + 12_345u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(big.join("data.bin"), &data).unwrap();
+    let output = pair.build("checksum", &["--ticket", &pair.ticket(&[]), "--no-link"]);
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let out = pair.out_path("checksum");
+    let line = pair.client.run_ok("cat", &[&out]);
+    assert!(line.starts_with(&hex), "{line} vs {hex}");
+    assert!(!pair.data_dir_has_uploads());
+}
+
+#[test]
 fn named_builder_with_direct_addresses() {
     if !available() {
         return;

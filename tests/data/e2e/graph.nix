@@ -63,6 +63,12 @@ rec {
     echo done > $out
   '' { };
 
+  # The checksum of a large input source that the test building this writes
+  # to ./big first: its upload is split into parts over several streams.
+  checksum = mk "checksum" ''
+    sha256sum ${builtins.path { path = ./big; name = "big-src"; }}/data.bin > $out
+  '' { };
+
   fail = mk "fail" ''
     echo "fail: some output"
     echo "fail: about to fail" >&2
