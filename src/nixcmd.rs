@@ -384,23 +384,31 @@ impl Nix {
         Ok(invalid)
     }
 
-    /// The closure of the given valid paths: the paths and everything they refer to, directly or
-    /// not, sorted. For a `.drv` this is the other `.drv` files and sources it needs, not outputs.
+    /// What the store knows about the given valid paths and everything they refer to, directly
+    /// or not, sorted by path. For a `.drv` this is the other `.drv` files and sources it needs,
+    /// not outputs.
     ///
-    /// Runs `nix-store --query --requisites`, in batches; fails if a path is not valid.
-    pub async fn closure(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, NixCmdError> {
-        let mut closure = BTreeSet::new();
-        for batch in batches(paths) {
-            let mut args: Vec<OsString> = vec!["--query".into(), "--requisites".into()];
-            args.extend(batch.iter().map(|p| OsString::from(p.to_string())));
-            let line = self.command_line(Program::NixStore, args);
-            let output = self.run_ok(&line).await?;
-            closure.extend(
-                parse::path_lines(&output.stdout_text())
-                    .map_err(|reason| output.parse_error(&line, reason))?,
-            );
+    /// Runs `nix path-info --json --recursive` (with `--derivation` for `.drv` files), in
+    /// batches: one process for a closure and its path infos; fails if a path is not valid.
+    pub async fn closure_infos(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, NixCmdError> {
+        let mut closure = std::collections::BTreeMap::new();
+        for (group, derivation) in split_derivations(paths) {
+            for batch in batches(&group) {
+                let mut args: Vec<OsString> =
+                    vec!["path-info".into(), "--json".into(), "--recursive".into()];
+                if derivation {
+                    args.push("--derivation".into());
+                }
+                args.push("--".into());
+                args.extend(batch.iter().map(|p| OsString::from(p.to_string())));
+                let line = self.command_line(Program::Nix, args);
+                let output = self.run_ok(&line).await?;
+                let infos = parse::path_infos(&output.stdout_text())
+                    .map_err(|reason| output.parse_error(&line, reason))?;
+                closure.extend(infos.into_iter().map(|info| (info.path.clone(), info)));
+            }
         }
-        Ok(closure.into_iter().collect())
+        Ok(closure.into_values().collect())
     }
 
     /// Points the symlink `link` at the valid `path` and registers it as a

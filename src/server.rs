@@ -177,6 +177,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             config.max_concurrent_builds as usize,
         )),
         tasks: tokio_util::task::TaskTracker::new(),
+        cache: cache.clone(),
     };
     let builds = build.tasks.clone();
     let services = Services {

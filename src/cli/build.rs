@@ -296,10 +296,10 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
     // settled before the session is opened: a refusal costs no ticket use
     // and no upload.
     let inputs = async {
-        let closure = nix
-            .closure(std::slice::from_ref(&evaluated.drv_path))
-            .await?;
-        anyhow::Ok(nix.path_info(&closure).await?)
+        anyhow::Ok(
+            nix.closure_infos(std::slice::from_ref(&evaluated.drv_path))
+                .await?,
+        )
     };
     let (import, inputs, connection) = tokio::join!(
         import_trust(&nix, &target),

@@ -252,11 +252,12 @@ fn evaluates_and_queries_the_store() {
             [out.clone(), missing.clone()]
         );
 
-        let closure = env
-            .nix
-            .closure(std::slice::from_ref(&multi.drv_path))
-            .await
-            .unwrap();
+        let closure = paths_of(
+            env.nix
+                .closure_infos(std::slice::from_ref(&multi.drv_path))
+                .await
+                .unwrap(),
+        );
         let names: BTreeSet<&str> = closure.iter().map(StorePath::name).collect();
         assert_eq!(
             names,
@@ -325,7 +326,7 @@ fn evaluates_and_queries_the_store() {
         assert!(message.contains("no-such-attribute"), "{message}");
         let err = env
             .nix
-            .closure(std::slice::from_ref(&missing))
+            .closure_infos(std::slice::from_ref(&missing))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("is not valid"), "{err}");
@@ -709,11 +710,12 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             let (_, outcome) = finish(env.nix.realise(&hello.drv_path, None, false).unwrap()).await;
             assert!(outcome.success());
             let hello_out = hello.outputs["out"].clone();
-            let closure = env
-                .nix
-                .closure(std::slice::from_ref(&multi.drv_path))
-                .await
-                .unwrap();
+            let closure = paths_of(
+                env.nix
+                    .closure_infos(std::slice::from_ref(&multi.drv_path))
+                    .await
+                    .unwrap(),
+            );
             assert_eq!(closure.len(), 3);
             let src = closure.iter().find(|p| !p.is_derivation()).unwrap().clone();
 
@@ -844,11 +846,12 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             let slow = env
                 .drv_with("slow", &format!("salt = \"{salt}\"; sleepSecs = \"120\";"))
                 .await;
-            let closure = env
-                .nix
-                .closure(std::slice::from_ref(&slow.drv_path))
-                .await
-                .unwrap();
+            let closure = paths_of(
+                env.nix
+                    .closure_infos(std::slice::from_ref(&slow.drv_path))
+                    .await
+                    .unwrap(),
+            );
             let upload = env.dir.join("upload-slow");
             write_cache(&env.nix, &upload, &closure).await;
             open_up(&upload);
@@ -892,4 +895,8 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             daemon.stop().await;
         },
     );
+}
+
+fn paths_of(infos: Vec<PathInfo>) -> Vec<StorePath> {
+    infos.into_iter().map(|info| info.path).collect()
 }

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tracing::{info, warn};
 
-use super::{session::Session, status::StatusBoard};
+use super::{cache::SignedCache, session::Session, status::StatusBoard};
 use crate::{
     nix::{drv::Derivation, store_path::StorePath},
     nixcmd::{BuildEvent, LogRecord, Nix},
@@ -27,6 +27,8 @@ pub struct BuildContext {
     pub slots: Arc<Semaphore>,
     /// Running builds, so shutdown can wait for them to be stopped.
     pub tasks: TaskTracker,
+    /// The signed cache, told about outputs as soon as they exist.
+    pub cache: Arc<SignedCache>,
 }
 
 type Events = mpsc::Sender<Result<proto::BuildResponse, Status>>;
@@ -227,8 +229,13 @@ async fn outputs(context: &BuildContext, session: &Arc<Session>) -> Ending {
         .filter_map(|(name, output)| Some((name.clone(), output.path()?.clone())))
         .collect();
     let paths: Vec<StorePath> = outputs.iter().map(|(_, path)| path.clone()).collect();
-    let closure = match context.nix.closure(&paths).await {
-        Ok(closure) => closure,
+    let closure = match context.nix.closure_infos(&paths).await {
+        Ok(infos) => {
+            let closure: Vec<StorePath> = infos.iter().map(|info| info.path.clone()).collect();
+            // The client asks for these narinfos next; it then needs no Nix call.
+            context.cache.remember(infos);
+            closure
+        }
         Err(err) => {
             warn!(session = %session.id, "output closure: {err}");
             return Ending::new(

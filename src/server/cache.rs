@@ -184,16 +184,19 @@ impl SignedCache {
                     .take(INFO_BATCH - 1),
             );
         }
-        let infos = self.nix.path_info(&batch).await?;
-        {
-            let mut known = self.infos.lock().unwrap_or_else(|p| p.into_inner());
-            if known.len() + infos.len() > MAX_KNOWN_INFOS {
-                known.clear();
-            }
-            known.extend(infos.into_iter().map(|info| (info.path.clone(), info)));
-        }
+        self.remember(self.nix.path_info(&batch).await?);
         self.take_info(path)
             .ok_or_else(|| CacheError::NotInStore(path.clone()))
+    }
+
+    /// Keeps what the store records about `infos`' paths for the narinfo
+    /// requests to come.
+    pub fn remember(&self, infos: Vec<PathInfo>) {
+        let mut known = self.infos.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() + infos.len() > MAX_KNOWN_INFOS {
+            known.clear();
+        }
+        known.extend(infos.into_iter().map(|info| (info.path.clone(), info)));
     }
 
     fn take_info(&self, path: &StorePath) -> Option<PathInfo> {
