@@ -458,11 +458,14 @@ in
       };
 
       narFetches = lib.mkOption {
-        type = types.nullOr types.ints.positive;
+        type = types.nullOr (types.ints.between 1 16);
         default = null;
         description = ''
-          Output NARs the CLI downloads in parallel (`DRV_THRU_NAR_FETCHES` in
-          login sessions); `null` picks automatically.
+          Parts of output NARs the CLI fetches at once, each over a QUIC
+          stream of its own (`DRV_THRU_NAR_FETCHES` in login sessions; the
+          `--nar-fetches` flag). One stream carries about its window divided
+          by the round-trip time, so long links want more. `null` leaves the
+          CLI's default (4).
         '';
       };
 
