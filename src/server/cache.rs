@@ -140,7 +140,7 @@ impl SignedCache {
 
     /// The signed narinfo of `path`: from disk if its entry is complete,
     /// else made from what the store records, its NAR to be streamed by
-    /// [`Self::nar_stream`]. `neighbours` (the rest of the requester's
+    /// [`Self::nar`]. `neighbours` (the rest of the requester's
     /// closure) are looked up in the same batch, so a closure of many small
     /// paths costs a few `nix path-info` calls, not one per path.
     pub async fn narinfo(
@@ -271,16 +271,17 @@ impl SignedCache {
             let url = fill.narinfo.url.clone();
             let path = fill.narinfo.store_path.clone();
             let nar_size = fill.narinfo.nar_size;
-            let result = match fills.acquire_owned().await {
-                Ok(_permit) => tokio::task::spawn_blocking(move || fill.run(tmp, writer))
-                    .await
-                    .unwrap_or_else(|err| Err(CacheError::Io(std::io::Error::other(err)))),
-                Err(_) => return,
-            };
+            let permit = fills.acquire_owned().await;
+            let result = tokio::task::spawn_blocking(move || fill.run(tmp, writer))
+                .await
+                .unwrap_or_else(|err| Err(CacheError::Io(std::io::Error::other(err))));
+            drop(permit);
             match result {
-                Ok(()) => {
+                Ok(replaced) => {
                     info!(%path, nar_size, "cache entry filled");
-                    linger(&open, &url).await;
+                    if replaced {
+                        linger(&open, &url).await;
+                    }
                 }
                 Err(err) => warn!(%path, "filling a cache entry: {err}"),
             }
@@ -290,9 +291,9 @@ impl SignedCache {
     }
 }
 
-/// How long a filled entry stays readable under the URL it was filled as
-/// after its last use: compression may replace that file on disk while a
-/// client is still fetching ranges of it.
+/// How long an entry whose plain file compression replaced stays readable
+/// under the URL it was filled as, after its last use: a client may still
+/// be fetching ranges of it.
 const LINGER: Duration = Duration::from_secs(120);
 
 async fn linger(open: &OpenEntries, url: &str) {
@@ -332,8 +333,9 @@ struct Fill {
 impl Fill {
     /// Writes the NAR into `tmp`, telling readers through `writer`, checks it
     /// against the store's hash and only then makes it an entry (compressed
-    /// if that pays), narinfo last.
-    fn run(self, tmp: tempfile::NamedTempFile, writer: Writer) -> Result<(), CacheError> {
+    /// if that pays), narinfo last. Returns whether a compressed file
+    /// replaced the plain one.
+    fn run(self, tmp: tempfile::NamedTempFile, writer: Writer) -> Result<bool, CacheError> {
         match self.write(tmp.as_file(), &writer) {
             Ok(()) => {}
             Err(err) => {
@@ -347,16 +349,21 @@ impl Fill {
         let plain = self.dir.join(&self.narinfo.url);
         tmp.persist(&plain).map_err(|err| err.error)?;
         writer.finish();
-        let narinfo = match compress(&plain, &self.dir, &self.narinfo) {
+        let compressed = if self.narinfo.nar_size >= COMPRESS_FROM {
+            compress(&plain, &self.dir, &self.narinfo)
+        } else {
+            Ok(None)
+        };
+        let (narinfo, replaced) = match compressed {
             Ok(Some(compressed)) => {
                 // Readers hold the plain file open, so it can go.
                 let _ = std::fs::remove_file(&plain);
-                compressed
+                (compressed, true)
             }
-            Ok(None) => self.narinfo.clone(),
+            Ok(None) => (self.narinfo.clone(), false),
             Err(err) => {
                 warn!(path = %self.narinfo.store_path, "compressing a cache entry: {err}");
-                self.narinfo.clone()
+                (self.narinfo.clone(), false)
             }
         };
         let tmp_info = tempfile::NamedTempFile::new_in(&self.dir)?;
@@ -375,7 +382,7 @@ impl Fill {
                 Err(err) => warn!("pruning the cache: {err}"),
             }
         }
-        Ok(())
+        Ok(replaced)
     }
 
     fn write(&self, mut out: &std::fs::File, writer: &Writer) -> Result<(), CacheError> {
@@ -419,6 +426,10 @@ impl Fill {
 /// Entries shrink to at most this fraction (in tenths) of their NAR size,
 /// or they stay uncompressed.
 const WORTHWHILE_TENTHS: u64 = 9;
+
+/// Smaller NARs stay uncompressed: their transfer costs round trips, not
+/// bytes.
+const COMPRESS_FROM: u64 = 1 << 20;
 
 /// A zstd-compressed copy of the NAR in `plain`, with the narinfo naming it,
 /// when that saves at least a tenth. Compressible outputs then cost less to

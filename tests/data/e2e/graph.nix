@@ -39,10 +39,12 @@ rec {
     dd if=/dev/urandom of=$out bs=1048576 count=${toString blobMiB} 2>/dev/null
   '' { };
 
-  # Several dependencies and an input source.
+  # Several dependencies, an input source and text enough to be
+  # fetched in ranges and compressed in the builder's cache.
   app = mk "app" ''
     mkdir -p $out/bin $out/share
     cp ${srcDir}/hello.txt $out/share/hello.txt
+    yes "compressible text for the builder's cache" | head -c 6000000 > $out/share/text.txt
     ln -s ${blob} $out/share/blob
     ln -s ${lib.dev}/include $out/share/include
     printf '#!%s\ncat %s %s/lib/libtest.txt\n' ${tools}/bin/sh $out/share/hello.txt ${lib} > $out/bin/app
