@@ -4,10 +4,18 @@
 //! cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] [--cases LIST]
 //!                                  [--small-count 2000] [--clients 8] [--dir DIR] [--keep]
 //!                                  [--compare OTHER_DRV_THRU_BINARY [--compare-label before]]
+//!                                  [--wan]
 //! ```
 //!
 //! `--compare` measures a second drv-thru build (its own builder process and
 //! client) in the same run, for before/after figures on equal terms.
+//!
+//! `--wan` measures drv-thru alone, and only download, upload, small-up and
+//! small-down, over an emulated link instead of loopback: the builder and the
+//! client each get a network namespace joined to this one by a veth pair
+//! capped at 1 Gbit/s (`tbf`), with no route between them. The client dials
+//! a UDP delay line in this process that forwards to the builder 25 ms later
+//! each way (50 ms round trip; this kernel has no `netem`).
 //!
 //! Like the end-to-end tests, it makes two Nix stores on this machine (a
 //! directory bind-mounted over `/nix` in a private mount namespace each), starts
@@ -29,13 +37,14 @@ use std::{
     collections::{BTreeMap, HashMap},
     ffi::OsStr,
     fmt::Write as _,
-    io::{BufRead, BufReader, Read, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{self, BufRead, BufReader, Read, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -95,11 +104,13 @@ struct Options {
     keep: bool,
     compare: Option<PathBuf>,
     compare_label: String,
+    wan: bool,
 }
 
 const USAGE: &str = "usage: cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] \
 [--cases download,download-text,upload,small-up,small-down,trivial,concurrent] \
-[--small-count 2000] [--clients 8] [--dir DIR] [--keep] [--compare OTHER_DRV_THRU_BINARY [--compare-label before]]";
+[--small-count 2000] [--clients 8] [--dir DIR] [--keep] [--compare OTHER_DRV_THRU_BINARY [--compare-label before]] \
+[--wan (only download, upload, small-up, small-down: over a 50 ms, 1 Gbit/s emulated link)]";
 
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -129,6 +140,7 @@ fn parse_options() -> Result<Options, String> {
         keep: false,
         compare: None,
         compare_label: "before".to_owned(),
+        wan: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -170,6 +182,7 @@ fn parse_options() -> Result<Options, String> {
             "--keep" => options.keep = true,
             "--compare" => options.compare = Some(PathBuf::from(value("--compare")?)),
             "--compare-label" => options.compare_label = value("--compare-label")?,
+            "--wan" => options.wan = true,
             "--help" | "-h" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -196,6 +209,8 @@ enum Side {
 struct World {
     dir: PathBuf,
     conf: PathBuf,
+    /// Whether each side runs in its `--wan` network namespace.
+    wan: bool,
 }
 
 impl World {
@@ -213,10 +228,17 @@ impl World {
         })
     }
 
-    /// `program` with `side`'s store mounted on `/nix`.
+    /// `program` with `side`'s store mounted on `/nix` (and in `side`'s
+    /// network namespace with `--wan`).
     fn command(&self, side: Side, program: impl AsRef<OsStr>) -> Command {
         let home = self.home(side);
-        let mut command = Command::new("unshare");
+        let mut command = if self.wan {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", wan_net(side).namespace, "unshare"]);
+            command
+        } else {
+            Command::new("unshare")
+        };
         command
             .args([
                 "-m",
@@ -310,9 +332,14 @@ struct Server {
 impl Server {
     fn start(world: &World, bin: &Path, name: &str, trusted: &str) -> Self {
         let data_dir = world.dir.join(format!("builder-data-{name}"));
+        let listen = if world.wan {
+            format!("{}.2:0", wan_net(Side::Builder).prefix)
+        } else {
+            "127.0.0.1:0".to_owned()
+        };
         let mut child = world
             .command(Side::Builder, bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", &listen, "--data-dir"])
             .arg(&data_dir)
             .args(["--trusted-client", trusted, "--max-concurrent-builds", "2"])
             .env("RUST_LOG", "drv_thru=info,iroh=warn")
@@ -422,6 +449,8 @@ struct Variant {
     /// Its builder, and its name in the client's builders.json.
     server: Server,
     name: String,
+    /// What the client dials with `--wan`.
+    line: Option<DelayLine>,
 }
 
 // === helper services: HTTP and sshd ===
@@ -558,6 +587,509 @@ fn which(program: &str) -> Option<PathBuf> {
             .map(|dir| dir.join(program))
             .find(|candidate| candidate.is_file())
     })
+}
+
+// === --wan: an emulated link ===
+
+/// One side's network namespace, joined to this one by a veth pair:
+/// `PREFIX.1/24` on this namespace's end, `PREFIX.2/24` on the side's.
+#[derive(Clone, Copy)]
+struct WanNet {
+    namespace: &'static str,
+    prefix: &'static str,
+}
+
+impl WanNet {
+    /// This namespace's end of the pair.
+    fn outside(self) -> String {
+        format!("{}-h", self.namespace)
+    }
+
+    fn inside(self) -> String {
+        format!("{}-n", self.namespace)
+    }
+}
+
+fn wan_net(side: Side) -> WanNet {
+    match side {
+        Side::Builder => WanNet {
+            namespace: "dtb-srv",
+            prefix: "10.77.0",
+        },
+        Side::Client => WanNet {
+            namespace: "dtb-cli",
+            prefix: "10.77.1",
+        },
+    }
+}
+
+/// Each way; the round trip is twice this.
+const WAN_DELAY: Duration = Duration::from_millis(25);
+
+/// The link's speed, on what enters each namespace so both directions are
+/// capped, with about 20 ms of queue as a router might have.
+const WAN_TBF: [&str; 7] = ["tbf", "rate", "1gbit", "burst", "256kb", "latency", "20ms"];
+
+/// Per socket of the delay line, past `net.core.rmem_max` (hence the FORCE
+/// options, as root): more than 50 ms at 1 Gbit/s, so the line itself is
+/// never where packets are lost.
+const LINE_BUFFER: libc::c_int = 8 << 20;
+
+/// Runs a setup tool, for its output.
+fn tool(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|err| format!("{program}: {err}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// The namespaces and veth pairs of `--wan`; dropping it removes them, also
+/// when setting them up failed halfway.
+struct Wan;
+
+impl Wan {
+    fn setup() -> Result<Self, String> {
+        // What a crashed run left behind.
+        Self::remove();
+        let wan = Wan;
+        for side in [Side::Builder, Side::Client] {
+            let net = wan_net(side);
+            let WanNet { namespace, prefix } = net;
+            let (outside, inside) = (net.outside(), net.inside());
+            tool("ip", &["netns", "add", namespace])?;
+            tool(
+                "ip",
+                &[
+                    "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns",
+                    namespace,
+                ],
+            )?;
+            tool(
+                "ip",
+                &["addr", "add", &format!("{prefix}.1/24"), "dev", &outside],
+            )?;
+            tool("ip", &["link", "set", &outside, "up"])?;
+            // No default route: the other namespace is reachable only through
+            // the delay line, so Iroh finds no direct path around it.
+            let addr = format!("{prefix}.2/24");
+            tool(
+                "ip",
+                &["-n", namespace, "addr", "add", &addr, "dev", &inside],
+            )?;
+            tool("ip", &["-n", namespace, "link", "set", &inside, "up"])?;
+            // The client's cache proxy listens on loopback.
+            tool("ip", &["-n", namespace, "link", "set", "lo", "up"])?;
+            let mut tc = vec!["qdisc", "add", "dev", &outside, "root"];
+            tc.extend(WAN_TBF);
+            tool("tc", &tc)?;
+        }
+        Ok(wan)
+    }
+
+    fn remove() {
+        for side in [Side::Builder, Side::Client] {
+            let _ = tool("ip", &["netns", "delete", wan_net(side).namespace]);
+            // A namespace outlives its name while anything still uses it;
+            // deleting our end of the pair takes the other end at once.
+            let _ = tool("ip", &["link", "delete", &wan_net(side).outside()]);
+        }
+    }
+
+    /// Times one round trip through a delay line to an echo in the builder's
+    /// namespace, after checking that the client's has no other way there.
+    fn probe(&self) -> Result<Duration, String> {
+        let echo = bind_in(Side::Builder)?;
+        let client = bind_in(Side::Client)?;
+        let echo_addr = echo.local_addr().map_err(|e| e.to_string())?;
+        if client.send_to(b"direct", echo_addr).is_ok() {
+            return Err(format!(
+                "the client's namespace reaches {echo_addr} without the delay line"
+            ));
+        }
+        let line = DelayLine::start(echo_addr)?;
+        let echoer = thread::spawn(move || {
+            let mut buffer = [0u8; 64];
+            let (len, from) = echo.recv_from(&mut buffer)?;
+            echo.send_to(&buffer[..len], from)
+        });
+        let start = Instant::now();
+        client
+            .send_to(b"ping", line.addr)
+            .and_then(|_| client.recv_from(&mut [0u8; 64]))
+            .map_err(|e| format!("no echo through the delay line: {e}"))?;
+        let rtt = start.elapsed();
+        echoer
+            .join()
+            .expect("echo thread")
+            .map_err(|e| format!("echo: {e}"))?;
+        Ok(rtt)
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        Self::remove();
+    }
+}
+
+/// A UDP socket on `side`'s end of its veth pair, giving up reading after
+/// 5 s. A socket stays in the namespace it was made in, so only a
+/// short-lived thread has to enter it.
+fn bind_in(side: Side) -> Result<UdpSocket, String> {
+    let net = wan_net(side);
+    let namespace = std::fs::File::open(format!("/run/netns/{}", net.namespace))
+        .map_err(|e| format!("{}: {e}", net.namespace))?;
+    let addr = format!("{}.2:0", net.prefix);
+    thread::spawn(move || {
+        if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = UdpSocket::bind(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(socket)
+    })
+    .join()
+    .expect("namespace thread")
+    .map_err(|e| format!("a socket in {}: {e}", net.namespace))
+}
+
+/// A stand-in for `tc netem delay`, which this kernel lacks: forwards UDP
+/// between the client's namespace and the builder's, `WAN_DELAY` late each
+/// way. The builder sees the line as its client, as if behind NAT; replies go
+/// to whoever sent last.
+struct DelayLine {
+    /// Where the client dials.
+    addr: SocketAddr,
+    /// The line's end towards the builder.
+    builder_side: SocketAddr,
+    up: Arc<Flow>,
+    down: Arc<Flow>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// One direction's counters.
+#[derive(Default)]
+struct Flow {
+    packets: AtomicU64,
+    /// Sends: a GSO train of packets counts once.
+    trains: AtomicU64,
+    bytes: AtomicU64,
+    send_errors: AtomicU64,
+    /// Packets from anyone but the builder, or from it before the client spoke.
+    strays: AtomicU64,
+    /// Packets sent over a millisecond past their time, and the longest
+    /// wait past it in µs: the line falling behind adds delay of its own.
+    late: AtomicU64,
+    late_us: AtomicU64,
+}
+
+impl DelayLine {
+    fn start(builder: SocketAddr) -> Result<Self, String> {
+        let bind = |side: Side| -> Result<UdpSocket, String> {
+            let socket = UdpSocket::bind(format!("{}.1:0", wan_net(side).prefix))
+                .map_err(|e| format!("delay line: {e}"))?;
+            let (size, on) = (LINE_BUFFER, 1 as libc::c_int);
+            for (level, option, value) in [
+                (libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size),
+                (libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &size),
+                (libc::SOL_UDP, libc::UDP_GRO, &on),
+            ] {
+                let set = unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        level,
+                        option,
+                        (&raw const *value).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if set != 0 {
+                    return Err(format!(
+                        "delay line socket option {option}: {}",
+                        io::Error::last_os_error()
+                    ));
+                }
+            }
+            // Wakes the receiving threads now and then to notice `stop`.
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            Ok(socket)
+        };
+        let client_side = bind(Side::Client)?;
+        let builder_side = bind(Side::Builder)?;
+        let clone = |socket: &UdpSocket| socket.try_clone().map_err(|e| e.to_string());
+        let client = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (up, down) = (Arc::new(Flow::default()), Arc::new(Flow::default()));
+        let mut threads = Vec::new();
+        let last_sender = client.clone();
+        threads.extend(forward(
+            "up",
+            clone(&client_side)?,
+            clone(&builder_side)?,
+            up.clone(),
+            stop.clone(),
+            move |from| {
+                *last_sender.lock().unwrap() = Some(from);
+                Some(builder)
+            },
+        ));
+        threads.extend(forward(
+            "down",
+            clone(&builder_side)?,
+            clone(&client_side)?,
+            down.clone(),
+            stop.clone(),
+            move |from| {
+                if from == builder {
+                    *client.lock().unwrap()
+                } else {
+                    None
+                }
+            },
+        ));
+        Ok(Self {
+            addr: client_side.local_addr().map_err(|e| e.to_string())?,
+            builder_side: builder_side.local_addr().map_err(|e| e.to_string())?,
+            up,
+            down,
+            stop,
+            threads,
+        })
+    }
+
+    fn summary(&self) -> String {
+        let flow = |name: &str, flow: &Flow, receiver: SocketAddr| {
+            format!(
+                "{name} {} packets in {} sends ({:.1} MiB), {} dropped by the line's socket, \
+                 {} send errors, {} strays, {} over 1 ms late (at most {:.1} ms)",
+                flow.packets.load(Ordering::Relaxed),
+                flow.trains.load(Ordering::Relaxed),
+                flow.bytes.load(Ordering::Relaxed) as f64 / MIB,
+                udp_drops(receiver).map_or("?".to_owned(), |n| n.to_string()),
+                flow.send_errors.load(Ordering::Relaxed),
+                flow.strays.load(Ordering::Relaxed),
+                flow.late.load(Ordering::Relaxed),
+                flow.late_us.load(Ordering::Relaxed) as f64 / 1000.0
+            )
+        };
+        format!(
+            "{}; {}",
+            flow("up", &self.up, self.addr),
+            flow("down", &self.down, self.builder_side)
+        )
+    }
+}
+
+impl Drop for DelayLine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends what arrives on `input` from `output`, `WAN_DELAY` later, to where
+/// `route` says for its sender (or nowhere). Receiving and sending are
+/// separate threads so that waiting never delays reading; with one constant
+/// delay, arrival order is already deadline order. Trains of packets that an
+/// endpoint sent at once with GSO stay whole: with a syscall per packet the
+/// line would need a good part of a CPU, which the endpoints lack.
+fn forward(
+    name: &str,
+    input: UdpSocket,
+    output: UdpSocket,
+    flow: Arc<Flow>,
+    stop: Arc<AtomicBool>,
+    mut route: impl FnMut(SocketAddr) -> Option<SocketAddr> + Send + 'static,
+) -> [thread::JoinHandle<()>; 2] {
+    let (queue, queued) = mpsc::channel::<(Instant, SocketAddr, Vec<u8>, Option<u16>)>();
+    let receiving = {
+        let flow = flow.clone();
+        line_thread(format!("line-{name}-recv"), move || {
+            let mut buffer = vec![0u8; 1 << 16];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((len, from, segment)) = receive(&input, &mut buffer) else {
+                    continue;
+                };
+                match route(from) {
+                    Some(to) => {
+                        let due = Instant::now() + WAN_DELAY;
+                        let _ = queue.send((due, to, buffer[..len].to_vec(), segment));
+                    }
+                    None => {
+                        flow.strays.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    let sending = line_thread(format!("line-{name}-send"), move || {
+        for (due, to, packet, segment) in queued {
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+            let late = due.elapsed();
+            if late > Duration::from_millis(1) {
+                flow.late.fetch_add(1, Ordering::Relaxed);
+            }
+            flow.late_us
+                .fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+            match send(&output, to, &packet, segment) {
+                Ok(()) => {
+                    let segment = segment.map_or(packet.len(), usize::from);
+                    let packets = packet.len().div_ceil(segment.max(1)) as u64;
+                    flow.packets.fetch_add(packets, Ordering::Relaxed);
+                    flow.trains.fetch_add(1, Ordering::Relaxed);
+                    flow.bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    flow.send_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    [receiving, sending]
+}
+
+/// Receives a datagram, or with `UDP_GRO` a train of them: `len` bytes cut
+/// into `segment`-byte packets (the last may be shorter).
+fn receive(socket: &UdpSocket, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<u16>)> {
+    let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    let mut control = [0u64; 8];
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_name = (&raw mut name).cast();
+    header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = size_of_val(&control);
+    let len = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut header, 0) };
+    if len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut segment = None;
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const header) };
+    while let Some(message) = unsafe { cmsg.as_ref() } {
+        if message.cmsg_level == libc::SOL_UDP && message.cmsg_type == libc::UDP_GRO {
+            let size = unsafe { libc::CMSG_DATA(cmsg).cast::<libc::c_int>().read_unaligned() };
+            segment = u16::try_from(size).ok();
+        }
+        cmsg = unsafe { libc::CMSG_NXTHDR(&raw const header, cmsg) };
+    }
+    let from = SocketAddr::from((
+        Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
+        u16::from_be(name.sin_port),
+    ));
+    Ok((len as usize, from, segment))
+}
+
+/// Sends what `receive` got, a train again (`UDP_SEGMENT`) if it was one.
+fn send(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+    segment: Option<u16>,
+) -> io::Result<()> {
+    let SocketAddr::V4(to) = to else {
+        return Err(io::ErrorKind::Unsupported.into());
+    };
+    let mut name = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    let mut control = [0u64; 4];
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_name = (&raw mut name).cast();
+    header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    if let Some(segment) = segment.filter(|&segment| usize::from(segment) < payload.len()) {
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const header);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+            libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
+        }
+    }
+    if unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const header, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A thread of the delay line, at a real-time priority: the builder and the
+/// client keep both CPUs busy, and a line that waits for a turn adds delay.
+fn line_thread(name: String, work: impl FnOnce() + Send + 'static) -> thread::JoinHandle<()> {
+    thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let param = libc::sched_param { sched_priority: 10 };
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+                progress(&format!(
+                    "delay line without real-time priority: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            work()
+        })
+        .expect("starting a delay line thread")
+}
+
+/// Datagrams the kernel dropped for want of room in the socket bound to
+/// `addr`, from `/proc/net/udp`.
+fn udp_drops(addr: SocketAddr) -> Option<u64> {
+    let SocketAddr::V4(addr) = addr else {
+        return None;
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(addr.ip().octets()),
+        addr.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    let row = table
+        .lines()
+        .find(|row| row.split_whitespace().nth(1) == Some(local.as_str()))?;
+    row.split_whitespace().last()?.parse().ok()
+}
+
+/// What `tbf` on `dev` dropped: the emulated link's own losses.
+fn tbf_drops(dev: &str) -> Option<u64> {
+    let stats = tool("tc", &["-s", "qdisc", "show", "dev", dev]).ok()?;
+    stats
+        .split("dropped ")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 // === measuring ===
@@ -807,6 +1339,8 @@ struct Bench {
     http: Option<(Service, u16)>,
     ssh: Result<Ssh, String>,
     notes: Vec<String>,
+    /// After `variants`, so the builders leave the namespaces before they go.
+    wan: Option<Wan>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -839,8 +1373,44 @@ fn lines(text: &str) -> Vec<String> {
 }
 
 impl Bench {
-    fn setup(options: Options) -> Result<Self, String> {
+    fn setup(mut options: Options) -> Result<Self, String> {
         let busybox = busybox().ok_or("no static busybox (apt-get install busybox-static)")?;
+        let mut notes = Vec::new();
+        let wan = if options.wan {
+            let (wan_cases, skipped): (Vec<Case>, Vec<Case>) =
+                options.cases.iter().partition(|case| {
+                    matches!(
+                        case,
+                        Case::Download | Case::Upload | Case::SmallUp | Case::SmallDown
+                    )
+                });
+            if !skipped.is_empty() {
+                let names: Vec<&str> = skipped.iter().map(|case| case.name()).collect();
+                notes.push(format!(
+                    "--wan measures only download, upload, small-up and small-down; skipped {}",
+                    names.join(", ")
+                ));
+            }
+            options.cases = wan_cases;
+            let wan = Wan::setup()?;
+            let rtt = wan.probe()?;
+            progress(&format!(
+                "a round trip through the delay line takes {:.1} ms",
+                rtt.as_secs_f64() * 1000.0
+            ));
+            notes.push(format!(
+                "WAN: builder and client in network namespaces joined through this host by veth \
+                 pairs, each direction shaped by `{}`, {} ms one-way delay added by a userspace \
+                 UDP delay line (probe round trip {:.1} ms); no nix copy baselines, as the line \
+                 carries only drv-thru's UDP",
+                WAN_TBF.join(" "),
+                WAN_DELAY.as_millis(),
+                rtt.as_secs_f64() * 1000.0
+            ));
+            Some(wan)
+        } else {
+            None
+        };
         let (tmp, dir) = match &options.dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
@@ -866,6 +1436,7 @@ impl Bench {
         let world = World {
             dir: dir.clone(),
             conf: conf.clone(),
+            wan: wan.is_some(),
         };
         for side in [Side::Builder, Side::Client] {
             std::fs::create_dir_all(world.store_dir(side)).map_err(|e| e.to_string())?;
@@ -996,30 +1567,34 @@ impl Bench {
                 .collect(),
         };
 
-        progress("filling the file:// caches for the baselines");
-        let mut down: Vec<&str> = vec![&paths.rand, &paths.text, &paths.small_down];
-        down.sort();
-        let down_url = format!("file://{}/cache-down?compression=none", dir.display());
-        let mut args = vec!["copy", "--to", down_url.as_str()];
-        args.extend(down);
-        world.run_ok(Side::Builder, "nix", &args);
-        let up_url = format!("file://{}/cache-up?compression=none", dir.display());
-        let mut args = vec!["copy", "--to", up_url.as_str(), paths.upload_src.as_str()];
-        args.extend(paths.small_srcs.iter().map(String::as_str));
-        world.run_ok(Side::Client, "nix", &args);
+        let (http, ssh) = if wan.is_some() {
+            (None, Err("--wan".to_owned()))
+        } else {
+            progress("filling the file:// caches for the baselines");
+            let mut down: Vec<&str> = vec![&paths.rand, &paths.text, &paths.small_down];
+            down.sort();
+            let down_url = format!("file://{}/cache-down?compression=none", dir.display());
+            let mut args = vec!["copy", "--to", down_url.as_str()];
+            args.extend(down);
+            world.run_ok(Side::Builder, "nix", &args);
+            let up_url = format!("file://{}/cache-up?compression=none", dir.display());
+            let mut args = vec!["copy", "--to", up_url.as_str(), paths.upload_src.as_str()];
+            args.extend(paths.small_srcs.iter().map(String::as_str));
+            world.run_ok(Side::Client, "nix", &args);
 
-        let mut notes = Vec::new();
-        let http = match start_http(&dir) {
-            Ok(http) => Some(http),
-            Err(err) => {
-                notes.push(format!("http baseline skipped: {err}"));
-                None
+            let http = match start_http(&dir) {
+                Ok(http) => Some(http),
+                Err(err) => {
+                    notes.push(format!("http baseline skipped: {err}"));
+                    None
+                }
+            };
+            let ssh = start_sshd(&world);
+            if let Err(err) = &ssh {
+                notes.push(format!("ssh-ng baseline skipped: {err}"));
             }
+            (http, ssh)
         };
-        let ssh = start_sshd(&world);
-        if let Err(err) = &ssh {
-            notes.push(format!("ssh-ng baseline skipped: {err}"));
-        }
 
         // The client is a trusted client of the builder and knows its key.
         let key = world.home(Side::Client).join(".config/drv-thru/secret.key");
@@ -1041,12 +1616,20 @@ impl Bench {
             let server = Server::start(&world, &bin, &name, &client_id);
             let public_key = std::fs::read_to_string(server.data_dir.join("signing-public.key"))
                 .map_err(|e| format!("builder signing key: {e}"))?;
+            let (label, line) = if wan.is_some() {
+                let line = DelayLine::start(server.addr)?;
+                let label = format!("{label} over {} ms WAN", 2 * WAN_DELAY.as_millis());
+                (label, Some(line))
+            } else {
+                (label, None)
+            };
+            let addr = line.as_ref().map_or(server.addr, |line| line.addr);
             builders.insert(
                 name.clone(),
                 json!({
                     "endpoint_id": server.endpoint_id,
                     "relay_url": null,
-                    "addrs": [server.addr.to_string()],
+                    "addrs": [addr.to_string()],
                     "public_key": public_key.trim(),
                 }),
             );
@@ -1055,6 +1638,7 @@ impl Bench {
                 bin,
                 server,
                 name,
+                line,
             });
         }
         std::fs::write(
@@ -1073,6 +1657,7 @@ impl Bench {
             http,
             ssh,
             notes,
+            wan,
             _tmp: tmp,
         })
     }
@@ -1236,6 +1821,9 @@ impl Bench {
         reset: Reset<'_>,
         copy: impl Fn(&str) -> Command,
     ) -> Vec<Measured> {
+        if self.wan.is_some() {
+            return Vec::new();
+        }
         let cache = match case {
             Case::Upload | Case::SmallUp => "cache-up",
             _ => "cache-down",
@@ -1542,6 +2130,46 @@ struct Report {
 }
 
 impl Bench {
+    /// What crossed the emulated link. Fails if drv-thru moved more than
+    /// the delay line carried, which would mean it found a way around.
+    fn wan_report(&self, report: &Report) -> Vec<String> {
+        let Some(_) = &self.wan else {
+            return Vec::new();
+        };
+        let mut notes = Vec::new();
+        for variant in &self.variants {
+            let Some(line) = &variant.line else {
+                continue;
+            };
+            let moved: u64 = report
+                .measured
+                .iter()
+                .filter(|m| m.method.starts_with(&variant.label))
+                .map(|m| m.bytes * m.samples.len() as u64)
+                .sum();
+            let carried =
+                line.up.bytes.load(Ordering::Relaxed) + line.down.bytes.load(Ordering::Relaxed);
+            assert!(
+                carried >= moved,
+                "{}: the delay line carried {carried} bytes, less than the {moved} moved",
+                variant.label
+            );
+            notes.push(format!(
+                "delay line of {}: {}",
+                variant.label,
+                line.summary()
+            ));
+        }
+        let drops = [Side::Client, Side::Builder].map(|side| {
+            tbf_drops(&wan_net(side).outside()).map_or("?".to_owned(), |n| n.to_string())
+        });
+        notes.push(format!(
+            "tbf dropped {} packets towards the client, {} towards the builder",
+            drops[0], drops[1]
+        ));
+        notes
+    }
+
     fn meta(&self) -> Value {
         let nix = Command::new("nix")
             .arg("--version")
@@ -1780,8 +2408,7 @@ fn main() {
         return;
     }
     let json_output = options.json;
-    let cases = options.cases.clone();
-    let bench = match Bench::setup(options) {
+    let mut bench = match Bench::setup(options) {
         Ok(bench) => bench,
         Err(err) => {
             println!("skipping the transfer benchmark: {err}");
@@ -1792,7 +2419,7 @@ fn main() {
         measured: Vec::new(),
         concurrent: Vec::new(),
     };
-    for case in cases {
+    for case in bench.options.cases.clone() {
         progress(&format!("case {}", case.name()));
         match case {
             Case::Download | Case::DownloadText | Case::SmallDown => {
@@ -1802,6 +2429,10 @@ fn main() {
             Case::Trivial => report.measured.extend(bench.trivial()),
             Case::Concurrent => report.concurrent = bench.concurrent(),
         }
+    }
+    for note in bench.wan_report(&report) {
+        progress(&note);
+        bench.notes.push(note);
     }
     if json_output {
         println!(
