@@ -418,6 +418,7 @@ async fn remote(
         args.nar_fetches.into(),
         session.id.clone(),
         import.key().cloned(),
+        nix.clone(),
     )
     .await
     .context("starting the loopback cache")?;

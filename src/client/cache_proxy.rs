@@ -23,21 +23,43 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::{StreamExt as _, stream};
+use futures::{
+    FutureExt as _, StreamExt as _,
+    future::{BoxFuture, Shared},
+    stream,
+};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{Request, Response, StatusCode, body::Frame, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{OnceCell, Semaphore},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::BuilderChannel;
 use crate::{
-    nix::{narinfo::NarInfo, signing::PublicKey, store_path::StorePathHash},
-    proto::{GetNarInfoRequest, GetNarRequest, cache_client::CacheClient},
+    nix::{
+        narinfo::NarInfo,
+        signing::PublicKey,
+        store_path::{StorePath, StorePathHash},
+    },
+    nixcmd::Nix,
+    proto::{GetNarInfoRequest, GetNarRequest, ListNarInfosRequest, cache_client::CacheClient},
 };
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// NARs up to this size are fetched ahead of Nix's requests.
+const AHEAD_MAX: u64 = 256 << 10;
+
+/// Bytes of NARs fetched ahead at most: what Nix may never ask for (paths
+/// that appear in its store meanwhile) costs no more than this.
+const AHEAD_BUDGET: u64 = 64 << 20;
+
+/// Small NARs fetched ahead at once.
+const AHEAD_SLOTS: usize = 32;
 
 /// Bytes per range of a large NAR. With [`CacheProxy::start`]'s `fetches`
 /// ranges in flight, at most `fetches` times this is buffered.
@@ -61,7 +83,19 @@ struct Upstream {
     /// File sizes named by the narinfos served, by NAR URL.
     sizes: Arc<Mutex<HashMap<String, u64>>>,
     fetches: usize,
+    listed: Arc<OnceCell<Option<Listed>>>,
+    /// Small NARs being fetched before Nix asks for them, by URL.
+    ahead: Arc<Mutex<HashMap<String, Ahead>>>,
+    ahead_slots: Arc<Semaphore>,
+    /// The local store, to tell which paths are worth fetching ahead.
+    nix: Nix,
 }
+
+/// The session's narinfos by hash part.
+type Listed = HashMap<StorePathHash, String>;
+
+/// A small NAR fetched ahead, whole.
+type Ahead = Shared<BoxFuture<'static, Result<Bytes, String>>>;
 
 impl CacheProxy {
     /// Serves the builder's cache for `session_id` on a free loopback port,
@@ -73,6 +107,7 @@ impl CacheProxy {
         fetches: usize,
         session_id: String,
         key: Option<PublicKey>,
+        nix: Nix,
     ) -> std::io::Result<Self> {
         assert!(!channels.is_empty(), "the loopback cache needs a channel");
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -93,7 +128,17 @@ impl CacheProxy {
             received: received.clone(),
             sizes: Arc::default(),
             fetches: fetches.max(1),
+            listed: Arc::default(),
+            ahead: Arc::default(),
+            ahead_slots: Arc::new(Semaphore::new(AHEAD_SLOTS)),
+            nix,
         };
+        // Nix's first narinfo request would start the listing; it is already
+        // known to come.
+        let eager = upstream.clone();
+        tokio::spawn(async move {
+            eager.listed().await;
+        });
         let stopped = stop.clone();
         tokio::spawn(async move {
             loop {
@@ -146,6 +191,15 @@ impl Drop for CacheProxy {
     }
 }
 
+/// The size of the file a narinfo names, if it says.
+fn file_size(narinfo: &NarInfo) -> Option<u64> {
+    match (narinfo.compression.as_deref(), narinfo.file_size) {
+        (_, Some(size)) => Some(size),
+        (None | Some("none"), None) => Some(narinfo.nar_size),
+        _ => None,
+    }
+}
+
 fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(
         Full::new(body.into())
@@ -187,22 +241,15 @@ impl Upstream {
         let Ok(hash) = hash.parse::<StorePathHash>() else {
             return respond(StatusCode::NOT_FOUND, "");
         };
-        let reply = self
-            .cache()
-            .get_nar_info(GetNarInfoRequest {
-                session_id: self.session_id.clone(),
-                store_path_hash: hash.to_string(),
-            })
-            .await;
-        let text = match reply {
-            Ok(reply) => reply.into_inner().narinfo,
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                return respond(StatusCode::NOT_FOUND, "");
-            }
-            Err(status) => {
-                warn!("builder refused narinfo {hash}: {}", status.message());
-                return respond(StatusCode::BAD_GATEWAY, status.message().to_owned());
-            }
+        let text = match self.listed().await {
+            Some(listed) => match listed.get(&hash) {
+                Some(text) => text.clone(),
+                None => return respond(StatusCode::NOT_FOUND, ""),
+            },
+            None => match self.fetch_narinfo(&hash).await {
+                Ok(text) => text,
+                Err(response) => return response,
+            },
         };
         match text.parse::<NarInfo>() {
             Ok(narinfo) if *narinfo.store_path.hash_part() != hash => {
@@ -228,12 +275,7 @@ impl Upstream {
                 )
             }
             Ok(narinfo) => {
-                let size = match (narinfo.compression.as_deref(), narinfo.file_size) {
-                    (_, Some(size)) => Some(size),
-                    (None | Some("none"), None) => Some(narinfo.nar_size),
-                    _ => None,
-                };
-                if let Some(size) = size {
+                if let Some(size) = file_size(&narinfo) {
                     let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
                     sizes.insert(narinfo.url, size);
                 }
@@ -246,7 +288,141 @@ impl Upstream {
         }
     }
 
+    async fn fetch_narinfo(&self, hash: &StorePathHash) -> Result<String, Response<Body>> {
+        let reply = self
+            .cache()
+            .get_nar_info(GetNarInfoRequest {
+                session_id: self.session_id.clone(),
+                store_path_hash: hash.to_string(),
+            })
+            .await;
+        match reply {
+            Ok(reply) => Ok(reply.into_inner().narinfo),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                Err(respond(StatusCode::NOT_FOUND, ""))
+            }
+            Err(status) => {
+                warn!("builder refused narinfo {hash}: {}", status.message());
+                Err(respond(
+                    StatusCode::BAD_GATEWAY,
+                    status.message().to_owned(),
+                ))
+            }
+        }
+    }
+
+    /// The narinfos of the session's output closure, listed in one call the
+    /// first time they are needed; `None` if the builder cannot list them
+    /// (each is then asked for on its own).
+    async fn listed(&self) -> Option<&Listed> {
+        self.listed
+            .get_or_init(|| async {
+                let listed = self.list().await;
+                if let Some(listed) = &listed {
+                    self.fetch_ahead(listed).await;
+                }
+                listed
+            })
+            .await
+            .as_ref()
+    }
+
+    async fn list(&self) -> Option<Listed> {
+        let request = ListNarInfosRequest {
+            session_id: self.session_id.clone(),
+        };
+        let listing = async {
+            let mut stream = self.cache().list_nar_infos(request).await?.into_inner();
+            let mut listed = Listed::new();
+            while let Some(item) = stream.message().await? {
+                match item.narinfo.parse::<NarInfo>() {
+                    Ok(narinfo) => {
+                        listed.insert(*narinfo.store_path.hash_part(), item.narinfo);
+                    }
+                    Err(err) => warn!("builder listed a malformed narinfo: {err}"),
+                }
+            }
+            Ok::<_, tonic::Status>(listed)
+        };
+        match listing.await {
+            Ok(listed) => Some(listed),
+            Err(status) => {
+                if status.code() != tonic::Code::Unimplemented {
+                    warn!(
+                        "listing the builder's narinfos failed: {}",
+                        status.message()
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Starts fetching the small NARs of `listed` that the local store
+    /// lacks, up to [`AHEAD_BUDGET`] bytes: Nix asks for each path's NAR only
+    /// after the last one is imported, so over a long link every small path
+    /// would otherwise cost a round trip.
+    async fn fetch_ahead(&self, listed: &Listed) {
+        let small: HashMap<StorePath, NarInfo> = listed
+            .values()
+            .filter_map(|text| text.parse::<NarInfo>().ok())
+            .filter(|narinfo| file_size(narinfo).is_some_and(|size| size <= AHEAD_MAX))
+            .map(|narinfo| (narinfo.store_path.clone(), narinfo))
+            .collect();
+        if small.is_empty() {
+            return;
+        }
+        let paths: Vec<StorePath> = small.keys().cloned().collect();
+        let lacking = match self.nix.invalid_paths(&paths).await {
+            Ok(lacking) => lacking,
+            Err(err) => {
+                debug!("not fetching ahead: {err}");
+                return;
+            }
+        };
+        let mut budget = AHEAD_BUDGET;
+        let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        for path in lacking {
+            let narinfo = &small[&path];
+            let Some(size) = file_size(narinfo).filter(|size| *size <= budget) else {
+                continue;
+            };
+            budget -= size;
+            let upstream = self.clone();
+            let url = narinfo.url.clone();
+            let fetch = async move {
+                let _permit = upstream.ahead_slots.acquire().await;
+                upstream
+                    .clone()
+                    .range(url, 0, size)
+                    .await
+                    .map(|chunks| Bytes::from(chunks.concat()))
+                    .map_err(|err| err.to_string())
+            }
+            .boxed()
+            .shared();
+            tokio::spawn(fetch.clone());
+            ahead.insert(narinfo.url.clone(), fetch);
+        }
+    }
+
     async fn nar(&self, url: String) -> Response<Body> {
+        let early = self
+            .ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&url);
+        if let Some(early) = early {
+            match early.await {
+                Ok(bytes) => {
+                    self.received
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    return respond(StatusCode::OK, bytes);
+                }
+                // Fetched ahead in vain; ask again below.
+                Err(err) => debug!("{url} fetched ahead failed: {err}"),
+            }
+        }
         let size = self
             .sizes
             .lock()

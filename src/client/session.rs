@@ -25,8 +25,9 @@ use crate::{
 const CHUNK: usize = 256 << 10;
 
 /// NARs are uploaded in parts of at most this many bytes, each to the next
-/// upload call in turn; small paths are one part each.
-const PART: u64 = 4 << 20;
+/// upload call in turn; small paths are one part each. A part costs no
+/// round trip, so parts stay small: each call buffers one.
+const PART: u64 = 1 << 20;
 
 /// Concurrent `UploadInputs` calls, each on a QUIC stream of its own: one
 /// stream's window (1.25 MB) caps it near 25 MiB/s at 50 ms round trip.

@@ -559,6 +559,32 @@ impl CacheService {
     }
 }
 
+fn not_an_output(hash: &StorePathHash) -> Status {
+    Status::not_found(format!("{hash} is not an output of this session's build"))
+}
+
+/// The signed narinfo of `path`, which `session` may read; its NAR may then
+/// be fetched in this session.
+async fn serve_narinfo(
+    cache: &SignedCache,
+    session: &super::session::Session,
+    path: &StorePath,
+) -> Result<NarInfo, Status> {
+    let narinfo = cache
+        .narinfo(path, || session.readable_paths())
+        .await
+        .map_err(|err| {
+            warn!(%path, "cache fill failed: {err}");
+            match err {
+                CacheError::NotInStore(_) => not_an_output(path.hash_part()),
+                other => Status::internal(format!("the builder could not serve {path}: {other}")),
+            }
+        })?;
+    session.allow_nar(&narinfo.url);
+    debug!(session = %session.id, %path, "narinfo served");
+    Ok(narinfo)
+}
+
 #[tonic::async_trait]
 impl cache_server::Cache for CacheService {
     async fn get_cache_info(
@@ -581,27 +607,44 @@ impl cache_server::Cache for CacheService {
             .store_path_hash
             .parse()
             .map_err(|err| Status::invalid_argument(format!("store_path_hash: {err}")))?;
-        let not_found =
-            || Status::not_found(format!("{hash} is not an output of this session's build"));
-        let path = session.readable(&hash).ok_or_else(not_found)?;
-        let narinfo = self
-            .cache
-            .narinfo(&path, || session.readable_paths())
-            .await
-            .map_err(|err| {
-                warn!(%path, "cache fill failed: {err}");
-                match err {
-                    CacheError::NotInStore(_) => not_found(),
-                    other => {
-                        Status::internal(format!("the builder could not serve {path}: {other}"))
-                    }
-                }
-            })?;
-        session.allow_nar(&narinfo.url);
-        debug!(session = %session.id, %path, "narinfo served");
+        let path = session
+            .readable(&hash)
+            .ok_or_else(|| not_an_output(&hash))?;
+        let narinfo = serve_narinfo(&self.cache, &session, &path).await?;
         Ok(Response::new(proto::GetNarInfoResponse {
             narinfo: narinfo.to_string(),
         }))
+    }
+
+    type ListNarInfosStream = ReceiverStream<Result<proto::ListNarInfosResponse, Status>>;
+
+    async fn list_nar_infos(
+        &self,
+        request: Request<proto::ListNarInfosRequest>,
+    ) -> Result<Response<Self::ListNarInfosStream>, Status> {
+        let session = self.session(&request, &request.get_ref().session_id)?;
+        let paths = session.readable_paths();
+        if paths.is_empty() {
+            return Err(Status::failed_precondition(
+                "the session's build has not succeeded (yet): there are no outputs to list",
+            ));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            for path in &paths {
+                let reply = serve_narinfo(&cache, &session, path).await.map(|narinfo| {
+                    proto::ListNarInfosResponse {
+                        narinfo: narinfo.to_string(),
+                    }
+                });
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type GetNarStream = ReceiverStream<Result<proto::GetNarResponse, Status>>;
