@@ -3,6 +3,7 @@
 //! real Nix in separate stores.
 
 mod builds;
+mod cache;
 mod common;
 mod helper;
 mod nixenv;
