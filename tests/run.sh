@@ -46,4 +46,7 @@ fi
 if [[ $(id -u) -eq 0 ]]; then
   echo "== benchmark (small)"
   cargo bench --locked --bench transfer -- --size 8M --runs 1 --small-count 100 --clients 4
+  echo "== benchmark over the emulated WAN (small)"
+  cargo bench --locked --bench transfer -- --wan --size 8M --runs 1 --small-count 100 \
+    --cases download,upload,small-up,small-down
 fi
