@@ -153,7 +153,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let nix = Nix::new();
     let sessions = Arc::new(Sessions::default());
     let uploads_dir = data_dir.join("uploads");
-    // Uploads are staged per request and removed after it; anything left is
+    // Uploads are staged per session and removed after it; anything left is
     // from a crash.
     let _ = fs::remove_dir_all(&uploads_dir);
     let parallel_fills = config

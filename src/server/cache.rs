@@ -106,6 +106,7 @@ impl SignedCache {
         parallel_fills: usize,
         max_bytes: Option<u64>,
     ) -> Self {
+        remove_leftovers(&dir);
         Self {
             dir,
             key,
@@ -490,6 +491,21 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
     }
 }
 
+/// Removes the temporary files of fills a crash cut short: entries are only
+/// ever made by renaming a complete file into place.
+fn remove_leftovers(dir: &Path) {
+    for dir in [dir.to_owned(), dir.join("nar")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 fn filetime_touch(path: &Path) -> std::io::Result<()> {
     let file = std::fs::File::options().append(true).open(path)?;
     file.set_modified(std::time::SystemTime::now())
@@ -676,5 +692,38 @@ impl cache_server::Cache for CacheService {
         Ok(Response::new(ReceiverStream::new(
             nar.read_range(offset, length)?,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restart_removes_what_interrupted_fills_left() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("nar")).unwrap();
+        for name in [
+            "nar/.tmpAbC123",
+            ".tmpXyZ789",
+            "nar/kept.nar",
+            "kept.narinfo",
+        ] {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        SignedCache::new(
+            dir.path().to_owned(),
+            SecretKey::generate("drv-thru-test-1").unwrap(),
+            Nix::new(),
+            1,
+            None,
+        );
+        let mut left: Vec<String> = ["", "nar"]
+            .iter()
+            .flat_map(|sub| std::fs::read_dir(dir.path().join(sub)).unwrap())
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["kept.nar", "kept.narinfo", "nar"]);
     }
 }
