@@ -479,19 +479,26 @@ impl Upstream {
         Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)))
     }
 
+    /// Bytes `offset..offset + length` of the file at `url`; a failure is
+    /// logged here, as Nix only sees a body cut short.
     async fn range(self, url: String, offset: u64, length: u64) -> std::io::Result<Vec<Bytes>> {
-        let failed = |status: tonic::Status| {
-            std::io::Error::other(format!(
-                "fetching bytes {offset}..{} of {url}: {}",
-                offset + length,
-                status.message()
-            ))
-        };
+        self.fetch_range(&url, offset, length).await.map_err(|why| {
+            let err = format!(
+                "fetching bytes {offset}..{} of {url}: {why}",
+                offset + length
+            );
+            warn!("{err}");
+            std::io::Error::other(err)
+        })
+    }
+
+    async fn fetch_range(&self, url: &str, offset: u64, length: u64) -> Result<Vec<Bytes>, String> {
+        let failed = |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
         let mut stream = self
             .cache()
             .get_nar(GetNarRequest {
                 session_id: self.session_id.clone(),
-                url: url.clone(),
+                url: url.to_owned(),
                 offset,
                 length,
             })
@@ -507,9 +514,7 @@ impl Upstream {
             chunks.push(chunk.data);
         }
         if got != length {
-            return Err(std::io::Error::other(format!(
-                "the builder sent {got} of {length} bytes from offset {offset} of {url}"
-            )));
+            return Err(format!("the builder sent {got} of {length} bytes"));
         }
         Ok(chunks)
     }

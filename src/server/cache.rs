@@ -74,13 +74,6 @@ pub enum CacheError {
     Io(#[from] std::io::Error),
 }
 
-/// Narinfos handed out whose NARs are not cached yet, by URL. Entries go
-/// when their NAR is cached; the map is emptied if it ever gets this large
-/// (a client that asked for a narinfo and never for its NAR).
-type Pending = Arc<Mutex<HashMap<String, NarInfo>>>;
-
-const MAX_PENDING: usize = 100_000;
-
 /// The signed cache on disk.
 #[derive(Debug)]
 pub struct SignedCache {
@@ -91,7 +84,6 @@ pub struct SignedCache {
     max_bytes: Option<u64>,
     /// Entries being filled (one writer each) or just filled.
     open: OpenEntries,
-    pending: Pending,
     /// What the store records about paths about to be asked for.
     infos: Mutex<HashMap<StorePath, PathInfo>>,
 }
@@ -114,7 +106,6 @@ impl SignedCache {
             fills: Arc::new(Semaphore::new(parallel_fills.max(1))),
             max_bytes,
             open: OpenEntries::default(),
-            pending: Pending::default(),
             infos: Mutex::new(HashMap::new()),
         }
     }
@@ -156,13 +147,6 @@ impl SignedCache {
         let mut narinfo = info.to_narinfo(format!("nar/{}.nar", info.nar_hash.to_nix_base32()));
         narinfo.signatures.clear();
         narinfo.sign(&self.key);
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if pending.len() >= MAX_PENDING {
-                pending.clear();
-            }
-            pending.insert(narinfo.url.clone(), narinfo.clone());
-        }
         Ok(narinfo)
     }
 
@@ -207,11 +191,12 @@ impl SignedCache {
             .remove(path)
     }
 
-    /// The NAR file named by a narinfo `URL:`: being filled, on disk, or
-    /// (for a narinfo just handed out) a fill started now. `None` if the URL
-    /// names nothing this cache has or is about to have.
-    pub fn nar(&self, url: &str) -> Result<Option<NarFile>, CacheError> {
-        let Some(name) = url.strip_prefix("nar/") else {
+    /// The NAR file that `narinfo` (one this cache signed) names: being
+    /// filled, on disk, or filled from the store now. `None` for a
+    /// compressed file that is gone (pruned meanwhile): only plain NARs can
+    /// be made again exactly as their narinfo says.
+    pub fn nar(&self, narinfo: &NarInfo) -> Result<Option<NarFile>, CacheError> {
+        let Some(name) = narinfo.url.strip_prefix("nar/") else {
             return Ok(None);
         };
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -221,7 +206,7 @@ impl SignedCache {
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get_mut(url)
+            .get_mut(&narinfo.url)
         {
             entry.touched = Instant::now();
             return Ok(Some(entry.nar.clone()));
@@ -230,13 +215,10 @@ impl SignedCache {
             let size = file.metadata()?.len();
             return Ok(Some(NarFile::complete(file, size)));
         }
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(url)
-            .cloned();
-        pending.map(|narinfo| self.start_fill(narinfo)).transpose()
+        if !matches!(narinfo.compression.as_deref(), None | Some("none")) {
+            return Ok(None);
+        }
+        self.start_fill(narinfo.clone()).map(Some)
     }
 
     /// Starts writing the entry of `narinfo` from the store; readers follow
@@ -260,7 +242,6 @@ impl SignedCache {
         let fill = Fill {
             dir: self.dir.clone(),
             narinfo_path: self.narinfo_path(&narinfo.store_path),
-            pending: self.pending.clone(),
             max_bytes: self.max_bytes,
             source: store_nar::physical(&narinfo.store_path),
             nix: self.nix.clone(),
@@ -324,7 +305,6 @@ struct Fill {
     dir: PathBuf,
     narinfo_path: PathBuf,
     narinfo: NarInfo,
-    pending: Pending,
     max_bytes: Option<u64>,
     /// The path on this file system, or `None` to ask `nix-store --dump`.
     source: Option<PathBuf>,
@@ -372,10 +352,6 @@ impl Fill {
         tmp_info
             .persist(&self.narinfo_path)
             .map_err(|err| err.error)?;
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.narinfo.url);
         if let Some(max) = self.max_bytes {
             match prune_dir(&self.dir, max) {
                 Ok(0) => {}
@@ -596,7 +572,7 @@ async fn serve_narinfo(
                 other => Status::internal(format!("the builder could not serve {path}: {other}")),
             }
         })?;
-    session.allow_nar(&narinfo.url);
+    session.allow_nar(&narinfo);
     debug!(session = %session.id, %path, "narinfo served");
     Ok(narinfo)
 }
@@ -678,12 +654,10 @@ impl cache_server::Cache for CacheService {
         } = request.into_inner();
         let not_found =
             || Status::not_found(format!("{url} was not named by a narinfo of this session"));
-        if !session.may_fetch_nar(&url) {
-            return Err(not_found());
-        }
+        let narinfo = session.served_nar(&url).ok_or_else(not_found)?;
         let nar = self
             .cache
-            .nar(&url)
+            .nar(&narinfo)
             .map_err(|err| {
                 warn!(%url, "opening a cache entry: {err}");
                 Status::internal(format!("the builder could not serve {url}: {err}"))

@@ -2,7 +2,7 @@
 //! cache entries it may read.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -19,6 +19,7 @@ use crate::{
     nix::{
         content_address::ContentAddress,
         hash::Sha256Hash,
+        narinfo::NarInfo,
         store_path::{StorePath, StorePathHash},
     },
     proto,
@@ -122,8 +123,9 @@ struct SessionState {
     /// The outputs' closure by hash part, once built: what the session may
     /// read from the cache.
     readable: HashMap<StorePathHash, StorePath>,
-    /// NAR URLs of narinfos served to this session.
-    served_nars: HashSet<String>,
+    /// Narinfos served to this session, by NAR URL: what it may fetch, and
+    /// what to fill a missing entry from.
+    served_nars: HashMap<String, NarInfo>,
     /// How the build ended, once it has.
     outcome: Option<(proto::BuildResult, String)>,
 }
@@ -176,7 +178,7 @@ impl Session {
                 missing,
                 build: BuildState::NotStarted,
                 readable: HashMap::new(),
-                served_nars: HashSet::new(),
+                served_nars: HashMap::new(),
                 outcome: None,
             }),
         }
@@ -273,14 +275,16 @@ impl Session {
         self.state().readable.values().cloned().collect()
     }
 
-    /// Remembers that a narinfo naming `url` was served to this session.
-    pub fn allow_nar(&self, url: &str) {
-        self.state().served_nars.insert(url.to_owned());
+    /// Remembers that `narinfo` was served to this session.
+    pub fn allow_nar(&self, narinfo: &NarInfo) {
+        self.state()
+            .served_nars
+            .insert(narinfo.url.clone(), narinfo.clone());
     }
 
-    /// Whether a narinfo naming `url` was served to this session.
-    pub fn may_fetch_nar(&self, url: &str) -> bool {
-        self.state().served_nars.contains(url)
+    /// The narinfo served to this session that names `url`, if any.
+    pub fn served_nar(&self, url: &str) -> Option<NarInfo> {
+        self.state().served_nars.get(url).cloned()
     }
 }
 
