@@ -18,7 +18,7 @@ mod nar_file;
 
 use std::{
     collections::HashMap,
-    io::Write as _,
+    io::{Read as _, Seek as _, Write as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -412,13 +412,22 @@ const COMPRESS_FROM: u64 = 1 << 20;
 /// when that saves at least a tenth. Compressible outputs then cost less to
 /// send and store, while incompressible ones never pay for decompression.
 /// The signature covers the NAR's hash and size, not the file, so it stays
-/// valid.
+/// valid. The first MiB decides whether trying the whole file is worth it:
+/// random data would otherwise cost seconds of CPU per GiB for nothing.
 fn compress(plain: &Path, dir: &Path, narinfo: &NarInfo) -> Result<Option<NarInfo>, CacheError> {
+    let mut file = std::fs::File::open(plain)?;
+    let mut sample = Vec::with_capacity(COMPRESS_FROM as usize);
+    (&mut file).take(COMPRESS_FROM).read_to_end(&mut sample)?;
+    let compressed = zstd::bulk::compress(&sample, 3)?;
+    if !worthwhile(compressed.len() as u64, sample.len() as u64) {
+        return Ok(None);
+    }
+    file.rewind()?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir.join("nar"))?;
     let mut hashed = HashingWriter::new(tmp.as_file_mut());
-    zstd::stream::copy_encode(std::fs::File::open(plain)?, &mut hashed, 3)?;
+    zstd::stream::copy_encode(file, &mut hashed, 3)?;
     let (file_hash, file_size) = hashed.finish();
-    if file_size.saturating_mul(10) > narinfo.nar_size.saturating_mul(WORTHWHILE_TENTHS) {
+    if !worthwhile(file_size, narinfo.nar_size) {
         return Ok(None);
     }
     let url = format!("nar/{}.nar.zst", file_hash.to_nix_base32());
@@ -430,6 +439,10 @@ fn compress(plain: &Path, dir: &Path, narinfo: &NarInfo) -> Result<Option<NarInf
         file_size: Some(file_size),
         ..narinfo.clone()
     }))
+}
+
+fn worthwhile(compressed: u64, plain: u64) -> bool {
+    compressed.saturating_mul(10) <= plain.saturating_mul(WORTHWHILE_TENTHS)
 }
 
 /// A writer that hashes and counts what passes through it.
