@@ -461,11 +461,12 @@ in
         type = types.nullOr (types.ints.between 1 16);
         default = null;
         description = ''
-          Parts of output NARs the CLI fetches at once, each over a QUIC
-          stream of its own (`DRV_THRU_NAR_FETCHES` in login sessions; the
-          `--nar-fetches` flag). One stream carries about its window divided
-          by the round-trip time, so long links want more. `null` leaves the
-          CLI's default (4).
+          NAR parts the CLI moves at once, each over a QUIC stream of its
+          own, for output downloads and input uploads (`DRV_THRU_NAR_FETCHES`
+          in login sessions; the `--nar-fetches` flag). One stream carries
+          about its window divided by the round-trip time, so long links want
+          several. `null` leaves the CLI's choice: one stream on paths under
+          5 ms round trip, four beyond.
         '';
       };
 

@@ -124,6 +124,9 @@ impl Target {
     }
 }
 
+/// Round-trip time from which bulk transfers use parallel streams.
+const PARALLEL_FROM_RTT: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// A live connection to a builder.
 #[derive(Debug)]
 pub struct Connection {
@@ -136,6 +139,17 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// How many streams a bulk transfer should spread over, at most `max`:
+    /// one stream moves about its flow-control window (1.25 MB) per round
+    /// trip, which on a short path is more than the CPU can encrypt, so
+    /// there one stream is fastest; a long path needs several.
+    pub async fn bulk_width(&self, max: usize) -> usize {
+        match self.link.rtt().await {
+            Some(rtt) if rtt < PARALLEL_FROM_RTT => 1,
+            _ => max,
+        }
+    }
+
     /// `n` channels for bulk data besides [`Self::channel`], each on a QUIC
     /// stream of its own (opened on first use), so a transfer spread over
     /// them is not capped by one stream's flow-control window.

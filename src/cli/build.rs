@@ -16,11 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Failure;
 use crate::{
-    client::{
-        self, Target,
-        cache_proxy::CacheProxy,
-        session::{Session, UPLOAD_STREAMS},
-    },
+    client::{self, Target, cache_proxy::CacheProxy, session::Session},
     endpoint::RelayChoice,
     helper::{self, client::HelperClient},
     nix::{signing::PublicKey, store_path::StorePath},
@@ -30,9 +26,9 @@ use crate::{
     units::format_bytes,
 };
 
-/// `--nar-fetches` unless set: four 1.25 MB QUIC windows in flight fill
-/// about 100 MiB/s at 50 ms round trip.
-const DEFAULT_NAR_FETCHES: u8 = 4;
+/// Parallel streams on a long path, unless `--nar-fetches` says: four
+/// 1.25 MB QUIC windows in flight carry about 100 MiB/s at 50 ms round trip.
+const LONG_PATH_STREAMS: usize = 4;
 
 #[derive(Debug, clap::Args)]
 pub(super) struct Args {
@@ -73,17 +69,18 @@ pub(super) struct Args {
     #[arg(long)]
     rebuild: bool,
 
-    /// Parts of output NARs fetched at once, each over a QUIC stream of its
-    /// own. One stream's throughput is capped near its window divided by the
-    /// round-trip time, so long links want more.
+    /// NAR parts moved at once, each over a QUIC stream of its own: output
+    /// downloads and input uploads [default: 1 on a path under 5 ms round
+    /// trip, else 4]. One stream carries about its window divided by the
+    /// round-trip time, so long links want several; on short ones one
+    /// stream is fastest.
     #[arg(
         long,
         value_name = "N",
         env = "DRV_THRU_NAR_FETCHES",
-        default_value_t = DEFAULT_NAR_FETCHES,
         value_parser = clap::value_parser!(u8).range(1..=16),
     )]
-    nar_fetches: u8,
+    nar_fetches: Option<u8>,
 
     /// Show plain build logs instead of nix-output-monitor's view.
     #[arg(long)]
@@ -343,6 +340,15 @@ enum Remote {
     Failed(String),
 }
 
+/// Streams for bulk transfers: as `--nar-fetches` says, or by the path's
+/// round-trip time.
+async fn bulk_width(args: &Args, connection: &client::Connection) -> usize {
+    match args.nar_fetches {
+        Some(n) => n.into(),
+        None => connection.bulk_width(LONG_PATH_STREAMS).await,
+    }
+}
+
 async fn remote(
     args: &Args,
     nix: &Nix,
@@ -386,7 +392,11 @@ async fn remote(
         ));
         let report = progress.bytes("uploading", total);
         session
-            .upload(nix, connection.bulk_channels(UPLOAD_STREAMS), report)
+            .upload(
+                nix,
+                connection.bulk_channels(bulk_width(args, connection).await),
+                report,
+            )
             .await?;
         progress.finish();
     }
@@ -413,9 +423,10 @@ async fn remote(
     if let Some(name) = requested.keys().find(|name| !outputs.contains_key(*name)) {
         bail!("the builder did not report the requested output {name:?}");
     }
+    let fetches = bulk_width(args, connection).await;
     let proxy = CacheProxy::start(
-        connection.bulk_channels(args.nar_fetches.into()),
-        args.nar_fetches.into(),
+        connection.bulk_channels(fetches),
+        fetches,
         session.id.clone(),
         import.key().cloned(),
         nix.clone(),

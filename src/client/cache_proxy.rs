@@ -429,7 +429,7 @@ impl Upstream {
             .unwrap_or_else(|p| p.into_inner())
             .get(&url)
             .copied();
-        if let Some(size) = size.filter(|size| *size > SEGMENT) {
+        if let Some(size) = size.filter(|size| self.fetches > 1 && *size > SEGMENT) {
             return self.ranged(url, size);
         }
         let reply = self

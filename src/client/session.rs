@@ -29,10 +29,6 @@ const CHUNK: usize = 256 << 10;
 /// round trip, so parts stay small: each call buffers one.
 const PART: u64 = 1 << 20;
 
-/// Concurrent `UploadInputs` calls, each on a QUIC stream of its own: one
-/// stream's window (1.25 MB) caps it near 25 MiB/s at 50 ms round trip.
-pub const UPLOAD_STREAMS: usize = 4;
-
 /// Reads the NARs of `paths` and deals them out as parts over `calls`.
 /// Stops quietly when a call has ended: its status says why.
 async fn send_parts(

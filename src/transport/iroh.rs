@@ -230,6 +230,16 @@ impl Link {
         })
     }
 
+    /// The round-trip time of the path in use, as QUIC estimates it.
+    pub async fn rtt(&self) -> Option<Duration> {
+        let connection = self.connection.lock().await;
+        let paths = connection.paths();
+        paths
+            .iter()
+            .find(|path| path.is_selected())
+            .map(|path| path.rtt())
+    }
+
     /// A channel whose HTTP/2 connection is set up now.
     pub async fn channel(&self) -> Result<Channel, ConnectError> {
         super::tuned_client_endpoint()

@@ -127,7 +127,8 @@ fn ticket_build_imports_signed_outputs_once() {
     }
     let pair = Pair::new(&salt("ticket"), &[]);
     let ticket = pair.ticket(&[]);
-    let output = pair.build("app", &["--ticket", &ticket]);
+    // Ranges of the large outputs over several streams, as on a long link.
+    let output = pair.build("app", &["--ticket", &ticket, "--nar-fetches", "3"]);
     assert!(
         output.status.success(),
         "{}\nbuilder:\n{}",
@@ -221,7 +222,17 @@ fn large_input_arrives_intact_in_parallel_parts() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(big.join("data.bin"), &data).unwrap();
-    let output = pair.build("checksum", &["--ticket", &pair.ticket(&[]), "--no-link"]);
+    // Several streams even on loopback, where one would be chosen.
+    let output = pair.build(
+        "checksum",
+        &[
+            "--ticket",
+            &pair.ticket(&[]),
+            "--no-link",
+            "--nar-fetches",
+            "3",
+        ],
+    );
     assert!(
         output.status.success(),
         "{}\nbuilder:\n{}",
