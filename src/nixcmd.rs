@@ -394,14 +394,7 @@ impl Nix {
         let mut closure = std::collections::BTreeMap::new();
         for (group, derivation) in split_derivations(paths) {
             for batch in batches(&group) {
-                let mut args: Vec<OsString> =
-                    vec!["path-info".into(), "--json".into(), "--recursive".into()];
-                if derivation {
-                    args.push("--derivation".into());
-                }
-                args.push("--".into());
-                args.extend(batch.iter().map(|p| OsString::from(p.to_string())));
-                let line = self.command_line(Program::Nix, args);
+                let line = self.path_info_line(batch, derivation, true);
                 let output = self.run_ok(&line).await?;
                 let infos = parse::path_infos(&output.stdout_text())
                     .map_err(|reason| output.parse_error(&line, reason))?;
@@ -463,13 +456,7 @@ impl Nix {
         let mut found = std::collections::BTreeMap::new();
         for (group, derivation) in split_derivations(&valid) {
             for batch in batches(&group) {
-                let mut args: Vec<OsString> = vec!["path-info".into(), "--json".into()];
-                if derivation {
-                    args.push("--derivation".into());
-                }
-                args.push("--".into());
-                args.extend(batch.iter().map(|p| OsString::from(p.to_string())));
-                let line = self.command_line(Program::Nix, args);
+                let line = self.path_info_line(batch, derivation, false);
                 let output = self.run(&line).await?;
                 // The exit code says nothing about missing paths; read the output whatever it is,
                 // and fall back to the exit status only if there is nothing to read.
@@ -686,6 +673,26 @@ impl Nix {
     }
 
     /// The full command line for `program` with `args` after the handle's global flags.
+    /// `nix path-info --json [--recursive] [--derivation] -- PATHS...`: `.drv` files need
+    /// `--derivation`, or newer Nix would take them for their outputs.
+    fn path_info_line(
+        &self,
+        paths: &[StorePath],
+        derivation: bool,
+        recursive: bool,
+    ) -> CommandLine {
+        let mut args: Vec<OsString> = vec!["path-info".into(), "--json".into()];
+        if recursive {
+            args.push("--recursive".into());
+        }
+        if derivation {
+            args.push("--derivation".into());
+        }
+        args.push("--".into());
+        args.extend(paths.iter().map(|p| OsString::from(p.to_string())));
+        self.command_line(Program::Nix, args)
+    }
+
     fn command_line(&self, program: Program, args: Vec<OsString>) -> CommandLine {
         let config = &self.config;
         let mut full: Vec<OsString> = Vec::new();
