@@ -275,8 +275,10 @@ impl SignedCache {
 
 /// How long an entry whose plain file compression replaced stays readable
 /// under the URL it was filled as, after its last use: a client may still
-/// be fetching ranges of it.
-const LINGER: Duration = Duration::from_secs(120);
+/// be fetching ranges of it (one that pauses longer gets the plain NAR
+/// filled again). Short, because while the file is open the kernel writes
+/// the deleted file's pages back to disk like any other.
+const LINGER: Duration = Duration::from_secs(10);
 
 async fn linger(open: &OpenEntries, url: &str) {
     loop {
