@@ -55,8 +55,9 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 const AHEAD_MAX: u64 = 256 << 10;
 
 /// Bytes of NARs fetched ahead at most: what Nix may never ask for (paths
-/// that appear in its store meanwhile) costs no more than this.
-const AHEAD_BUDGET: u64 = 64 << 20;
+/// that appear in its store meanwhile) costs no more than this, and the
+/// client stays within its memory target.
+const AHEAD_BUDGET: u64 = 32 << 20;
 
 /// Small NARs fetched ahead at once.
 const AHEAD_SLOTS: usize = 32;
