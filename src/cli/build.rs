@@ -379,6 +379,9 @@ async fn remote(
             );
         }
     }
+    // The same streams carry the upload and, after the build, the outputs.
+    let width = bulk_width(args, connection).await;
+    let bulk = connection.bulk_channels(width);
     if !session.missing.is_empty() {
         let total: u64 = infos
             .iter()
@@ -391,13 +394,7 @@ async fn remote(
             format_bytes(total)
         ));
         let report = progress.bytes("uploading", total);
-        session
-            .upload(
-                nix,
-                connection.bulk_channels(bulk_width(args, connection).await),
-                report,
-            )
-            .await?;
+        session.upload(nix, bulk.clone(), report).await?;
         progress.finish();
     }
     let mut sink = LogSink::new(args.no_nom);
@@ -423,10 +420,9 @@ async fn remote(
     if let Some(name) = requested.keys().find(|name| !outputs.contains_key(*name)) {
         bail!("the builder did not report the requested output {name:?}");
     }
-    let fetches = bulk_width(args, connection).await;
     let proxy = CacheProxy::start(
-        connection.bulk_channels(fetches),
-        fetches,
+        bulk,
+        width,
         session.id.clone(),
         import.key().cloned(),
         nix.clone(),

@@ -318,32 +318,32 @@ impl Upstream {
     async fn listed(&self) -> Option<&Listed> {
         self.listed
             .get_or_init(|| async {
-                let listed = self.list().await;
-                if let Some(listed) = &listed {
-                    self.fetch_ahead(listed).await;
-                }
-                listed
+                let (listed, narinfos) = self.list().await?;
+                self.fetch_ahead(narinfos).await;
+                Some(listed)
             })
             .await
             .as_ref()
     }
 
-    async fn list(&self) -> Option<Listed> {
+    /// The listing, with each narinfo parsed.
+    async fn list(&self) -> Option<(Listed, Vec<NarInfo>)> {
         let request = ListNarInfosRequest {
             session_id: self.session_id.clone(),
         };
         let listing = async {
             let mut stream = self.cache().list_nar_infos(request).await?.into_inner();
-            let mut listed = Listed::new();
+            let (mut listed, mut narinfos) = (Listed::new(), Vec::new());
             while let Some(item) = stream.message().await? {
                 match item.narinfo.parse::<NarInfo>() {
                     Ok(narinfo) => {
                         listed.insert(*narinfo.store_path.hash_part(), item.narinfo);
+                        narinfos.push(narinfo);
                     }
                     Err(err) => warn!("builder listed a malformed narinfo: {err}"),
                 }
             }
-            Ok::<_, tonic::Status>(listed)
+            Ok::<_, tonic::Status>((listed, narinfos))
         };
         match listing.await {
             Ok(listed) => Some(listed),
@@ -359,14 +359,13 @@ impl Upstream {
         }
     }
 
-    /// Starts fetching the small NARs of `listed` that the local store
+    /// Starts fetching the small NARs of `narinfos` that the local store
     /// lacks, up to [`AHEAD_BUDGET`] bytes: Nix asks for each path's NAR only
     /// after the last one is imported, so over a long link every small path
     /// would otherwise cost a round trip.
-    async fn fetch_ahead(&self, listed: &Listed) {
-        let small: HashMap<StorePath, NarInfo> = listed
-            .values()
-            .filter_map(|text| text.parse::<NarInfo>().ok())
+    async fn fetch_ahead(&self, narinfos: Vec<NarInfo>) {
+        let small: HashMap<StorePath, NarInfo> = narinfos
+            .into_iter()
             .filter(|narinfo| file_size(narinfo).is_some_and(|size| size <= AHEAD_MAX))
             .map(|narinfo| (narinfo.store_path.clone(), narinfo))
             .collect();
@@ -415,11 +414,8 @@ impl Upstream {
             .remove(&url);
         if let Some(early) = early {
             match early.await {
-                Ok(bytes) => {
-                    self.received
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    return respond(StatusCode::OK, bytes);
-                }
+                // Counted in `received` as it arrived.
+                Ok(bytes) => return respond(StatusCode::OK, bytes),
                 // Fetched ahead in vain; ask again below.
                 Err(err) => debug!("{url} fetched ahead failed: {err}"),
             }
