@@ -343,11 +343,12 @@ pub async fn receive(
     uploads_dir: &Path,
     stream: impl Stream<Item = Result<UploadInputsRequest, Status>>,
 ) -> Result<UploadInputsResponse, Status> {
-    if session.missing().is_empty() {
+    let missing = session.missing();
+    if missing.is_empty() {
         return Ok(UploadInputsResponse::default());
     }
     let upload = Upload::of(session, uploads_dir)?;
-    let result = receive_parts(session, &upload, stream).await;
+    let result = receive_parts(session, &missing, &upload, stream).await;
     let bytes = match result {
         Ok(bytes) => bytes,
         Err(status) => {
@@ -355,8 +356,8 @@ pub async fn receive(
             return Err(status);
         }
     };
-    let missing = session.missing();
-    if missing.is_empty() || !upload.take_import(&missing) {
+    // Another call may have imported meanwhile; `take_import` then says no.
+    if !upload.take_import(&missing) {
         return Ok(UploadInputsResponse {
             paths_imported: 0,
             bytes_received: bytes,
@@ -387,11 +388,11 @@ pub async fn receive(
 /// Writes and checks the parts of one call; returns the bytes it carried.
 async fn receive_parts(
     session: &Session,
+    missing: &BTreeSet<StorePath>,
     upload: &Upload,
     stream: impl Stream<Item = Result<UploadInputsRequest, Status>>,
 ) -> Result<u64, Status> {
     tokio::pin!(stream);
-    let missing = session.missing();
     let mut part: Option<(Arc<Mutex<Staged>>, u64)> = None;
     let mut bytes = 0u64;
     while let Some(message) = stream.next().await.transpose()? {
