@@ -14,6 +14,8 @@
 //! - [`client`]: reaching a builder from the command line.
 //! - [`helper`]: the client machine's root import helper, the only code
 //!   that imports into the store for users Nix does not trust.
+//! - [`loopback_cache`]: binary caches served to the local Nix over
+//!   loopback HTTP, so Nix imports while the data still arrives.
 //! - [`cli`]: one module per subcommand.
 
 #![deny(missing_docs)]
@@ -24,6 +26,7 @@ pub mod config;
 pub mod endpoint;
 pub mod helper;
 pub mod keys;
+pub mod loopback_cache;
 pub mod nix;
 pub mod nixcmd;
 pub mod proto;

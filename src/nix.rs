@@ -9,6 +9,7 @@ pub mod base32;
 pub mod content_address;
 pub mod drv;
 pub mod hash;
+pub mod import_order;
 pub mod nar;
 pub mod narinfo;
 pub mod signing;

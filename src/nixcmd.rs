@@ -594,29 +594,38 @@ impl Nix {
     /// valid. Missing `nar/`, `realisations/` and `log/` directories and `nix-cache-info` are
     /// created first, as Nix wants to create them even when only reading. Afterwards every path
     /// must be valid.
+    ///
+    /// With `served_at`, Nix reads the cache from that URL instead: a server in front of `dir`
+    /// that may still be receiving the NARs while Nix reads them.
     pub async fn add_content_addressed_from_cache(
         &self,
         dir: &Path,
+        served_at: Option<&str>,
         paths: &[StorePath],
     ) -> Result<(), NixCmdError> {
-        let url = file_url(dir)?;
-        let ordered = cache::check_and_order(dir, paths)?;
+        let url = match served_at {
+            Some(url) => url.to_owned(),
+            None => file_url(dir)?,
+        };
+        let groups = cache::check_and_order(dir, paths)?;
         cache::prepare_dir(dir).map_err(|source| NixCmdError::Io {
             command: format!("preparing {}", dir.display()),
             source,
         })?;
-        // Consecutive paths of one kind go in one call, so dependencies come first.
-        let mut groups: Vec<(bool, Vec<StorePath>)> = Vec::new();
-        for path in ordered {
-            let derivation = path.is_derivation();
-            match groups.last_mut() {
-                Some((d, group)) if *d == derivation => group.push(path),
-                _ => groups.push((derivation, vec![path])),
-            }
-        }
-        for (_, group) in groups {
-            self.copy(&["--from".into(), url.clone().into()], &[], &group, true)
-                .await?;
+        // A server may hold a NAR back while the rest of an upload arrives;
+        // its owner, not a timeout, decides when that has taken too long.
+        let options = match served_at {
+            Some(_) => vec![("stalled-download-timeout".to_owned(), "86400".to_owned())],
+            None => Vec::new(),
+        };
+        for group in groups {
+            self.copy(
+                &["--from".into(), url.clone().into()],
+                &options,
+                &group.paths,
+                true,
+            )
+            .await?;
         }
         let missing = self.invalid_paths(paths).await?;
         if !missing.is_empty() {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod build;
 pub mod builder;
 pub mod cache;
+pub mod nar_file;
 pub mod session;
 pub mod status;
 pub mod ticket_store;

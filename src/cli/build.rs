@@ -427,7 +427,6 @@ async fn remote(
         import.key().cloned(),
         nix.clone(),
     )
-    .await
     .context("starting the loopback cache")?;
     let paths: Vec<StorePath> = outputs.values().cloned().collect();
     match import {

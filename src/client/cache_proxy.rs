@@ -1,4 +1,5 @@
-//! A loopback HTTP binary cache in front of the builder's Cache service.
+//! A loopback HTTP binary cache ([`crate::loopback_cache`]) in front of the
+//! builder's Cache service.
 //!
 //! Local Nix imports outputs with `nix copy --from http://127.0.0.1:PORT`, so
 //! Nix itself checks every signature and hash. Each file Nix asks for is
@@ -14,8 +15,6 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -28,18 +27,14 @@ use futures::{
     future::{BoxFuture, Shared},
     stream,
 };
-use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
-use hyper::{Request, Response, StatusCode, body::Frame, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::{
-    net::TcpListener,
-    sync::{OnceCell, Semaphore},
-};
-use tokio_util::sync::CancellationToken;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::{Response, StatusCode, body::Frame};
+use tokio::sync::{OnceCell, Semaphore};
 use tracing::{debug, warn};
 
 use super::BuilderChannel;
 use crate::{
+    loopback_cache::{Body, CacheFiles, LoopbackCache, respond},
     nix::{
         narinfo::NarInfo,
         signing::PublicKey,
@@ -48,8 +43,6 @@ use crate::{
     nixcmd::Nix,
     proto::{GetNarInfoRequest, GetNarRequest, ListNarInfosRequest, cache_client::CacheClient},
 };
-
-type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// NARs up to this size are fetched ahead of Nix's requests.
 const AHEAD_MAX: u64 = 256 << 10;
@@ -69,8 +62,7 @@ const SEGMENT: u64 = 4 << 20;
 /// The running proxy; stops when dropped.
 #[derive(Debug)]
 pub struct CacheProxy {
-    addr: SocketAddr,
-    stop: CancellationToken,
+    server: LoopbackCache,
     received: Arc<AtomicU64>,
 }
 
@@ -103,7 +95,7 @@ impl CacheProxy {
     /// taking turns over `channels` and fetching up to `fetches` ranges of
     /// one large NAR at once. With `key`, narinfos not signed by it are
     /// refused before Nix sees them.
-    pub async fn start(
+    pub fn start(
         channels: Vec<BuilderChannel>,
         fetches: usize,
         session_id: String,
@@ -111,9 +103,6 @@ impl CacheProxy {
         nix: Nix,
     ) -> std::io::Result<Self> {
         assert!(!channels.is_empty(), "the loopback cache needs a channel");
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let stop = CancellationToken::new();
         let received = Arc::new(AtomicU64::new(0));
         let upstream = Upstream {
             caches: channels
@@ -140,55 +129,18 @@ impl CacheProxy {
         tokio::spawn(async move {
             eager.listed().await;
         });
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(err) => { warn!("loopback cache: {err}"); continue; }
-                    },
-                    _ = stopped.cancelled() => return,
-                };
-                // A response is written in pieces; without this, Nagle's
-                // algorithm and delayed ACKs stall every small file ~40 ms.
-                let _ = stream.set_nodelay(true);
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let upstream = upstream.clone();
-                        async move { Ok::<_, Infallible>(upstream.serve(request).await) }
-                    });
-                    if let Err(err) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!("loopback cache connection: {err}");
-                    }
-                });
-            }
-        });
-        Ok(Self {
-            addr,
-            stop,
-            received,
-        })
+        let server = LoopbackCache::start(upstream)?;
+        Ok(Self { server, received })
     }
 
     /// The cache URL to give Nix.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// NAR bytes received from the builder so far.
     pub fn bytes_received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for CacheProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
@@ -201,47 +153,8 @@ fn file_size(narinfo: &NarInfo) -> Option<u64> {
     }
 }
 
-fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(body.into())
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() = status;
-    response
-}
-
-impl Upstream {
-    /// The next channel's client, in turn.
-    fn cache(&self) -> CacheClient<BuilderChannel> {
-        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.caches.len();
-        self.caches[at].clone()
-    }
-
-    async fn serve(&self, request: Request<hyper::body::Incoming>) -> Response<Body> {
-        let path = request.uri().path().trim_start_matches('/').to_owned();
-        if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
-            return respond(StatusCode::METHOD_NOT_ALLOWED, "");
-        }
-        if path == "nix-cache-info" {
-            return respond(
-                StatusCode::OK,
-                "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 40\n",
-            );
-        }
-        if let Some(hash) = path.strip_suffix(".narinfo") {
-            return self.narinfo(hash).await;
-        }
-        if path.starts_with("nar/") {
-            return self.nar(path).await;
-        }
-        respond(StatusCode::NOT_FOUND, "")
-    }
-
-    async fn narinfo(&self, hash: &str) -> Response<Body> {
-        let Ok(hash) = hash.parse::<StorePathHash>() else {
-            return respond(StatusCode::NOT_FOUND, "");
-        };
+impl CacheFiles for Upstream {
+    async fn narinfo(&self, hash: StorePathHash) -> Response<Body> {
         let text = match self.listed().await {
             Some(listed) => match listed.get(&hash) {
                 Some(text) => text.clone(),
@@ -287,6 +200,65 @@ impl Upstream {
                 respond(StatusCode::BAD_GATEWAY, "malformed narinfo")
             }
         }
+    }
+
+    async fn nar(&self, url: String) -> Response<Body> {
+        let early = self
+            .ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&url);
+        if let Some(early) = early {
+            match early.await {
+                // Counted in `received` as it arrived.
+                Ok(bytes) => return respond(StatusCode::OK, bytes),
+                // Fetched ahead in vain; ask again below.
+                Err(err) => debug!("{url} fetched ahead failed: {err}"),
+            }
+        }
+        let size = self
+            .sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&url)
+            .copied();
+        if let Some(size) = size.filter(|size| self.fetches > 1 && *size > SEGMENT) {
+            return self.ranged(url, size);
+        }
+        let reply = self
+            .cache()
+            .get_nar(GetNarRequest {
+                session_id: self.session_id.clone(),
+                url,
+                offset: 0,
+                length: 0,
+            })
+            .await;
+        let stream = match reply {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return respond(StatusCode::NOT_FOUND, "");
+            }
+            Err(status) => return respond(StatusCode::BAD_GATEWAY, status.message().to_owned()),
+        };
+        let received = self.received.clone();
+        let frames = stream.map(move |chunk| match chunk {
+            Ok(chunk) => {
+                received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                Ok(Frame::data(chunk.data))
+            }
+            // Nix sees a truncated body and rejects the NAR by its hash.
+            Err(status) => Err(std::io::Error::other(status.message().to_owned())),
+        });
+        Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)))
+    }
+}
+
+impl Upstream {
+    /// The next channel's client, in turn.
+    fn cache(&self) -> CacheClient<BuilderChannel> {
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.caches.len();
+        self.caches[at].clone()
     }
 
     async fn fetch_narinfo(&self, hash: &StorePathHash) -> Result<String, Response<Body>> {
@@ -404,57 +376,6 @@ impl Upstream {
             tokio::spawn(fetch.clone());
             ahead.insert(narinfo.url.clone(), fetch);
         }
-    }
-
-    async fn nar(&self, url: String) -> Response<Body> {
-        let early = self
-            .ahead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&url);
-        if let Some(early) = early {
-            match early.await {
-                // Counted in `received` as it arrived.
-                Ok(bytes) => return respond(StatusCode::OK, bytes),
-                // Fetched ahead in vain; ask again below.
-                Err(err) => debug!("{url} fetched ahead failed: {err}"),
-            }
-        }
-        let size = self
-            .sizes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&url)
-            .copied();
-        if let Some(size) = size.filter(|size| self.fetches > 1 && *size > SEGMENT) {
-            return self.ranged(url, size);
-        }
-        let reply = self
-            .cache()
-            .get_nar(GetNarRequest {
-                session_id: self.session_id.clone(),
-                url,
-                offset: 0,
-                length: 0,
-            })
-            .await;
-        let stream = match reply {
-            Ok(reply) => reply.into_inner(),
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                return respond(StatusCode::NOT_FOUND, "");
-            }
-            Err(status) => return respond(StatusCode::BAD_GATEWAY, status.message().to_owned()),
-        };
-        let received = self.received.clone();
-        let frames = stream.map(move |chunk| match chunk {
-            Ok(chunk) => {
-                received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-                Ok(Frame::data(chunk.data))
-            }
-            // Nix sees a truncated body and rejects the NAR by its hash.
-            Err(status) => Err(std::io::Error::other(status.message().to_owned())),
-        });
-        Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)))
     }
 
     /// The file at `url`, `size` bytes, fetched in ranges over the channels

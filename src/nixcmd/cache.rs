@@ -5,15 +5,16 @@ use std::io::Read as _;
 use std::path::Path;
 
 use super::NixCmdError;
+use crate::nix::import_order::{Cycle, ImportGroup, import_groups};
 use crate::nix::narinfo::{MAX_NARINFO_LEN, NarInfo};
 use crate::nix::store_path::StorePath;
 
 /// Reads the narinfo of every path, checks that each is content-addressed and names itself, and
-/// returns the paths (without duplicates) in an order where references come first.
+/// returns the paths (without duplicates) in groups to import one after the other.
 pub(super) fn check_and_order(
     dir: &Path,
     paths: &[StorePath],
-) -> Result<Vec<StorePath>, NixCmdError> {
+) -> Result<Vec<ImportGroup>, NixCmdError> {
     let refuse = |path: &StorePath, reason: String| NixCmdError::NotContentAddressed {
         path: path.clone(),
         cache: dir.to_owned(),
@@ -31,29 +32,11 @@ pub(super) fn check_and_order(
             .parse()
             .map_err(|e| refuse(path, format!("invalid narinfo: {e}")))?;
         check(path, &info).map_err(|reason| refuse(path, reason))?;
-        let mut refs = info.references;
-        refs.remove(path);
-        references.insert(path.clone(), refs);
+        references.insert(path.clone(), info.references);
     }
-    // Kahn's algorithm over the requested paths only; other references must already be valid.
-    let mut order = Vec::with_capacity(references.len());
-    let mut remaining = references;
-    while !remaining.is_empty() {
-        let ready: Vec<StorePath> = remaining
-            .iter()
-            .filter(|(_, refs)| refs.iter().all(|r| !remaining.contains_key(r)))
-            .map(|(p, _)| p.clone())
-            .collect();
-        if ready.is_empty() {
-            let (path, _) = remaining.first_key_value().expect("not empty");
-            return Err(refuse(path, "the references form a cycle".to_owned()));
-        }
-        for path in ready {
-            remaining.remove(&path);
-            order.push(path);
-        }
-    }
-    Ok(order)
+    // References outside `paths` must already be valid; Nix checks that.
+    import_groups(&references)
+        .map_err(|Cycle(path)| refuse(&path, "the references form a cycle".to_owned()))
 }
 
 /// Checks one narinfo: it describes `path`, its NAR is inside the cache's `nar/` directory, and its
@@ -144,6 +127,13 @@ mod tests {
         (path, info)
     }
 
+    fn group(derivations: &[StorePath]) -> ImportGroup {
+        ImportGroup {
+            derivations: true,
+            paths: derivations.to_vec(),
+        }
+    }
+
     fn write(dir: &Path, info: &NarInfo) {
         let file = dir.join(format!("{}.narinfo", info.store_path.hash_part()));
         std::fs::write(file, info.to_string()).unwrap();
@@ -157,10 +147,10 @@ mod tests {
         let (c, _) = text_path(dir.path(), "c.drv", b"c", &[&b, &a]);
         let order =
             check_and_order(dir.path(), &[c.clone(), b.clone(), a.clone(), c.clone()]).unwrap();
-        assert_eq!(order, [a.clone(), b.clone(), c]);
+        assert_eq!(order, [group(&[a.clone(), b.clone(), c])]);
         // References outside the request are left to Nix.
         let one = std::slice::from_ref(&b);
-        assert_eq!(check_and_order(dir.path(), one).unwrap(), one);
+        assert_eq!(check_and_order(dir.path(), one).unwrap(), [group(one)]);
     }
 
     #[test]
@@ -202,7 +192,7 @@ mod tests {
         info.url = "nar/ok.nar".to_owned();
         write(dir.path(), &info);
         let one = std::slice::from_ref(&b);
-        assert_eq!(check_and_order(dir.path(), one).unwrap(), one);
+        assert_eq!(check_and_order(dir.path(), one).unwrap(), [group(one)]);
 
         // A narinfo stored under another path's hash.
         let (c, _) = text_path(dir.path(), "c.drv", b"c", &[]);

@@ -1,7 +1,12 @@
 //! The Builder service: status for observers, and build sessions (admission,
 //! input upload, the build itself).
 
-use std::{collections::BTreeMap, path::PathBuf, pin::Pin, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+};
 
 use tokio_stream::{
     Stream, StreamExt,
@@ -20,7 +25,7 @@ use super::{
 };
 use crate::{
     config::Limits,
-    nix::store_path::StorePath,
+    nix::{import_order::import_groups, store_path::StorePath},
     nixcmd::Nix,
     proto::{self, BuildPhase, BuildResult, builder_server},
     transport::IrohPeer,
@@ -177,6 +182,20 @@ fn declared_inputs(
     Ok(declared)
 }
 
+/// The inputs in the order the builder's Nix adds them, references first.
+/// Clients are asked to send missing inputs in this order, so an import that
+/// reads inputs while they arrive never waits for one that comes last.
+fn import_order(inputs: &BTreeMap<StorePath, DeclaredInput>) -> Result<Vec<StorePath>, Status> {
+    let references = inputs
+        .iter()
+        .map(|(path, input)| (path.clone(), input.references.clone()))
+        .collect();
+    let groups = import_groups(&references).map_err(|cycle| {
+        Status::invalid_argument(format!("{cycle}; a store closure has no cycles"))
+    })?;
+    Ok(groups.into_iter().flat_map(|group| group.paths).collect())
+}
+
 type StatusStream = Pin<Box<dyn Stream<Item = Result<proto::WatchStatusResponse, Status>> + Send>>;
 type BuildStream = Pin<Box<dyn Stream<Item = Result<proto::BuildResponse, Status>> + Send>>;
 
@@ -222,6 +241,7 @@ impl builder_server::Builder for BuilderService {
             )));
         }
         let inputs = declared_inputs(&drv_path, inputs)?;
+        let order = import_order(&inputs)?;
         self.sessions.ensure_capacity(peer.endpoint_id)?;
         let (label, limits) = self.admit(principal)?;
         let session_id = new_session_id();
@@ -232,9 +252,14 @@ impl builder_server::Builder for BuilderService {
             &drv_path.to_string(),
             BuildPhase::CheckingInputs,
         );
-        let paths: Vec<StorePath> = inputs.keys().cloned().collect();
-        let missing = match self.nix().invalid_paths(&paths).await {
-            Ok(missing) => missing,
+        let missing = match self.nix().invalid_paths(&order).await {
+            Ok(invalid) => {
+                let invalid: BTreeSet<StorePath> = invalid.into_iter().collect();
+                order
+                    .into_iter()
+                    .filter(|path| invalid.contains(path))
+                    .collect::<Vec<_>>()
+            }
             Err(err) => {
                 error!(session = %session_id, "checking inputs: {err}");
                 self.board

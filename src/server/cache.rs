@@ -7,14 +7,12 @@
 //! signed with the builder's key, so Nix can start fetching at once. The
 //! first request for its NAR starts writing the entry from the store; every
 //! reader, of the whole file or of a byte range, follows that write (see
-//! [`nar_file`]). Only a NAR that matches the store's own hash is kept, and
+//! [`super::nar_file`]). Only a NAR that matches the store's own hash is kept, and
 //! its narinfo is written after it. Later requests, from any session, are
 //! served from disk. An entry is recompressed with zstd afterwards when
 //! that saves at least a tenth: incompressible outputs never pay for
 //! decompression. Least recently used entries are pruned past the size
 //! limit.
-
-mod nar_file;
 
 use std::{
     collections::HashMap,
@@ -25,12 +23,13 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::{StreamExt as _, stream::BoxStream};
 use tokio::{io::AsyncReadExt, sync::Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use self::nar_file::{NarFile, Writer};
+use super::nar_file::{CHUNK, NarFile, Writer};
 use super::{auth::principal, session::Sessions};
 use crate::{
     nix::{
@@ -45,9 +44,6 @@ use crate::{
     store_nar,
     transport::IrohPeer,
 };
-
-/// Bytes per NAR chunk on the wire.
-const CHUNK: usize = 256 << 10;
 
 /// Path infos fetched with one `nix path-info` call: a session's closure
 /// is asked for in batches this large, ahead of Nix's narinfo requests.
@@ -654,7 +650,7 @@ impl cache_server::Cache for CacheService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    type GetNarStream = ReceiverStream<Result<proto::GetNarResponse, Status>>;
+    type GetNarStream = BoxStream<'static, Result<proto::GetNarResponse, Status>>;
 
     async fn get_nar(
         &self,
@@ -678,9 +674,12 @@ impl cache_server::Cache for CacheService {
                 Status::internal(format!("the builder could not serve {url}: {err}"))
             })?
             .ok_or_else(not_found)?;
-        Ok(Response::new(ReceiverStream::new(
-            nar.read_range(offset, length)?,
-        )))
+        let chunks = ReceiverStream::new(nar.read_range(offset, length)?);
+        Ok(Response::new(
+            chunks
+                .map(|chunk| chunk.map(|data| proto::GetNarResponse { data }))
+                .boxed(),
+        ))
     }
 }
 

@@ -212,14 +212,27 @@ impl Session {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |so_far| {
                 so_far.checked_add(bytes).filter(|total| *total <= limit)
             })
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "upload exceeds this session's max_upload_bytes of {} ({limit} bytes); \
-                     ask the builder's admin for a larger limit",
-                    self.limits.max_upload_bytes
-                ))
-            })?;
+            .map_err(|_| self.upload_too_large())?;
         Ok(total + bytes)
+    }
+
+    /// Refuses, without counting anything, if `bytes` more would exceed
+    /// the upload limit.
+    pub fn check_upload_room(&self, bytes: u64) -> Result<(), Status> {
+        let so_far = self.uploaded.load(Ordering::SeqCst);
+        match so_far.checked_add(bytes) {
+            Some(total) if total <= self.limits.max_upload_bytes.get() => Ok(()),
+            _ => Err(self.upload_too_large()),
+        }
+    }
+
+    fn upload_too_large(&self) -> Status {
+        Status::resource_exhausted(format!(
+            "upload exceeds this session's max_upload_bytes of {} ({} bytes); \
+             ask the builder's admin for a larger limit",
+            self.limits.max_upload_bytes,
+            self.limits.max_upload_bytes.get()
+        ))
     }
 
     /// Moves the session from not started to running; a session builds once.
@@ -421,7 +434,11 @@ mod tests {
             BTreeMap::new(),
             BTreeSet::new(),
         );
+        session.check_upload_room(10).unwrap();
         assert_eq!(session.count_upload(6).unwrap(), 6);
+        session.check_upload_room(4).unwrap();
+        let early = session.check_upload_room(5).unwrap_err();
+        assert_eq!(early.code(), tonic::Code::ResourceExhausted);
         let refused = session.count_upload(5).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(

@@ -2,7 +2,7 @@
 //! stores, the real `drv-thru` binary on both sides, real Nix.
 
 use std::{
-    os::unix::process::CommandExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -209,12 +209,8 @@ fn ticket_build_imports_signed_outputs_once() {
     );
 }
 
-#[test]
-fn large_input_arrives_intact_in_parallel_parts() {
-    if !available() {
-        return;
-    }
-    let pair = Pair::new(&salt("big-input"), &[]);
+/// Writes the large input source `checksum` reads; returns its contents.
+fn write_big_input(pair: &Pair) -> Vec<u8> {
     let big = pair.world.flake.join("big");
     std::fs::create_dir_all(&big).unwrap();
     // Not a multiple of the part size, so the last part is short.
@@ -222,6 +218,18 @@ fn large_input_arrives_intact_in_parallel_parts() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(big.join("data.bin"), &data).unwrap();
+    data
+}
+
+/// Large enough to be imported while it arrives, through the builder's
+/// loopback cache.
+#[test]
+fn large_input_arrives_intact_in_parallel_parts() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("big-input"), &[]);
+    let data = write_big_input(&pair);
     // Several streams even on loopback, where one would be chosen.
     let output = pair.build(
         "checksum",
@@ -245,6 +253,75 @@ fn large_input_arrives_intact_in_parallel_parts() {
     let line = pair.client.run_ok("cat", &[&out]);
     assert!(line.starts_with(&hex), "{line} vs {hex}");
     assert!(!pair.data_dir_has_uploads());
+}
+
+/// An input whose bytes do not match what the client announced is caught
+/// while the builder's Nix is already reading it: Nix is stopped before it
+/// can finish, and nothing of the upload becomes valid or stays staged.
+/// (Nix may leave the invalid directory it was writing, as after any
+/// interrupted substitution; it deletes that before it next adds the path.)
+#[test]
+fn corrupt_large_input_is_refused_while_importing() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("corrupt-input"), &[]);
+    write_big_input(&pair);
+    // Evaluating adds the source to the client's store; then it rots there.
+    pair.out_path("checksum");
+    let source = pair
+        .client
+        .entries()
+        .into_iter()
+        .find(|name| name.ends_with("-big-src"))
+        .expect("the source is in the client's store");
+    let file = pair.client.dir.join("store").join(&source).join("data.bin");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+
+    let output = pair.build("checksum", &["--ticket", &pair.ticket(&[])]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("does not match its announced hash"),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    assert!(!pair.builder_store.has(&format!("/nix/store/{source}")));
+    assert!(!pair.data_dir_has_uploads());
+    wait_until(
+        "the builder's import is stopped",
+        Duration::from_secs(10),
+        || children_named(pair.builder.pid(), "nix").is_empty(),
+    );
+}
+
+/// Processes named `name` whose parent is `parent`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …; comm may hold spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let comm = head.split_once(" (").map_or("", |(_, comm)| comm);
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if comm == name && ppid == Some(parent) {
+            found.extend(
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    found
 }
 
 #[test]
@@ -504,11 +581,7 @@ fn multi_user_builder_needs_no_trusted_user_rights() {
     const NOBODY: &str = "65534";
     let world = Arc::new(World::new(&salt("multi-user")));
     // The builder's user must reach its data directory inside the world.
-    std::fs::set_permissions(
-        world.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(world.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let client = world.store("client");
     let builder_store = world.store("builder");
     let _daemon = builder_store.start_daemon();

@@ -105,6 +105,11 @@ impl Builder {
         }
     }
 
+    /// The builder's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the builder is running").id()
+    }
+
     /// Stops the builder gracefully (SIGTERM) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

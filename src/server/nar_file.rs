@@ -1,5 +1,6 @@
-//! A cached NAR file that can be read by byte range, also while it is still
-//! being written.
+//! A NAR file that can be read by byte range, also while it is still being
+//! written: a cache entry being filled from the store, or an uploaded input
+//! still arriving.
 //!
 //! Every reader follows the writer through the file rather than taking bytes
 //! from it directly: the writer then runs at disk speed whoever is reading,
@@ -9,11 +10,13 @@
 
 use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::CHUNK;
-use crate::proto;
+/// Bytes per read: large enough to amortise per-message costs, small enough
+/// to keep memory flat.
+pub const CHUNK: usize = 256 << 10;
 
 /// How far the writer has got.
 #[derive(Debug, Clone, Default)]
@@ -63,13 +66,18 @@ impl NarFile {
         (nar, Writer { written: tx })
     }
 
+    /// The size of the complete file.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Streams `length` bytes from `offset` (0: to the end), waiting for the
     /// writer as needed. Ends with an error if the writer gives up.
     pub fn read_range(
         &self,
         offset: u64,
         length: u64,
-    ) -> Result<mpsc::Receiver<Result<proto::GetNarResponse, Status>>, Status> {
+    ) -> Result<mpsc::Receiver<Result<Bytes, Status>>, Status> {
         if offset > self.size || (offset == self.size && self.size > 0) {
             return Err(Status::out_of_range(format!(
                 "offset {offset} is past the end of the file ({} bytes)",
@@ -109,7 +117,7 @@ impl NarFile {
                     file.read_exact_at(&mut chunk, pos)
                         .map_err(|err| Status::internal(format!("reading a cached NAR: {err}")))?;
                     pos += n as u64;
-                    Ok(proto::GetNarResponse { data: chunk.into() })
+                    Ok(Bytes::from(chunk))
                 });
                 let failed = result.is_err();
                 if tx.blocking_send(result).is_err() || failed {
@@ -158,12 +166,10 @@ mod tests {
 
     use super::*;
 
-    async fn collect(
-        mut rx: mpsc::Receiver<Result<proto::GetNarResponse, Status>>,
-    ) -> Result<Vec<u8>, Status> {
+    async fn collect(mut rx: mpsc::Receiver<Result<Bytes, Status>>) -> Result<Vec<u8>, Status> {
         let mut out = Vec::new();
         while let Some(chunk) = rx.recv().await {
-            out.extend_from_slice(&chunk?.data);
+            out.extend_from_slice(&chunk?);
         }
         Ok(out)
     }

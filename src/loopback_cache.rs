@@ -1,0 +1,129 @@
+//! A Nix binary cache served over HTTP on a loopback port, for Nix to import
+//! from while the files are still arriving from elsewhere.
+//!
+//! Nix's `file://` store reads a NAR file once, to its current end; over
+//! HTTP it reads a response body as it comes. Both sides of drv-thru import
+//! this way: the client takes outputs from the builder's Cache service (see
+//! `client::cache_proxy`), the builder takes uploaded inputs while their
+//! parts are still coming in (see `server::upload`). What is served is up
+//! to a [`CacheFiles`]; this module only speaks HTTP.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::{Request, Response, StatusCode, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::nix::store_path::StorePathHash;
+
+/// A response body.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// What a loopback cache serves.
+pub trait CacheFiles: Clone + Send + Sync + 'static {
+    /// The `nix-cache-info` file.
+    fn cache_info(&self) -> &'static str {
+        "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 40\n"
+    }
+
+    /// The response to a request for the narinfo of the path with `hash`.
+    fn narinfo(&self, hash: StorePathHash) -> impl Future<Output = Response<Body>> + Send;
+
+    /// The response to a request for the file at `url` (`nar/…`), as a
+    /// narinfo named it.
+    fn nar(&self, url: String) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// A running loopback cache; stops accepting when dropped.
+#[derive(Debug)]
+pub struct LoopbackCache {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl LoopbackCache {
+    /// Serves `files` on a free port of 127.0.0.1. Must be called within
+    /// a Tokio runtime.
+    pub fn start(files: impl CacheFiles) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(err) => { warn!("loopback cache: {err}"); continue; }
+                    },
+                    _ = stopped.cancelled() => return,
+                };
+                // A response is written in pieces; without this, Nagle's
+                // algorithm and delayed ACKs stall every small file ~40 ms.
+                let _ = stream.set_nodelay(true);
+                let files = files.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let files = files.clone();
+                        async move { Ok::<_, Infallible>(serve(&files, request).await) }
+                    });
+                    if let Err(err) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        debug!("loopback cache connection: {err}");
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, stop })
+    }
+
+    /// The cache URL to give Nix.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for LoopbackCache {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(files: &impl CacheFiles, request: Request<hyper::body::Incoming>) -> Response<Body> {
+    if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "");
+    }
+    let path = request.uri().path().trim_start_matches('/');
+    if path == "nix-cache-info" {
+        return respond(StatusCode::OK, files.cache_info());
+    }
+    if let Some(hash) = path.strip_suffix(".narinfo") {
+        return match hash.parse() {
+            Ok(hash) => files.narinfo(hash).await,
+            Err(_) => respond(StatusCode::NOT_FOUND, ""),
+        };
+    }
+    if path.starts_with("nar/") {
+        return files.nar(path.to_owned()).await;
+    }
+    respond(StatusCode::NOT_FOUND, "")
+}
+
+/// A response with a body known in full.
+pub fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response
+}
