@@ -233,6 +233,17 @@ pub(super) async fn read_limited<R: AsyncRead + Unpin>(
 }
 
 impl Nix {
+    /// The value of `key` in the environment of the commands this handle runs.
+    pub(super) fn env_value(&self, key: &str) -> Option<OsString> {
+        let config = &self.config;
+        let set = config.env.iter().rev().find(|(k, _)| k == key);
+        match set {
+            Some((_, value)) => Some(value.clone()),
+            None if config.passthrough.iter().any(|k| k == key) => std::env::var_os(key),
+            None => None,
+        }
+    }
+
     /// A tokio command for `line` with the handle's program location, environment and
     /// credentials; stdin is closed, stdout and stderr are piped, and the child is killed if
     /// dropped.

@@ -2,9 +2,12 @@
 //! turned into events, and a kill that reaches the builders too.
 
 use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tempfile::TempDir;
 use tokio::io::BufReader;
 use tokio::process::Child;
 use tokio::sync::mpsc;
@@ -167,10 +170,14 @@ impl RealiseRun {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let mut steps = steps.into_iter();
         let first = steps.next().expect("realise has at least one step");
-        let child = spawn_step(nix, &first, &control)?;
+        let tmp = build_tmp(nix).map_err(|source| NixCmdError::Io {
+            command: first.to_string(),
+            source,
+        })?;
+        let child = spawn_step(nix, &first, &control, tmp.path())?;
         let nix = nix.clone();
         let rest: Vec<CommandLine> = steps.collect();
-        let driver = tokio::spawn(drive(nix, first, child, rest, control.clone(), tx));
+        let driver = tokio::spawn(drive(nix, first, child, rest, control.clone(), tx, tmp));
         Ok(Self {
             events: Some(rx),
             control,
@@ -230,9 +237,10 @@ fn spawn_step(
     nix: &Nix,
     line: &CommandLine,
     control: &Control,
+    tmp: &Path,
 ) -> Result<Option<Child>, NixCmdError> {
     let mut command = nix.tokio_command(line);
-    command.process_group(0);
+    command.process_group(0).env("TMPDIR", tmp);
     // Holding the lock across the spawn means a kill either comes before (and we do not start)
     // or sees the new leader.
     let mut state = control.lock();
@@ -248,7 +256,26 @@ fn spawn_step(
     Ok(Some(child))
 }
 
-/// Runs the steps one after the other, forwarding events, until one fails or is killed.
+/// Where `nix-store` makes the build directories of the builds it runs itself (a nix-daemon uses
+/// its own). A killed `nix-store` cannot remove them; this directory goes, with whatever is left in
+/// it, when the run has ended. Build users must reach their directories inside it, and a handle
+/// running Nix as another user must be able to write to it.
+fn build_tmp(nix: &Nix) -> std::io::Result<TempDir> {
+    let parent = nix
+        .env_value("TMPDIR")
+        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    let tmp = tempfile::Builder::new()
+        .prefix("drv-thru-build-")
+        .tempdir_in(parent)?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))?;
+    if let Some((uid, gid)) = nix.config.credentials {
+        std::os::unix::fs::chown(tmp.path(), Some(uid), Some(gid))?;
+    }
+    Ok(tmp)
+}
+
+/// Runs the steps one after the other, forwarding events, until one fails or is killed; then
+/// removes `tmp`.
 async fn drive(
     nix: Nix,
     first: CommandLine,
@@ -256,6 +283,7 @@ async fn drive(
     rest: Vec<CommandLine>,
     control: Arc<Control>,
     tx: mpsc::Sender<LogRecord>,
+    tmp: TempDir,
 ) -> Result<RealiseOutcome, NixCmdError> {
     let mut tx = Some(tx);
     let mut errors = Vec::new();
@@ -286,7 +314,7 @@ async fn drive(
         }
         match rest.next() {
             Some(next) => {
-                child = spawn_step(&nix, &next, &control)?;
+                child = spawn_step(&nix, &next, &control, tmp.path())?;
                 line = next;
             }
             None => {

@@ -125,7 +125,15 @@ where
 
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path();
-    for sub in ["store", "conf", "home", "cache", "work", "fixture/src"] {
+    for sub in [
+        "store",
+        "conf",
+        "home",
+        "cache",
+        "tmp",
+        "work",
+        "fixture/src",
+    ] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
     // Readable by the unprivileged client of the daemon test.
@@ -165,6 +173,7 @@ where
         .env("NIX_CONF_DIR", dir.join("conf"))
         .env("HOME", dir.join("home"))
         .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env("TMPDIR", dir.join("tmp"))
         .env_remove("NIX_REMOTE");
     if root {
         command.env("NIXCMD_TEST_ROOT", "1");
@@ -469,6 +478,13 @@ fn kill_stops_the_build_and_its_children() {
             left = builder_processes(&salt);
         }
         assert!(left.is_empty(), "builder processes survived: {left:?}");
+        // The build directory the killed nix-store could not remove is gone too.
+        let tmp: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.file_name())
+            .collect();
+        assert!(tmp.is_empty(), "left in TMPDIR: {tmp:?}");
         assert_eq!(
             env.nix
                 .invalid_paths(&[slow.outputs["out"].clone()])
