@@ -69,7 +69,10 @@ const PIPELINE_MIN_AVERAGE: u64 = 1 << 20;
 /// The upload of a session, shared by its concurrent calls; kept in the
 /// session so it goes (staging, running import and all) when the session
 /// does.
-pub type Slot = Mutex<Option<Arc<Upload>>>;
+pub type Slot = tokio::sync::Mutex<Option<Arc<Upload>>>;
+
+/// Each path being received, by store path.
+type StagedPaths = HashMap<StorePath, Arc<Mutex<Staged>>>;
 
 /// One session's upload in progress.
 #[derive(Debug)]
@@ -83,7 +86,7 @@ struct UploadState {
     /// Removed (with everything staged) when the upload ends either way.
     dir: Option<tempfile::TempDir>,
     /// Every missing path, staged from the start.
-    paths: HashMap<StorePath, Arc<Mutex<Staged>>>,
+    paths: StagedPaths,
     /// Paths checked in full.
     checked: BTreeSet<StorePath>,
     /// Why the upload was abandoned, for calls still sending.
@@ -109,35 +112,30 @@ enum Import {
 impl Upload {
     /// The session's upload of `missing`, begun by this call if it is the
     /// first.
-    fn of(
+    async fn of(
         session: &Session,
         missing: &BTreeSet<StorePath>,
         nix: &Nix,
         uploads_dir: &Path,
     ) -> Result<Arc<Self>, Status> {
-        let mut slot = session.upload.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = session.upload.lock().await;
         if let Some(upload) = &*slot {
             return Ok(upload.clone());
         }
-        let inputs: Vec<&DeclaredInput> = missing.iter().map(|p| &session.inputs[p]).collect();
+        let inputs: Vec<DeclaredInput> = missing
+            .iter()
+            .map(|path| session.inputs[path].clone())
+            .collect();
         let total = inputs.iter().map(|input| input.nar_size).sum();
         // Refused before anything is staged: the announced sizes are exact.
         session.check_upload_room(total)?;
-        let dir = staging_dir(uploads_dir, &session.id)?;
-        let mut paths = HashMap::new();
-        let mut served = Served::default();
-        for input in inputs {
-            let narinfo = narinfo(input);
-            let text = narinfo.to_string();
-            let file = dir
-                .path()
-                .join(format!("{}.narinfo", input.path.hash_part()));
-            std::fs::write(file, &text).map_err(internal("writing an upload narinfo"))?;
-            let (staged, nar) = Staged::start(input.clone(), dir.path())?;
-            served.narinfos.insert(*input.path.hash_part(), text);
-            served.nars.insert(narinfo.url, nar);
-            paths.insert(input.path.clone(), Arc::new(Mutex::new(staged)));
-        }
+        let (uploads_dir, id) = (uploads_dir.to_owned(), session.id.clone());
+        // Thousands of small inputs are thousands of files: not on a runtime
+        // worker.
+        let (dir, paths, served) =
+            tokio::task::spawn_blocking(move || stage(&uploads_dir, &id, inputs))
+                .await
+                .map_err(|err| Status::internal(format!("staging an upload: {err}")))??;
         let import = if total >= PIPELINE_MIN_AVERAGE.saturating_mul(missing.len() as u64) {
             let cache =
                 LoopbackCache::start(Arc::new(served)).map_err(internal("serving an upload"))?;
@@ -227,6 +225,32 @@ fn check_alive(state: &UploadState) -> Result<(), Status> {
         ))),
         None => Ok(()),
     }
+}
+
+/// A staging directory for `inputs`: the narinfo of each, an empty file for
+/// each NAR, and what a loopback cache of it serves.
+fn stage(
+    uploads_dir: &Path,
+    session_id: &str,
+    inputs: Vec<DeclaredInput>,
+) -> Result<(tempfile::TempDir, StagedPaths, Served), Status> {
+    let dir = staging_dir(uploads_dir, session_id)?;
+    let mut paths = HashMap::new();
+    let mut served = Served::default();
+    for input in inputs {
+        let narinfo = narinfo(&input);
+        let text = narinfo.to_string();
+        let file = dir
+            .path()
+            .join(format!("{}.narinfo", input.path.hash_part()));
+        std::fs::write(file, &text).map_err(internal("writing an upload narinfo"))?;
+        let path = input.path.clone();
+        let (staged, nar) = Staged::start(input, dir.path())?;
+        served.narinfos.insert(*path.hash_part(), text);
+        served.nars.insert(narinfo.url, nar);
+        paths.insert(path, Arc::new(Mutex::new(staged)));
+    }
+    Ok((dir, paths, served))
 }
 
 fn staging_dir(uploads_dir: &Path, session_id: &str) -> Result<tempfile::TempDir, Status> {
@@ -514,7 +538,7 @@ pub async fn receive(
     if missing.is_empty() {
         return Ok(UploadInputsResponse::default());
     }
-    let upload = Upload::of(session, &missing, nix, uploads_dir)?;
+    let upload = Upload::of(session, &missing, nix, uploads_dir).await?;
     let result = receive_parts(session, &missing, &upload, stream).await;
     let bytes = match result {
         Ok(bytes) => bytes,
@@ -545,7 +569,7 @@ pub async fn receive(
         Import::Taken => unreachable!("take_import hands out an import once"),
     };
     upload.fail(&Status::aborted("the upload is over"));
-    *session.upload.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    *session.upload.lock().await = None;
     imported.map_err(|err| {
         Status::invalid_argument(format!(
             "the builder's Nix refused the uploaded inputs: {err}"
