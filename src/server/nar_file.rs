@@ -8,7 +8,7 @@
 //! streams, and a second client asking for the same entry joins the fill
 //! instead of starting another.
 
-use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
+use std::{fs::File, os::unix::fs::FileExt, path::PathBuf, sync::Arc};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -29,9 +29,27 @@ struct Written {
 /// A file of known final size, complete or being written.
 #[derive(Debug, Clone)]
 pub struct NarFile {
-    file: Arc<File>,
+    file: Source,
     size: u64,
     written: watch::Receiver<Written>,
+}
+
+/// Where readers find the bytes.
+#[derive(Debug, Clone)]
+enum Source {
+    /// An open file, which stays readable when its name is reused.
+    Open(Arc<File>),
+    /// A file each reader opens: holds no descriptor while nobody reads.
+    At(Arc<PathBuf>),
+}
+
+impl Source {
+    fn open(&self) -> std::io::Result<Arc<File>> {
+        match self {
+            Self::Open(file) => Ok(file.clone()),
+            Self::At(path) => File::open(path.as_path()).map(Arc::new),
+        }
+    }
 }
 
 /// The writing end of a [`NarFile`]: reports progress to its readers.
@@ -48,7 +66,7 @@ impl NarFile {
             done: Some(Ok(())),
         });
         Self {
-            file: Arc::new(file),
+            file: Source::Open(Arc::new(file)),
             size,
             written,
         }
@@ -57,9 +75,20 @@ impl NarFile {
     /// A file that will hold `size` bytes once written through the
     /// returned [`Writer`]. `file` must be opened for reading.
     pub fn growing(file: File, size: u64) -> (Self, Writer) {
+        Self::growing_from(Source::Open(Arc::new(file)), size)
+    }
+
+    /// Like [`NarFile::growing`], for the file at `path`, which each reader
+    /// opens when it starts: an upload may stage more files than a process
+    /// may hold open.
+    pub fn growing_at(path: PathBuf, size: u64) -> (Self, Writer) {
+        Self::growing_from(Source::At(Arc::new(path)), size)
+    }
+
+    fn growing_from(file: Source, size: u64) -> (Self, Writer) {
         let (tx, written) = watch::channel(Written::default());
         let nar = Self {
-            file: Arc::new(file),
+            file,
             size,
             written,
         };
@@ -89,12 +118,20 @@ impl NarFile {
             length => offset.saturating_add(length).min(self.size),
         };
         let (tx, rx) = mpsc::channel(4);
-        let file = self.file.clone();
+        let source = self.file.clone();
         let mut written = self.written.clone();
         let runtime = tokio::runtime::Handle::current();
         // A blocking thread: reads are plain `pread`s, mostly from the page
         // cache, and waiting for the writer blocks on the runtime.
         tokio::task::spawn_blocking(move || {
+            let file = match source.open() {
+                Ok(file) => file,
+                Err(err) => {
+                    let _ = tx
+                        .blocking_send(Err(Status::internal(format!("opening a NAR file: {err}"))));
+                    return;
+                }
+            };
             let mut pos = offset;
             while pos < end {
                 let available = runtime.block_on(async {
@@ -115,7 +152,7 @@ impl NarFile {
                     let n = (available.min(end) - pos).min(CHUNK as u64) as usize;
                     let mut chunk = vec![0; n];
                     file.read_exact_at(&mut chunk, pos)
-                        .map_err(|err| Status::internal(format!("reading a cached NAR: {err}")))?;
+                        .map_err(|err| Status::internal(format!("reading a NAR file: {err}")))?;
                     pos += n as u64;
                     Ok(Bytes::from(chunk))
                 });

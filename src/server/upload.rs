@@ -332,7 +332,10 @@ impl CacheFiles for Arc<Served> {
 #[derive(Debug)]
 struct Staged {
     input: DeclaredInput,
-    file: File,
+    at: PathBuf,
+    /// Open only while parts are coming: an upload may stage more paths
+    /// than a process may hold files open.
+    file: Option<File>,
     /// Bytes written and checked, from the start.
     checked: u64,
     /// Parts written beyond `checked`, start → end; never overlapping.
@@ -359,19 +362,13 @@ impl Staged {
             }
             ContentAddress::Fixed { .. } => None,
         };
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(nar_file(staging, &input.path))
-            .map_err(internal("creating an upload file"))?;
-        let reading = file
-            .try_clone()
-            .map_err(internal("creating an upload file"))?;
-        let (nar, readers) = NarFile::growing(reading, input.nar_size);
+        let at = nar_file(staging, &input.path);
+        File::create_new(&at).map_err(internal("creating an upload file"))?;
+        let (nar, readers) = NarFile::growing_at(at.clone(), input.nar_size);
         let staged = Self {
             input,
-            file,
+            at,
+            file: None,
             checked: 0,
             ahead: BTreeMap::new(),
             hasher: NarHasher::new(),
@@ -414,8 +411,15 @@ impl Staged {
                 "bytes {offset}..{end} of {path} were sent twice"
             )));
         }
-        self.file
-            .write_all_at(data, offset)
+        let file = match self.file.take() {
+            Some(file) => file,
+            None => File::options()
+                .read(true)
+                .write(true)
+                .open(&self.at)
+                .map_err(internal("opening an upload file"))?,
+        };
+        file.write_all_at(data, offset)
             .map_err(internal("writing an upload file"))?;
         if offset == self.checked {
             self.check(data)?;
@@ -426,8 +430,7 @@ impl Staged {
             let mut buffer = vec![0; READ_BACK];
             while self.checked < ahead_end {
                 let n = (ahead_end - self.checked).min(READ_BACK as u64) as usize;
-                self.file
-                    .read_exact_at(&mut buffer[..n], self.checked)
+                file.read_exact_at(&mut buffer[..n], self.checked)
                     .map_err(internal("reading an upload file back"))?;
                 self.check(&buffer[..n])?;
             }
@@ -435,6 +438,7 @@ impl Staged {
         // Readers never get a whole NAR before the upload is complete.
         self.publish(self.checked.min(self.input.nar_size.saturating_sub(1)));
         if self.checked < self.input.nar_size {
+            self.file = Some(file);
             return Ok(false);
         }
         self.finish()?;

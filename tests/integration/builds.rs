@@ -11,7 +11,7 @@ use std::{
 use drv_thru::ticket::Ticket;
 
 use crate::{
-    common::Builder,
+    common::{Builder, Launcher},
     nixenv::{Store, World, available},
 };
 
@@ -26,11 +26,20 @@ struct Pair {
 
 impl Pair {
     fn new(salt: &str, builder_args: &[&str]) -> Self {
+        Self::with_builder(salt, Store::launcher, builder_args)
+    }
+
+    /// A pair whose builder `launcher` starts in the builder's store.
+    fn with_builder(
+        salt: &str,
+        launcher: impl Fn(&Store) -> Launcher,
+        builder_args: &[&str],
+    ) -> Self {
         let world = Arc::new(World::new(salt));
         let client = world.store("client");
         let builder_store = world.store("builder");
         let builder = Builder::start_with(
-            builder_store.launcher(),
+            launcher(&builder_store),
             world.dir.path().join("data"),
             builder_args,
         );
@@ -297,6 +306,36 @@ fn corrupt_large_input_is_refused_while_importing() {
         Duration::from_secs(10),
         || children_named(pair.builder.pid(), "nix").is_empty(),
     );
+}
+
+/// A builder may hold only a few files open, fewer than the inputs it
+/// receives: staging keeps a file open only while its parts are coming.
+#[test]
+fn many_inputs_need_few_open_files() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::with_builder(
+        &salt("many-inputs"),
+        |store| {
+            let store = store.clone();
+            Arc::new(move || {
+                let mut command = store.command("prlimit");
+                command.args(["--nofile=128", "--", crate::common::binary()]);
+                command
+            })
+        },
+        &[],
+    );
+    let output = pair.build("many", &["--ticket", &pair.ticket(&[])]);
+    assert!(
+        output.status.success(),
+        "{}\nbuilder:\n{}",
+        stderr(&output),
+        pair.builder.log()
+    );
+    let count = pair.client.run_ok("cat", &[&pair.out_path("many")]);
+    assert_eq!(count.trim(), "300");
 }
 
 /// Processes named `name` whose parent is `parent`.

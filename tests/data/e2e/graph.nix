@@ -71,6 +71,12 @@ rec {
     sha256sum ${builtins.path { path = ./big; name = "big-src"; }}/data.bin > $out
   '' { };
 
+  # Many small inputs (text files), each uploaded on its own.
+  many = mk "many" ''
+    cat ${toString (builtins.genList
+      (i: builtins.toFile "many-${toString i}" "${salt} ${toString i}\n") 300)} | wc -l > $out
+  '' { };
+
   fail = mk "fail" ''
     echo "fail: some output"
     echo "fail: about to fail" >&2
