@@ -8,7 +8,7 @@
 //! evaluation produces (sources, then derivations that refer to them) there
 //! are two.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::store_path::StorePath;
 
@@ -30,51 +30,62 @@ pub struct Cycle(pub StorePath);
 /// Groups `references` (each path with what it refers to) for import:
 /// alternately as many non-derivations and as many derivations as are
 /// ready, starting with non-derivations. A path's reference to itself and
-/// references outside the map are ignored.
+/// references outside the map are ignored. Linear in paths and references:
+/// a session may announce tens of thousands.
 pub fn import_groups(
     references: &BTreeMap<StorePath, BTreeSet<StorePath>>,
 ) -> Result<Vec<ImportGroup>, Cycle> {
-    let mut remaining: BTreeMap<&StorePath, BTreeSet<&StorePath>> = references
-        .iter()
-        .map(|(path, refs)| {
-            let inside = refs
-                .iter()
-                .filter(|r| *r != path && references.contains_key(*r))
-                .collect();
-            (path, inside)
-        })
-        .collect();
+    // For each path, how many of its references are not placed yet, and
+    // which paths refer to it.
+    let mut waiting: BTreeMap<&StorePath, usize> = BTreeMap::new();
+    let mut referrers: BTreeMap<&StorePath, Vec<&StorePath>> = BTreeMap::new();
+    for (path, refs) in references {
+        let inside = refs
+            .iter()
+            .filter(|r| *r != path && references.contains_key(*r));
+        let mut count = 0;
+        for reference in inside {
+            referrers.entry(reference).or_default().push(path);
+            count += 1;
+        }
+        waiting.insert(path, count);
+    }
+    // Ready paths of each kind: [non-derivations, derivations].
+    let mut ready: [VecDeque<&StorePath>; 2] = Default::default();
+    for (path, count) in &waiting {
+        if *count == 0 {
+            ready[usize::from(path.is_derivation())].push_back(path);
+        }
+    }
     let mut groups = Vec::new();
+    let mut placed = 0;
     let mut derivations = false;
     let mut idle_turns = 0;
-    while !remaining.is_empty() {
+    while placed < references.len() {
         let mut paths = Vec::new();
-        loop {
-            let ready: Vec<&StorePath> = remaining
-                .iter()
-                .filter(|(path, refs)| path.is_derivation() == derivations && refs.is_empty())
-                .map(|(path, _)| *path)
-                .collect();
-            if ready.is_empty() {
-                break;
-            }
-            for path in ready {
-                remaining.remove(path);
-                for refs in remaining.values_mut() {
-                    refs.remove(path);
+        while let Some(path) = ready[usize::from(derivations)].pop_front() {
+            for referrer in referrers.get(path).map(Vec::as_slice).unwrap_or_default() {
+                let count = waiting.get_mut(referrer).expect("every path is counted");
+                *count -= 1;
+                if *count == 0 {
+                    ready[usize::from(referrer.is_derivation())].push_back(referrer);
                 }
-                paths.push(path.clone());
             }
+            paths.push(path.clone());
         }
         if paths.is_empty() {
             idle_turns += 1;
             // Neither kind could go: what is left waits on itself.
             if idle_turns == 2 {
-                let (path, _) = remaining.first_key_value().expect("not empty");
+                let (path, _) = waiting
+                    .iter()
+                    .find(|(_, count)| **count > 0)
+                    .expect("unplaced paths wait on others");
                 return Err(Cycle((*path).clone()));
             }
         } else {
             idle_turns = 0;
+            placed += paths.len();
             groups.push(ImportGroup { derivations, paths });
         }
         derivations = !derivations;
@@ -150,6 +161,29 @@ mod tests {
             ]
         );
         assert!(import_groups(&BTreeMap::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn orders_a_long_chain_quickly() {
+        // Each source refers to the one before; the derivation to all.
+        let names: Vec<String> = (0..20_000).map(|i| format!("s{i}")).collect();
+        let mut references: BTreeMap<StorePath, BTreeSet<StorePath>> = BTreeMap::new();
+        for (i, name) in names.iter().enumerate() {
+            let refs = i
+                .checked_sub(1)
+                .map(|j| path(&names[j]))
+                .into_iter()
+                .collect();
+            references.insert(path(name), refs);
+        }
+        let all = references.keys().cloned().collect();
+        references.insert(path("all.drv"), all);
+        let groups = import_groups(&references).unwrap();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].paths.len(), 20_000);
+        assert_eq!(groups[0].paths[0].name(), "s0");
+        assert_eq!(groups[0].paths[19_999].name(), "s19999");
+        assert_eq!(groups[1].paths, [path("all.drv")]);
     }
 
     #[test]
