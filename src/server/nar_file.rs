@@ -18,6 +18,18 @@ use tonic::Status;
 /// to keep memory flat.
 pub const CHUNK: usize = 256 << 10;
 
+/// Why readers stop when the writer went away without saying why.
+const ABANDONED: &str = "the NAR file was abandoned before it was complete";
+
+/// Runs `read` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .unwrap_or_else(|err| Err(std::io::Error::other(err)))
+}
+
 /// How far the writer has got.
 #[derive(Debug, Clone, Default)]
 struct Written {
@@ -120,44 +132,53 @@ impl NarFile {
         let (tx, rx) = mpsc::channel(4);
         let source = self.file.clone();
         let mut written = self.written.clone();
-        let runtime = tokio::runtime::Handle::current();
-        // A blocking thread: reads are plain `pread`s, mostly from the page
-        // cache, and waiting for the writer blocks on the runtime.
-        tokio::task::spawn_blocking(move || {
-            let file = match source.open() {
+        // Waiting for the writer is async: a reader may wait as long as an
+        // upload lasts and must not hold one of the runtime's blocking
+        // threads meanwhile. Only opening and each `pread` (mostly from the
+        // page cache) go to the blocking pool.
+        tokio::spawn(async move {
+            let file = match blocking(move || source.open()).await {
                 Ok(file) => file,
                 Err(err) => {
                     let _ = tx
-                        .blocking_send(Err(Status::internal(format!("opening a NAR file: {err}"))));
+                        .send(Err(Status::internal(format!("opening a NAR file: {err}"))))
+                        .await;
                     return;
                 }
             };
             let mut pos = offset;
             while pos < end {
-                let available = runtime.block_on(async {
-                    let state = written
-                        .wait_for(|w| w.bytes > pos || w.done.is_some())
-                        .await
-                        .map(|state| state.clone());
-                    match state {
-                        Ok(Written { bytes, .. }) if bytes > pos => Ok(bytes),
-                        Ok(Written {
-                            done: Some(Err(why)),
-                            ..
-                        }) => Err(Status::internal(why.to_string())),
-                        _ => Err(Status::internal("the cache entry was abandoned")),
+                let state = tokio::select! {
+                    _ = tx.closed() => return,
+                    state = written.wait_for(|w| w.bytes > pos || w.done.is_some()) => {
+                        state.map(|state| state.clone())
                     }
-                });
-                let result = available.and_then(|available| {
-                    let n = (available.min(end) - pos).min(CHUNK as u64) as usize;
-                    let mut chunk = vec![0; n];
-                    file.read_exact_at(&mut chunk, pos)
-                        .map_err(|err| Status::internal(format!("reading a NAR file: {err}")))?;
-                    pos += n as u64;
-                    Ok(Bytes::from(chunk))
-                });
+                };
+                let available = match state {
+                    Ok(Written { bytes, .. }) if bytes > pos => Ok(bytes),
+                    Ok(Written {
+                        done: Some(Err(why)),
+                        ..
+                    }) => Err(Status::internal(why.to_string())),
+                    _ => Err(Status::internal(ABANDONED)),
+                };
+                let result = match available {
+                    Ok(available) => {
+                        let n = (available.min(end) - pos).min(CHUNK as u64) as usize;
+                        let (file, at) = (file.clone(), pos);
+                        let chunk = blocking(move || {
+                            let mut chunk = vec![0; n];
+                            file.read_exact_at(&mut chunk, at).map(|()| chunk)
+                        })
+                        .await
+                        .map_err(|err| Status::internal(format!("reading a NAR file: {err}")));
+                        pos += n as u64;
+                        chunk.map(Bytes::from)
+                    }
+                    Err(status) => Err(status),
+                };
                 let failed = result.is_err();
-                if tx.blocking_send(result).is_err() || failed {
+                if tx.send(result).await.is_err() || failed {
                     return;
                 }
             }
@@ -190,7 +211,7 @@ impl Drop for Writer {
         self.written.send_if_modified(|w| {
             let unfinished = w.done.is_none();
             if unfinished {
-                w.done = Some(Err(Arc::from("the cache entry was abandoned")));
+                w.done = Some(Err(Arc::from(ABANDONED)));
             }
             unfinished
         });
@@ -249,6 +270,28 @@ mod tests {
         writer.finish();
         assert_eq!(collect(early).await.unwrap(), &bytes[CHUNK..]);
         assert_eq!(collect(whole).await.unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn waiting_readers_hold_no_blocking_threads() {
+        // More readers than the blocking pool has threads (512), while the
+        // writer needs that pool, as upload staging does.
+        let mut file = tempfile::tempfile().unwrap();
+        let (nar, writer) = NarFile::growing(file.try_clone().unwrap(), 3);
+        let readers: Vec<_> = (0..600).map(|_| nar.read_range(0, 0).unwrap()).collect();
+        tokio::task::yield_now().await;
+        let write = tokio::task::spawn_blocking(move || {
+            file.write_all(b"nar").unwrap();
+            writer.advance(3);
+            writer.finish();
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(20), write)
+            .await
+            .expect("the writer got a blocking thread")
+            .unwrap();
+        for reader in readers {
+            assert_eq!(collect(reader).await.unwrap(), b"nar");
+        }
     }
 
     #[tokio::test]
