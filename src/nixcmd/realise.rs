@@ -177,7 +177,13 @@ impl RealiseRun {
         let child = spawn_step(nix, &first, &control, tmp.path())?;
         let nix = nix.clone();
         let rest: Vec<CommandLine> = steps.collect();
-        let driver = tokio::spawn(drive(nix, first, child, rest, control.clone(), tx, tmp));
+        let driven = control.clone();
+        let driver = tokio::spawn(async move {
+            let outcome = drive(nix, first, child, rest, driven, tx, tmp.path()).await;
+            // A build tree may be large: removed on the blocking pool.
+            let _ = tokio::task::spawn_blocking(move || drop(tmp)).await;
+            outcome
+        });
         Ok(Self {
             events: Some(rx),
             control,
@@ -274,8 +280,7 @@ fn build_tmp(nix: &Nix) -> std::io::Result<TempDir> {
     Ok(tmp)
 }
 
-/// Runs the steps one after the other, forwarding events, until one fails or is killed; then
-/// removes `tmp`.
+/// Runs the steps one after the other, forwarding events, until one fails or is killed.
 async fn drive(
     nix: Nix,
     first: CommandLine,
@@ -283,7 +288,7 @@ async fn drive(
     rest: Vec<CommandLine>,
     control: Arc<Control>,
     tx: mpsc::Sender<LogRecord>,
-    tmp: TempDir,
+    tmp: &Path,
 ) -> Result<RealiseOutcome, NixCmdError> {
     let mut tx = Some(tx);
     let mut errors = Vec::new();
@@ -314,7 +319,7 @@ async fn drive(
         }
         match rest.next() {
             Some(next) => {
-                child = spawn_step(&nix, &next, &control, tmp.path())?;
+                child = spawn_step(&nix, &next, &control, tmp)?;
                 line = next;
             }
             None => {

@@ -15,8 +15,9 @@
 //! (see [`crate::loopback_cache`], [`NarFile`]). The last byte of every NAR
 //! is held back until all of them have passed, so no path of a failed upload
 //! becomes valid (Nix, stopped halfway, may leave the invalid directory it
-//! was writing, as after any interrupted substitution). A small one is imported from the directory once it is
-//! complete: for many small paths Nix's file store is the faster reader.
+//! was writing, as after any interrupted substitution). A small upload is
+//! imported from the directory once it is complete: for many small paths
+//! Nix's file store is the faster reader.
 //! Either way, the call that completes the last missing path returns once
 //! the import has.
 
@@ -77,24 +78,35 @@ type StagedPaths = HashMap<StorePath, Arc<Mutex<Staged>>>;
 /// One session's upload in progress.
 #[derive(Debug)]
 pub struct Upload {
+    /// The paths it brings: the session's missing inputs when it began.
+    missing: BTreeSet<StorePath>,
     staging: PathBuf,
     state: Mutex<UploadState>,
 }
 
 #[derive(Debug)]
 struct UploadState {
-    /// Removed (with everything staged) when the upload ends either way.
-    dir: Option<tempfile::TempDir>,
     /// Every missing path, staged from the start.
     paths: StagedPaths,
     /// Paths checked in full.
     checked: BTreeSet<StorePath>,
-    /// Why the upload was abandoned, for calls still sending.
-    failed: Option<Status>,
-    import: Import,
+    /// Why calls still sending must stop: the upload failed or is over.
+    ended: Option<Status>,
+    /// What the call that completes the upload takes to finish it; `None`
+    /// once taken (or the upload failed).
+    finish: Option<Finish>,
 }
 
-/// Where the import of an upload stands.
+/// What finishing an upload takes: the import and the staging directory,
+/// which the finishing call owns from then on, so a late failure of another
+/// call cannot pull the directory away from under Nix.
+#[derive(Debug)]
+struct Finish {
+    import: Import,
+    dir: StagingDir,
+}
+
+/// How the builder's Nix imports an upload.
 #[derive(Debug)]
 enum Import {
     /// Nix reads the staging directory once every path is in.
@@ -105,22 +117,40 @@ enum Import {
         _cache: LoopbackCache,
         task: AbortOnDropHandle<Result<(), NixCmdError>>,
     },
-    /// A call is seeing the import through, or the upload is over.
-    Taken,
+}
+
+/// A staging directory, removed on the blocking pool when dropped: it may
+/// hold thousands of files or gigabytes.
+#[derive(Debug)]
+struct StagingDir(Option<tempfile::TempDir>);
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn_blocking(move || drop(dir));
+        }
+    }
 }
 
 impl Upload {
-    /// The session's upload of `missing`, begun by this call if it is the
-    /// first.
+    /// The session's upload, begun by this call if it is the first; `None`
+    /// if no input is missing (any more).
     async fn of(
         session: &Session,
-        missing: &BTreeSet<StorePath>,
         nix: &Nix,
         uploads_dir: &Path,
-    ) -> Result<Arc<Self>, Status> {
+    ) -> Result<Option<Arc<Self>>, Status> {
         let mut slot = session.upload.lock().await;
         if let Some(upload) = &*slot {
-            return Ok(upload.clone());
+            return Ok(Some(upload.clone()));
+        }
+        // Read under the lock: the call that finishes an upload marks its
+        // paths present before it empties the slot.
+        let missing = session.missing();
+        if missing.is_empty() {
+            return Ok(None);
         }
         let inputs: Vec<DeclaredInput> = missing
             .iter()
@@ -154,17 +184,20 @@ impl Upload {
             Import::AfterTransfer
         };
         let upload = Arc::new(Self {
+            missing,
             staging: dir.path().to_owned(),
             state: Mutex::new(UploadState {
-                dir: Some(dir),
                 paths,
                 checked: BTreeSet::new(),
-                failed: None,
-                import,
+                ended: None,
+                finish: Some(Finish {
+                    import,
+                    dir: StagingDir(Some(dir)),
+                }),
             }),
         });
         *slot = Some(upload.clone());
-        Ok(upload)
+        Ok(Some(upload))
     }
 
     fn state(&self) -> MutexGuard<'_, UploadState> {
@@ -183,13 +216,22 @@ impl Upload {
     }
 
     /// Abandons the upload: nothing staged survives, and a running import
-    /// is stopped.
+    /// is stopped. Once a call has taken the finished upload, a failing
+    /// call changes nothing.
     fn fail(&self, status: &Status) {
-        let mut state = self.state();
-        state.failed.get_or_insert_with(|| status.clone());
-        state.import = Import::Taken;
-        state.paths.clear();
-        state.dir = None;
+        let finish = {
+            let mut state = self.state();
+            let Some(finish) = state.finish.take() else {
+                return;
+            };
+            state.ended = Some(Status::aborted(format!(
+                "another part of this upload failed: {}",
+                status.message()
+            )));
+            state.paths.clear();
+            finish
+        };
+        drop(finish);
     }
 
     /// Records a path checked in full; once all are, lets readers have the
@@ -206,24 +248,75 @@ impl Upload {
         Ok(())
     }
 
-    /// The import, for the one call that should see it through: once every
-    /// missing path is in.
-    fn take_import(&self) -> Option<Import> {
+    /// What finishing the upload takes, for the one call that should: once
+    /// every missing path is in.
+    fn take_finish(&self) -> Option<Finish> {
         let mut state = self.state();
-        let ready = state.failed.is_none()
-            && state.checked.len() == state.paths.len()
-            && !matches!(state.import, Import::Taken);
-        ready.then(|| std::mem::replace(&mut state.import, Import::Taken))
+        if state.ended.is_some() || state.checked.len() < state.paths.len() {
+            return None;
+        }
+        state.finish.take()
+    }
+
+    /// Stops calls still sending once the upload is over.
+    fn end(&self) {
+        let mut state = self.state();
+        state
+            .ended
+            .get_or_insert_with(|| Status::failed_precondition("this upload is over"));
+        state.paths.clear();
     }
 }
 
 fn check_alive(state: &UploadState) -> Result<(), Status> {
-    match &state.failed {
-        Some(status) => Err(Status::aborted(format!(
-            "another part of this upload failed: {}",
-            status.message()
-        ))),
+    match &state.ended {
+        Some(status) => Err(status.clone()),
         None => Ok(()),
+    }
+}
+
+impl Import {
+    /// Sees the import of `paths` from `staging` through.
+    async fn complete(self, nix: &Nix, staging: &Path, paths: &[StorePath]) -> Result<(), Status> {
+        let imported = match self {
+            Self::Running { _cache, task } => task.await.map_err(|err| {
+                tracing::error!("the import task failed: {err}");
+                Status::internal("the builder's import of the inputs failed; see its log")
+            })?,
+            Self::AfterTransfer => {
+                nix.add_content_addressed_from_cache(staging, None, paths)
+                    .await
+            }
+        };
+        imported.map_err(|err| match err {
+            NixCmdError::Spawn { .. } | NixCmdError::Io { .. } => {
+                tracing::error!("importing inputs: {err}");
+                Status::internal(
+                    "the builder could not run its Nix to import the inputs; see its log",
+                )
+            }
+            refused => Status::invalid_argument(format!(
+                "the builder's Nix refused the uploaded inputs: {refused}"
+            )),
+        })
+    }
+}
+
+/// Fails the upload if the call is dropped before it is done with it: the
+/// client reset its stream or went away.
+struct FailOnDrop<'a>(Option<&'a Upload>);
+
+impl FailOnDrop<'_> {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FailOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(upload) = self.0 {
+            upload.fail(&Status::cancelled("an upload call was cancelled"));
+        }
     }
 }
 
@@ -287,7 +380,7 @@ fn narinfo(input: &DeclaredInput) -> NarInfo {
 
 /// The staging directory as a loopback cache serves it: narinfos, and NARs
 /// as far as they are checked.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Served {
     narinfos: HashMap<StorePathHash, String>,
     nars: HashMap<String, NarFile>,
@@ -332,10 +425,9 @@ impl CacheFiles for Arc<Served> {
 #[derive(Debug)]
 struct Staged {
     input: DeclaredInput,
+    /// Opened for each part only: an upload may stage more paths than a
+    /// process may hold files open.
     at: PathBuf,
-    /// Open only while parts are coming: an upload may stage more paths
-    /// than a process may hold files open.
-    file: Option<File>,
     /// Bytes written and checked, from the start.
     checked: u64,
     /// Parts written beyond `checked`, start → end; never overlapping.
@@ -368,7 +460,6 @@ impl Staged {
         let staged = Self {
             input,
             at,
-            file: None,
             checked: 0,
             ahead: BTreeMap::new(),
             hasher: NarHasher::new(),
@@ -411,14 +502,11 @@ impl Staged {
                 "bytes {offset}..{end} of {path} were sent twice"
             )));
         }
-        let file = match self.file.take() {
-            Some(file) => file,
-            None => File::options()
-                .read(true)
-                .write(true)
-                .open(&self.at)
-                .map_err(internal("opening an upload file"))?,
-        };
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(&self.at)
+            .map_err(internal("opening an upload file"))?;
         file.write_all_at(data, offset)
             .map_err(internal("writing an upload file"))?;
         if offset == self.checked {
@@ -438,7 +526,6 @@ impl Staged {
         // Readers never get a whole NAR before the upload is complete.
         self.publish(self.checked.min(self.input.nar_size.saturating_sub(1)));
         if self.checked < self.input.nar_size {
-            self.file = Some(file);
             return Ok(false);
         }
         self.finish()?;
@@ -530,20 +617,20 @@ fn internal(action: &'static str) -> impl Fn(std::io::Error) -> Status {
 
 /// Receives one `UploadInputs` call for `session`, staging under
 /// `uploads_dir`. If this call completes the upload, it sees the import
-/// through before returning. Any failure discards everything staged for
-/// the session.
+/// through before returning. Any failure, or the call being dropped midway,
+/// discards everything staged for the session.
 pub async fn receive(
     session: &Session,
     nix: &Nix,
     uploads_dir: &Path,
     stream: impl Stream<Item = Result<UploadInputsRequest, Status>>,
 ) -> Result<UploadInputsResponse, Status> {
-    let missing = session.missing();
-    if missing.is_empty() {
+    let Some(upload) = Upload::of(session, nix, uploads_dir).await? else {
         return Ok(UploadInputsResponse::default());
-    }
-    let upload = Upload::of(session, &missing, nix, uploads_dir).await?;
-    let result = receive_parts(session, &missing, &upload, stream).await;
+    };
+    let mut guard = FailOnDrop(Some(&upload));
+    let result = receive_parts(session, &upload, stream).await;
+    guard.disarm();
     let bytes = match result {
         Ok(bytes) => bytes,
         Err(status) => {
@@ -551,35 +638,26 @@ pub async fn receive(
             return Err(status);
         }
     };
-    // Another call may have imported meanwhile; `take_import` then says no.
-    let Some(import) = upload.take_import() else {
+    // Another call may be finishing it; then this one is done.
+    let Some(finish) = upload.take_finish() else {
         return Ok(UploadInputsResponse {
             paths_imported: 0,
             bytes_received: bytes,
         });
     };
-    let paths: Vec<StorePath> = missing.into_iter().collect();
+    let paths: Vec<StorePath> = upload.missing.iter().cloned().collect();
     // Nix recomputes each store path from the NAR and its `CA:` field, so
     // this needs no trusted-user rights and admits nothing unverifiable.
-    let imported = match import {
-        Import::Running { _cache, task } => match task.await {
-            Ok(imported) => imported.map_err(|err| err.to_string()),
-            Err(err) => Err(format!("the import stopped: {err}")),
-        },
-        Import::AfterTransfer => nix
-            .add_content_addressed_from_cache(&upload.staging, None, &paths)
-            .await
-            .map_err(|err| err.to_string()),
-        Import::Taken => unreachable!("take_import hands out an import once"),
-    };
-    upload.fail(&Status::aborted("the upload is over"));
+    // Should this call be dropped meanwhile, `finish` goes with it: Nix is
+    // stopped and the staging removed.
+    let imported = finish.import.complete(nix, &upload.staging, &paths).await;
+    drop(finish.dir);
+    upload.end();
+    if imported.is_ok() {
+        session.mark_present(&paths);
+    }
     *session.upload.lock().await = None;
-    imported.map_err(|err| {
-        Status::invalid_argument(format!(
-            "the builder's Nix refused the uploaded inputs: {err}"
-        ))
-    })?;
-    session.mark_present(&paths);
+    imported?;
     info!(session = %session.id, paths = paths.len(), "inputs uploaded");
     Ok(UploadInputsResponse {
         paths_imported: u32::try_from(paths.len()).unwrap_or(u32::MAX),
@@ -590,7 +668,6 @@ pub async fn receive(
 /// Writes and checks the parts of one call; returns the bytes it carried.
 async fn receive_parts(
     session: &Session,
-    missing: &BTreeSet<StorePath>,
     upload: &Upload,
     stream: impl Stream<Item = Result<UploadInputsRequest, Status>>,
 ) -> Result<u64, Status> {
@@ -604,7 +681,7 @@ async fn receive_parts(
                 .store_path
                 .parse()
                 .map_err(|err| Status::invalid_argument(format!("store_path: {err}")))?;
-            if !missing.contains(&path) {
+            if !upload.missing.contains(&path) {
                 return Err(Status::invalid_argument(format!(
                     "{path} was not reported missing for this session; only missing inputs are accepted"
                 )));
@@ -665,6 +742,61 @@ mod tests {
             nar_size: nar.len() as u64,
         };
         (input, nar)
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_midway_discards_the_upload() {
+        let work = tempfile::tempdir().unwrap();
+        let uploads = work.path().join("uploads");
+        let (input, nar) = source(b"a source that never arrives in full", work.path());
+        let path = input.path.clone();
+        let session = Session::new(
+            "s".into(),
+            iroh::SecretKey::from_bytes(&[1; 32]).public(),
+            crate::server::status::ClientLabel {
+                endpoint_id: String::new(),
+                label: String::new(),
+                ticket_id: None,
+            },
+            crate::config::Limits::default(),
+            "/nix/store/00000000000000000000000000000000-x.drv"
+                .parse()
+                .unwrap(),
+            BTreeMap::from([(path.clone(), input)]),
+            BTreeSet::from([path.clone()]),
+        );
+        let part = |offset: usize, data: &[u8]| UploadInputsRequest {
+            session_id: "s".into(),
+            store_path: path.to_string(),
+            offset: offset as u64,
+            data: data.to_vec().into(),
+        };
+        let half = nar.len() / 2;
+        // Half the NAR, then the call stays open without sending more.
+        let stalled =
+            tokio_stream::iter([Ok(part(0, &nar[..half]))]).chain(tokio_stream::pending());
+        let nix = Nix::new();
+        let call = receive(&session, &nix, &uploads, stalled);
+        let staged = || std::fs::read_dir(&uploads).map_or(0, |entries| entries.count());
+        tokio::select! {
+            _ = call => panic!("the call ended without the rest of its NAR"),
+            () = async {
+                while staged() == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            } => {}
+        }
+        // The call was dropped with the select: the client went away.
+        for _ in 0..500 {
+            if staged() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(staged(), 0, "the staging outlived the call");
+        let rest = tokio_stream::iter([Ok(part(half, &nar[half..]))]);
+        let refused = receive(&session, &nix, &uploads, rest).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
     }
 
     async fn read_all(nar: &NarFile) -> Result<Vec<u8>, Status> {
