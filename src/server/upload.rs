@@ -27,7 +27,7 @@ use std::{
     io::Write as _,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, Weak},
 };
 
 use http_body_util::{BodyExt as _, StreamBody};
@@ -166,35 +166,33 @@ impl Upload {
             tokio::task::spawn_blocking(move || stage(&uploads_dir, &id, inputs))
                 .await
                 .map_err(|err| Status::internal(format!("staging an upload: {err}")))??;
-        let import = if total >= PIPELINE_MIN_AVERAGE.saturating_mul(missing.len() as u64) {
-            let cache =
-                LoopbackCache::start(Arc::new(served)).map_err(internal("serving an upload"))?;
-            let (nix, staging, url) = (nix.clone(), dir.path().to_owned(), cache.url());
-            let paths: Vec<StorePath> = missing.iter().cloned().collect();
-            let task = tokio::spawn(async move {
-                nix.add_content_addressed_from_cache(&staging, Some(&url), &paths)
-                    .await
-            });
+        let cache = if total >= PIPELINE_MIN_AVERAGE.saturating_mul(missing.len() as u64) {
             debug!(session = %session.id, bytes = total, "importing the upload while it arrives");
-            Import::Running {
-                _cache: cache,
-                task: AbortOnDropHandle::new(task),
-            }
+            Some(LoopbackCache::start(Arc::new(served)).map_err(internal("serving an upload"))?)
         } else {
-            Import::AfterTransfer
+            None
         };
-        let upload = Arc::new(Self {
-            missing,
-            staging: dir.path().to_owned(),
-            state: Mutex::new(UploadState {
-                paths,
-                checked: BTreeSet::new(),
-                ended: None,
-                finish: Some(Finish {
-                    import,
-                    dir: StagingDir(Some(dir)),
+        let upload = Arc::new_cyclic(|upload: &Weak<Self>| {
+            let import = match cache {
+                Some(cache) => Import::Running {
+                    task: import_while_arriving(nix, dir.path(), &cache, &missing, upload),
+                    _cache: cache,
+                },
+                None => Import::AfterTransfer,
+            };
+            Self {
+                missing,
+                staging: dir.path().to_owned(),
+                state: Mutex::new(UploadState {
+                    paths,
+                    checked: BTreeSet::new(),
+                    ended: None,
+                    finish: Some(Finish {
+                        import,
+                        dir: StagingDir(Some(dir)),
+                    }),
                 }),
-            }),
+            }
         });
         *slot = Some(upload.clone());
         Ok(Some(upload))
@@ -275,6 +273,43 @@ fn check_alive(state: &UploadState) -> Result<(), Status> {
     }
 }
 
+/// Starts Nix importing `missing` through `cache` in front of `staging`. If
+/// Nix gives up before the upload is complete, the upload fails at once,
+/// so its calls stop sending.
+fn import_while_arriving(
+    nix: &Nix,
+    staging: &Path,
+    cache: &LoopbackCache,
+    missing: &BTreeSet<StorePath>,
+    upload: &Weak<Upload>,
+) -> AbortOnDropHandle<Result<(), NixCmdError>> {
+    let (nix, staging, url) = (nix.clone(), staging.to_owned(), cache.url());
+    let (paths, upload) = (missing.iter().cloned().collect::<Vec<_>>(), upload.clone());
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let imported = nix
+            .add_content_addressed_from_cache(&staging, Some(&url), &paths)
+            .await;
+        if let (Err(err), Some(upload)) = (&imported, upload.upgrade()) {
+            upload.fail(&import_failed(err));
+        }
+        imported
+    }))
+}
+
+/// The status for an import that failed: the client's inputs, unless the
+/// builder could not run Nix at all.
+fn import_failed(err: &NixCmdError) -> Status {
+    match err {
+        NixCmdError::Spawn { .. } | NixCmdError::Io { .. } => {
+            tracing::error!("importing inputs: {err}");
+            Status::internal("the builder could not run its Nix to import the inputs; see its log")
+        }
+        refused => Status::invalid_argument(format!(
+            "the builder's Nix refused the uploaded inputs: {refused}"
+        )),
+    }
+}
+
 impl Import {
     /// Sees the import of `paths` from `staging` through.
     async fn complete(self, nix: &Nix, staging: &Path, paths: &[StorePath]) -> Result<(), Status> {
@@ -288,17 +323,7 @@ impl Import {
                     .await
             }
         };
-        imported.map_err(|err| match err {
-            NixCmdError::Spawn { .. } | NixCmdError::Io { .. } => {
-                tracing::error!("importing inputs: {err}");
-                Status::internal(
-                    "the builder could not run its Nix to import the inputs; see its log",
-                )
-            }
-            refused => Status::invalid_argument(format!(
-                "the builder's Nix refused the uploaded inputs: {refused}"
-            )),
-        })
+        imported.map_err(|err| import_failed(&err))
     }
 }
 
@@ -750,27 +775,8 @@ mod tests {
         let uploads = work.path().join("uploads");
         let (input, nar) = source(b"a source that never arrives in full", work.path());
         let path = input.path.clone();
-        let session = Session::new(
-            "s".into(),
-            iroh::SecretKey::from_bytes(&[1; 32]).public(),
-            crate::server::status::ClientLabel {
-                endpoint_id: String::new(),
-                label: String::new(),
-                ticket_id: None,
-            },
-            crate::config::Limits::default(),
-            "/nix/store/00000000000000000000000000000000-x.drv"
-                .parse()
-                .unwrap(),
-            BTreeMap::from([(path.clone(), input)]),
-            BTreeSet::from([path.clone()]),
-        );
-        let part = |offset: usize, data: &[u8]| UploadInputsRequest {
-            session_id: "s".into(),
-            store_path: path.to_string(),
-            offset: offset as u64,
-            data: data.to_vec().into(),
-        };
+        let session = session_of(input);
+        let part = |offset: usize, data: &[u8]| part(&path, offset, data);
         let half = nar.len() / 2;
         // Half the NAR, then the call stays open without sending more.
         let stalled =
@@ -797,6 +803,68 @@ mod tests {
         let rest = tokio_stream::iter([Ok(part(half, &nar[half..]))]);
         let refused = receive(&session, &nix, &uploads, rest).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    }
+
+    /// A session missing only `input`.
+    fn session_of(input: DeclaredInput) -> Session {
+        let path = input.path.clone();
+        Session::new(
+            "s".into(),
+            iroh::SecretKey::from_bytes(&[1; 32]).public(),
+            crate::server::status::ClientLabel {
+                endpoint_id: String::new(),
+                label: String::new(),
+                ticket_id: None,
+            },
+            crate::config::Limits::default(),
+            "/nix/store/00000000000000000000000000000000-x.drv"
+                .parse()
+                .unwrap(),
+            BTreeMap::from([(path.clone(), input)]),
+            BTreeSet::from([path]),
+        )
+    }
+
+    fn part(path: &StorePath, offset: usize, data: &[u8]) -> UploadInputsRequest {
+        UploadInputsRequest {
+            session_id: "s".into(),
+            store_path: path.to_string(),
+            offset: offset as u64,
+            data: data.to_vec().into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_import_that_fails_early_stops_the_upload() {
+        let work = tempfile::tempdir().unwrap();
+        let uploads = work.path().join("uploads");
+        // Large enough to be imported while it arrives, by a Nix that cannot run.
+        let contents = vec![7; 3 << 20];
+        let (input, nar) = source(&contents, work.path());
+        let path = input.path.clone();
+        let session = session_of(input);
+        let nix = Nix::builder()
+            .program_dir(work.path().join("no-nix"))
+            .build();
+        let first = tokio_stream::iter([Ok(part(&path, 0, &nar[..1 << 20]))]);
+        let partial = receive(&session, &nix, &uploads, first).await.unwrap();
+        assert_eq!(partial.paths_imported, 0);
+        // Nix fails at once; the upload goes with it, staging and all.
+        let staged = || std::fs::read_dir(&uploads).map_or(0, |entries| entries.count());
+        for _ in 0..500 {
+            if staged() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(staged(), 0, "the upload went on without its import");
+        let next = tokio_stream::iter([Ok(part(&path, 1 << 20, &nar[1 << 20..2 << 20]))]);
+        let refused = receive(&session, &nix, &uploads, next).await.err();
+        let refused = refused.expect("the upload was stopped");
+        assert!(
+            refused.message().contains("could not run its Nix"),
+            "{refused:?}"
+        );
     }
 
     async fn read_all(nar: &NarFile) -> Result<Vec<u8>, Status> {
