@@ -8,17 +8,22 @@
 //! parts are still coming in (see `server::upload`). What is served is up
 //! to a [`CacheFiles`]; this module only speaks HTTP.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{Request, Response, StatusCode, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::nix::store_path::StorePathHash;
+
+/// Connections served at once. Nix opens at most `http-connections` (25 by
+/// default); others come from elsewhere on this machine and wait, rather
+/// than take the process's file descriptors.
+const MAX_CONNECTIONS: usize = 64;
 
 /// A response body.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -55,20 +60,30 @@ impl LoopbackCache {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let stopped = stop.clone();
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
-                let (stream, _) = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(err) => { warn!("loopback cache: {err}"); continue; }
-                    },
+                let slot = tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
                     _ = stopped.cancelled() => return,
+                };
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped.cancelled() => return,
+                };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        warn!("loopback cache: {err}");
+                        continue;
+                    }
                 };
                 // A response is written in pieces; without this, Nagle's
                 // algorithm and delayed ACKs stall every small file ~40 ms.
                 let _ = stream.set_nodelay(true);
                 let files = files.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = service_fn(move |request| {
                         let files = files.clone();
                         async move { Ok::<_, Infallible>(serve(&files, request).await) }
