@@ -8,12 +8,12 @@
 //! parts are still coming in (see `server::upload`). What is served is up
 //! to a [`CacheFiles`]; this module only speaks HTTP.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{Request, Response, StatusCode, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -24,6 +24,10 @@ use crate::nix::store_path::StorePathHash;
 /// default); others come from elsewhere on this machine and wait, rather
 /// than take the process's file descriptors.
 const MAX_CONNECTIONS: usize = 64;
+
+/// A connection that sends no request this long is closed, so that idle
+/// ones cannot hold the slots Nix needs.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A response body.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -89,6 +93,8 @@ impl LoopbackCache {
                         async move { Ok::<_, Infallible>(serve(&files, request).await) }
                     });
                     if let Err(err) = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(REQUEST_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service)
                         .await
                     {

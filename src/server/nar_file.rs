@@ -18,10 +18,15 @@ use tonic::Status;
 /// to keep memory flat.
 pub const CHUNK: usize = 256 << 10;
 
+/// Bytes read from the file at a time, sent on in [`CHUNK`]s: fewer trips
+/// to the blocking pool.
+const READ_BLOCK: u64 = 4 * CHUNK as u64;
+
 /// Why readers stop when the writer went away without saying why.
 const ABANDONED: &str = "the NAR file was abandoned before it was complete";
 
-/// Runs `read` on the blocking pool.
+/// Runs `read` on the blocking pool: file I/O may block, and a runtime
+/// worker must not.
 async fn blocking<T: Send + 'static>(
     read: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
@@ -56,10 +61,13 @@ enum Source {
 }
 
 impl Source {
-    fn open(&self) -> std::io::Result<Arc<File>> {
+    async fn open(&self) -> std::io::Result<Arc<File>> {
         match self {
             Self::Open(file) => Ok(file.clone()),
-            Self::At(path) => File::open(path.as_path()).map(Arc::new),
+            Self::At(path) => {
+                let path = path.clone();
+                blocking(move || File::open(path.as_path()).map(Arc::new)).await
+            }
         }
     }
 }
@@ -137,7 +145,7 @@ impl NarFile {
         // threads meanwhile. Only opening and each `pread` (mostly from the
         // page cache) go to the blocking pool.
         tokio::spawn(async move {
-            let file = match blocking(move || source.open()).await {
+            let file = match source.open().await {
                 Ok(file) => file,
                 Err(err) => {
                     let _ = tx
@@ -162,24 +170,34 @@ impl NarFile {
                     }) => Err(Status::internal(why.to_string())),
                     _ => Err(Status::internal(ABANDONED)),
                 };
-                let result = match available {
+                let block = match available {
                     Ok(available) => {
-                        let n = (available.min(end) - pos).min(CHUNK as u64) as usize;
+                        let n = (available.min(end) - pos).min(READ_BLOCK) as usize;
                         let (file, at) = (file.clone(), pos);
-                        let chunk = blocking(move || {
-                            let mut chunk = vec![0; n];
-                            file.read_exact_at(&mut chunk, at).map(|()| chunk)
+                        let block = blocking(move || {
+                            let mut block = vec![0; n];
+                            file.read_exact_at(&mut block, at).map(|()| block)
                         })
                         .await
                         .map_err(|err| Status::internal(format!("reading a NAR file: {err}")));
                         pos += n as u64;
-                        chunk.map(Bytes::from)
+                        block.map(Bytes::from)
                     }
                     Err(status) => Err(status),
                 };
-                let failed = result.is_err();
-                if tx.send(result).await.is_err() || failed {
-                    return;
+                match block {
+                    Ok(mut block) => {
+                        while !block.is_empty() {
+                            let chunk = block.split_to(block.len().min(CHUNK));
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                 }
             }
         });

@@ -217,19 +217,60 @@ impl Upload {
     /// is stopped. Once a call has taken the finished upload, a failing
     /// call changes nothing.
     fn fail(&self, status: &Status) {
+        let ended = Status::aborted(format!(
+            "another part of this upload failed: {}",
+            status.message()
+        ));
+        self.abandon(ended, false);
+    }
+
+    /// The import gave up while parts are still arriving: the calls still
+    /// sending stop with its reason. Once every part is in, the call
+    /// finishing the upload reports it instead.
+    fn import_gave_up(&self, status: Status) {
+        self.abandon(status, true);
+    }
+
+    fn abandon(&self, ended: Status, only_while_arriving: bool) {
         let finish = {
             let mut state = self.state();
+            if only_while_arriving && state.checked.len() == state.paths.len() {
+                return;
+            }
             let Some(finish) = state.finish.take() else {
                 return;
             };
-            state.ended = Some(Status::aborted(format!(
-                "another part of this upload failed: {}",
-                status.message()
-            )));
+            state.ended = Some(ended);
             state.paths.clear();
             finish
         };
         drop(finish);
+    }
+
+    /// A call went away before it was done with the upload.
+    fn call_gone(&self, session: &Session) {
+        let finishing = {
+            let state = self.state();
+            state.finish.is_none() && state.ended.is_none()
+        };
+        if !finishing {
+            self.fail(&Status::cancelled("an upload call was cancelled"));
+            return;
+        }
+        // It was the call finishing the upload, and the import stopped with
+        // it: the upload is over, unfinished, and the client may start
+        // another in this session.
+        self.end(Status::aborted(
+            "the call finishing this upload was cancelled",
+        ));
+        if let Ok(mut slot) = session.upload.try_lock() {
+            *slot = None;
+        }
+    }
+
+    /// Why calls must stop, if they must.
+    fn ended(&self) -> Option<Status> {
+        self.state().ended.clone()
     }
 
     /// Records a path checked in full; once all are, lets readers have the
@@ -256,12 +297,10 @@ impl Upload {
         state.finish.take()
     }
 
-    /// Stops calls still sending once the upload is over.
-    fn end(&self) {
+    /// Stops calls still sending, with `why`, once the upload is over.
+    fn end(&self, why: Status) {
         let mut state = self.state();
-        state
-            .ended
-            .get_or_insert_with(|| Status::failed_precondition("this upload is over"));
+        state.ended.get_or_insert(why);
         state.paths.clear();
     }
 }
@@ -290,7 +329,7 @@ fn import_while_arriving(
             .add_content_addressed_from_cache(&staging, Some(&url), &paths)
             .await;
         if let (Err(err), Some(upload)) = (&imported, upload.upgrade()) {
-            upload.fail(&import_failed(err));
+            upload.import_gave_up(import_failed(err));
         }
         imported
     }))
@@ -327,20 +366,20 @@ impl Import {
     }
 }
 
-/// Fails the upload if the call is dropped before it is done with it: the
+/// Tells the upload when a call is dropped before it is done with it: the
 /// client reset its stream or went away.
-struct FailOnDrop<'a>(Option<&'a Upload>);
+struct CallGuard<'a>(Option<(&'a Session, &'a Upload)>);
 
-impl FailOnDrop<'_> {
+impl CallGuard<'_> {
     fn disarm(&mut self) {
         self.0 = None;
     }
 }
 
-impl Drop for FailOnDrop<'_> {
+impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
-        if let Some(upload) = self.0 {
-            upload.fail(&Status::cancelled("an upload call was cancelled"));
+        if let Some((session, upload)) = self.0 {
+            upload.call_gone(session);
         }
     }
 }
@@ -653,18 +692,18 @@ pub async fn receive(
     let Some(upload) = Upload::of(session, nix, uploads_dir).await? else {
         return Ok(UploadInputsResponse::default());
     };
-    let mut guard = FailOnDrop(Some(&upload));
-    let result = receive_parts(session, &upload, stream).await;
-    guard.disarm();
-    let bytes = match result {
+    let mut guard = CallGuard(Some((session, &upload)));
+    let bytes = match receive_parts(session, &upload, stream).await {
         Ok(bytes) => bytes,
         Err(status) => {
+            guard.disarm();
             upload.fail(&status);
             return Err(status);
         }
     };
     // Another call may be finishing it; then this one is done.
     let Some(finish) = upload.take_finish() else {
+        guard.disarm();
         return Ok(UploadInputsResponse {
             paths_imported: 0,
             bytes_received: bytes,
@@ -676,8 +715,9 @@ pub async fn receive(
     // Should this call be dropped meanwhile, `finish` goes with it: Nix is
     // stopped and the staging removed.
     let imported = finish.import.complete(nix, &upload.staging, &paths).await;
+    guard.disarm();
     drop(finish.dir);
-    upload.end();
+    upload.end(Status::failed_precondition("this upload is over"));
     if imported.is_ok() {
         session.mark_present(&paths);
     }
@@ -734,7 +774,9 @@ async fn receive_parts(
                 .write(at, &message.data)
         })
         .await
-        .map_err(|err| Status::internal(format!("checking an upload: {err}")))??;
+        .map_err(|err| Status::internal(format!("checking an upload: {err}")))?
+        // Another call's failure may have removed the file meanwhile.
+        .map_err(|status| upload.ended().unwrap_or(status))?;
         if complete {
             upload.complete(path.clone())?;
         }
@@ -778,31 +820,38 @@ mod tests {
         let session = session_of(input);
         let part = |offset: usize, data: &[u8]| part(&path, offset, data);
         let half = nar.len() / 2;
-        // Half the NAR, then the call stays open without sending more.
+        // Half the NAR, then the call stays open without sending more; the
+        // call asking for more means the first half is in.
+        let waiting = tokio::sync::Notify::new();
         let stalled =
-            tokio_stream::iter([Ok(part(0, &nar[..half]))]).chain(tokio_stream::pending());
+            tokio_stream::iter([Ok(part(0, &nar[..half]))]).chain(futures::stream::poll_fn(|_| {
+                waiting.notify_one();
+                std::task::Poll::Pending
+            }));
         let nix = Nix::new();
-        let call = receive(&session, &nix, &uploads, stalled);
-        let staged = || std::fs::read_dir(&uploads).map_or(0, |entries| entries.count());
         tokio::select! {
-            _ = call => panic!("the call ended without the rest of its NAR"),
-            () = async {
-                while staged() == 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            } => {}
+            _ = receive(&session, &nix, &uploads, stalled) => {
+                panic!("the call ended without the rest of its NAR")
+            }
+            () = waiting.notified() => {}
         }
         // The call was dropped with the select: the client went away.
-        for _ in 0..500 {
-            if staged() == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert_eq!(staged(), 0, "the staging outlived the call");
+        assert!(unstaged(&uploads).await, "the staging outlived the call");
         let rest = tokio_stream::iter([Ok(part(half, &nar[half..]))]);
         let refused = receive(&session, &nix, &uploads, rest).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    }
+
+    /// Whether `uploads` is empty within a few seconds (staging is removed
+    /// on the blocking pool).
+    async fn unstaged(uploads: &Path) -> bool {
+        for _ in 0..500 {
+            if std::fs::read_dir(uploads).map_or(0, |entries| entries.count()) == 0 {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
     }
 
     /// A session missing only `input`.
@@ -825,6 +874,7 @@ mod tests {
         )
     }
 
+    /// A message starting a part of `path`'s NAR at `offset`.
     fn part(path: &StorePath, offset: usize, data: &[u8]) -> UploadInputsRequest {
         UploadInputsRequest {
             session_id: "s".into(),
@@ -850,14 +900,10 @@ mod tests {
         let partial = receive(&session, &nix, &uploads, first).await.unwrap();
         assert_eq!(partial.paths_imported, 0);
         // Nix fails at once; the upload goes with it, staging and all.
-        let staged = || std::fs::read_dir(&uploads).map_or(0, |entries| entries.count());
-        for _ in 0..500 {
-            if staged() == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert_eq!(staged(), 0, "the upload went on without its import");
+        assert!(
+            unstaged(&uploads).await,
+            "the upload went on without its import"
+        );
         let next = tokio_stream::iter([Ok(part(&path, 1 << 20, &nar[1 << 20..2 << 20]))]);
         let refused = receive(&session, &nix, &uploads, next).await.err();
         let refused = refused.expect("the upload was stopped");
