@@ -52,6 +52,17 @@ impl Pair {
         }
     }
 
+    /// Asserts that `output` is of a successful build, showing the client's
+    /// stderr and the builder's log if not.
+    fn assert_built(&self, output: &std::process::Output) {
+        assert!(
+            output.status.success(),
+            "{}\nbuilder:\n{}",
+            stderr(output),
+            self.builder.log()
+        );
+    }
+
     fn ticket(&self, flags: &[&str]) -> String {
         let ticket: Ticket = self.builder.ticket(flags);
         ticket.to_string()
@@ -138,12 +149,7 @@ fn ticket_build_imports_signed_outputs_once() {
     let ticket = pair.ticket(&[]);
     // Ranges of the large outputs over several streams, as on a long link.
     let output = pair.build("app", &["--ticket", &ticket, "--nar-fetches", "3"]);
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
     let app = pair.out_path("app");
     assert_eq!(stdout(&output).trim(), app);
     assert!(pair.client.has(&app));
@@ -195,12 +201,7 @@ fn ticket_build_imports_signed_outputs_once() {
         ])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
     assert!(second.has(&app));
     assert_eq!(
         fills(&pair.builder.log()),
@@ -250,12 +251,7 @@ fn large_input_arrives_intact_in_parallel_parts() {
             "3",
         ],
     );
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
     let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let out = pair.out_path("checksum");
@@ -328,12 +324,7 @@ fn many_inputs_need_few_open_files() {
         &[],
     );
     let output = pair.build("many", &["--ticket", &pair.ticket(&[])]);
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
     let count = pair.client.run_ok("cat", &[&pair.out_path("many")]);
     assert_eq!(count.trim(), "300");
 }
@@ -400,12 +391,7 @@ fn named_builder_with_direct_addresses() {
         builder,
     };
     let output = pair.build("lib", &["--builder", "leviathan", "--no-link", "--json"]);
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
     let json: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     let out = json[0]["outputs"]["out"].as_str().unwrap().to_owned();
     assert!(pair.client.has(&out));
@@ -528,12 +514,7 @@ fn forged_dependency_output_never_reaches_the_builder() {
     assert!(pair.client.has(&tools));
 
     let output = pair.build("app", &["--ticket", &pair.ticket(&[])]);
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
     let forged = pair
         .builder_store
         .dir
@@ -600,12 +581,7 @@ fn rebuild_checks_even_on_a_builder_that_never_built_it() {
         "lib",
         &["--ticket", &pair.ticket(&[]), "--rebuild", "--no-link"],
     );
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
 }
 
 /// The builder service needs no Nix trusted-user rights: it runs as an
@@ -657,12 +633,7 @@ fn multi_user_builder_needs_no_trusted_user_rights() {
         builder,
     };
     let output = pair.build("app", &["--ticket", &pair.ticket(&[]), "--no-link"]);
-    assert!(
-        output.status.success(),
-        "{}\nbuilder:\n{}",
-        stderr(&output),
-        pair.builder.log()
-    );
+    pair.assert_built(&output);
     let app = pair.out_path("app");
     assert!(pair.client.has(&app));
     assert!(pair.builder_store.has(&app));
