@@ -234,7 +234,7 @@ impl Upload {
     fn abandon(&self, ended: Status, only_while_arriving: bool) {
         let finish = {
             let mut state = self.state();
-            if only_while_arriving && state.checked.len() == state.paths.len() {
+            if only_while_arriving && state.checked.len() == self.missing.len() {
                 return;
             }
             let Some(finish) = state.finish.take() else {
@@ -279,7 +279,7 @@ impl Upload {
         let mut state = self.state();
         check_alive(&state)?;
         state.checked.insert(path);
-        if state.checked.len() == state.paths.len() {
+        if state.checked.len() == self.missing.len() {
             for staged in state.paths.values() {
                 staged.lock().unwrap_or_else(|p| p.into_inner()).release();
             }
@@ -291,7 +291,7 @@ impl Upload {
     /// every missing path is in.
     fn take_finish(&self) -> Option<Finish> {
         let mut state = self.state();
-        if state.ended.is_some() || state.checked.len() < state.paths.len() {
+        if state.ended.is_some() || state.checked.len() < self.missing.len() {
             return None;
         }
         state.finish.take()
