@@ -681,7 +681,6 @@ impl Nix {
         Ok(())
     }
 
-    /// The full command line for `program` with `args` after the handle's global flags.
     /// `nix path-info --json [--recursive] [--derivation] -- PATHS...`: `.drv` files need
     /// `--derivation`, or newer Nix would take them for their outputs.
     fn path_info_line(
@@ -702,6 +701,7 @@ impl Nix {
         self.command_line(Program::Nix, args)
     }
 
+    /// The full command line for `program` with `args` after the handle's global flags.
     fn command_line(&self, program: Program, args: Vec<OsString>) -> CommandLine {
         let config = &self.config;
         let mut full: Vec<OsString> = Vec::new();
