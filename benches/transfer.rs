@@ -963,6 +963,17 @@ fn forward(
     [receiving, sending]
 }
 
+/// A message header for one datagram from or to `name`, in `iov`; both
+/// must outlive the header's use.
+fn datagram_header(name: &mut libc::sockaddr_in, iov: &mut libc::iovec) -> libc::msghdr {
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_name = std::ptr::from_mut(name).cast();
+    header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    header.msg_iov = iov;
+    header.msg_iovlen = 1;
+    header
+}
+
 /// Receives a datagram, or with `UDP_GRO` a train of them: `len` bytes cut
 /// into `segment`-byte packets (the last may be shorter).
 fn receive(socket: &UdpSocket, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<u16>)> {
@@ -972,11 +983,7 @@ fn receive(socket: &UdpSocket, buffer: &mut [u8]) -> io::Result<(usize, SocketAd
         iov_len: buffer.len(),
     };
     let mut control = [0u64; 8];
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_name = (&raw mut name).cast();
-    header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    header.msg_iov = &raw mut iov;
-    header.msg_iovlen = 1;
+    let mut header = datagram_header(&mut name, &mut iov);
     header.msg_control = control.as_mut_ptr().cast();
     header.msg_controllen = size_of_val(&control);
     let len = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut header, 0) };
@@ -1022,11 +1029,7 @@ fn send(
         iov_len: payload.len(),
     };
     let mut control = [0u64; 4];
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_name = (&raw mut name).cast();
-    header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    header.msg_iov = &raw mut iov;
-    header.msg_iovlen = 1;
+    let mut header = datagram_header(&mut name, &mut iov);
     if let Some(segment) = segment.filter(|&segment| usize::from(segment) < payload.len()) {
         header.msg_control = control.as_mut_ptr().cast();
         header.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
