@@ -131,7 +131,8 @@ pub struct ServerConfig {
     /// Builds that may run at once.
     #[serde(default = "default_max_concurrent_builds")]
     pub max_concurrent_builds: u32,
-    /// Cache entries filled in parallel; `null` picks from the CPU count.
+    /// Cache entries compressed in parallel; `null` picks from the CPU
+    /// count.
     #[serde(default)]
     pub output_cache_max_parallel_fills: Option<u32>,
     /// Size limit of the signed output cache; least recently used entries

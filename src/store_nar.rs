@@ -11,7 +11,8 @@
 use std::{
     ffi::OsString,
     fs,
-    io::{self, Read},
+    io::{self, Read, Seek, SeekFrom},
+    ops::Range,
     os::unix::{ffi::OsStrExt, fs::PermissionsExt},
     path::{Path, PathBuf},
 };
@@ -38,24 +39,40 @@ pub fn dump(
     chunk: usize,
     sink: impl FnMut(Bytes) -> io::Result<()>,
 ) -> io::Result<u64> {
+    dump_range(path, 0..u64::MAX, chunk, sink)
+}
+
+/// Like [`dump`], for only the bytes of the NAR in `range`; returns how
+/// many were handed on. What comes before the range is skipped without
+/// reading the files it holds, and serialisation stops at its end, so a
+/// byte range of a large NAR costs about what those bytes cost to read.
+pub fn dump_range(
+    path: &Path,
+    range: Range<u64>,
+    chunk: usize,
+    sink: impl FnMut(Bytes) -> io::Result<()>,
+) -> io::Result<u64> {
     let mut out = Chunker {
         buffer: BytesMut::with_capacity(chunk),
         chunk,
         sink,
-        size: 0,
+        at: 0,
+        range,
+        sent: 0,
     };
     out.string(b"nix-archive-1")?;
     node(&mut out, path)?;
     out.flush()?;
-    Ok(out.size)
+    Ok(out.sent)
 }
 
-/// Streams the NAR of `path` from a blocking thread, a few chunks ahead of
-/// the reader. Reading ends with an error if serialisation fails.
-pub fn stream(path: PathBuf) -> ReceiverStream<io::Result<Bytes>> {
+/// Streams `range` of the NAR of `path` (all of it: `0..u64::MAX`) from a
+/// blocking thread, a few chunks ahead of the reader. Reading ends with an
+/// error if serialisation fails.
+pub fn stream(path: PathBuf, range: Range<u64>) -> ReceiverStream<io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
-        let result = dump(&path, CHUNK, |bytes| {
+        let result = dump_range(&path, range, CHUNK, |bytes| {
             tx.blocking_send(Ok(bytes))
                 .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "NAR reader went away"))
         });
@@ -70,11 +87,32 @@ struct Chunker<F> {
     buffer: BytesMut,
     chunk: usize,
     sink: F,
-    size: u64,
+    /// Position in the whole NAR.
+    at: u64,
+    /// The part of the NAR handed on.
+    range: Range<u64>,
+    /// Bytes handed on.
+    sent: u64,
 }
 
 impl<F: FnMut(Bytes) -> io::Result<()>> Chunker<F> {
-    fn raw(&mut self, mut data: &[u8]) -> io::Result<()> {
+    /// Whether the rest of the NAR lies past the range.
+    fn done(&self) -> bool {
+        self.at >= self.range.end
+    }
+
+    /// The part of the next `len` bytes of the NAR that lies in the range,
+    /// as offsets into those bytes.
+    fn wanted(&self, len: u64) -> Range<u64> {
+        let start = self.range.start.saturating_sub(self.at).min(len);
+        let end = self.range.end.saturating_sub(self.at).min(len);
+        start..end.max(start)
+    }
+
+    fn raw(&mut self, data: &[u8]) -> io::Result<()> {
+        let wanted = self.wanted(data.len() as u64);
+        self.at += data.len() as u64;
+        let mut data = &data[wanted.start as usize..wanted.end as usize];
         while !data.is_empty() {
             let n = (self.chunk - self.buffer.len()).min(data.len());
             self.buffer.extend_from_slice(&data[..n]);
@@ -103,36 +141,47 @@ impl<F: FnMut(Bytes) -> io::Result<()>> Chunker<F> {
         }
         let bytes = self.buffer.split().freeze();
         self.buffer.reserve(self.chunk);
-        self.size += bytes.len() as u64;
+        self.sent += bytes.len() as u64;
         (self.sink)(bytes)
     }
 
-    /// Copies `len` bytes of `file` into the output.
-    fn contents(&mut self, file: &mut fs::File, len: u64) -> io::Result<()> {
+    /// Copies the part in range of the `len` bytes of the file at `path`;
+    /// the file is not even opened when none of it is wanted.
+    fn contents(&mut self, path: &Path, len: u64) -> io::Result<()> {
         self.raw(&len.to_le_bytes())?;
-        let mut left = len;
-        while left > 0 {
-            if self.buffer.len() >= self.chunk {
-                self.flush()?;
+        let wanted = self.wanted(len);
+        self.at += len;
+        if !wanted.is_empty() {
+            let mut file = fs::File::open(path)?;
+            file.seek(SeekFrom::Start(wanted.start))?;
+            let mut left = wanted.end - wanted.start;
+            while left > 0 {
+                if self.buffer.len() >= self.chunk {
+                    self.flush()?;
+                }
+                let room =
+                    (self.chunk - self.buffer.len()).min(left.try_into().unwrap_or(usize::MAX));
+                let start = self.buffer.len();
+                self.buffer.resize(start + room, 0);
+                let n = file.read(&mut self.buffer[start..])?;
+                self.buffer.truncate(start + n);
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "a store file shrank while it was read",
+                    ));
+                }
+                left -= n as u64;
             }
-            let room = (self.chunk - self.buffer.len()).min(left.try_into().unwrap_or(usize::MAX));
-            let start = self.buffer.len();
-            self.buffer.resize(start + room, 0);
-            let n = file.read(&mut self.buffer[start..])?;
-            self.buffer.truncate(start + n);
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "a store file shrank while it was read",
-                ));
-            }
-            left -= n as u64;
         }
         self.pad(len)
     }
 }
 
 fn node<F: FnMut(Bytes) -> io::Result<()>>(out: &mut Chunker<F>, path: &Path) -> io::Result<()> {
+    if out.done() {
+        return Ok(());
+    }
     let meta = fs::symlink_metadata(path)?;
     let kind = meta.file_type();
     out.string(b"(")?;
@@ -148,8 +197,7 @@ fn node<F: FnMut(Bytes) -> io::Result<()>>(out: &mut Chunker<F>, path: &Path) ->
             out.string(b"")?;
         }
         out.string(b"contents")?;
-        let mut file = fs::File::open(path)?;
-        out.contents(&mut file, meta.len())?;
+        out.contents(path, meta.len())?;
     } else if kind.is_dir() {
         out.string(b"directory")?;
         let mut names = fs::read_dir(path)?
@@ -158,6 +206,9 @@ fn node<F: FnMut(Bytes) -> io::Result<()>>(out: &mut Chunker<F>, path: &Path) ->
         // Nix orders entries by their bytes, as `OsString` does on Unix.
         names.sort();
         for name in names {
+            if out.done() {
+                return Ok(());
+            }
             out.string(b"entry")?;
             out.string(b"(")?;
             out.string(b"name")?;
@@ -224,6 +275,36 @@ mod tests {
         assert!(a < b && b < sub, "entries are sorted");
         assert!(text.contains("executable"));
         assert!(text.contains("../b.txt"));
+    }
+
+    #[test]
+    fn dumps_any_byte_range_of_a_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("sub")).unwrap();
+        fs::write(root.join("a"), vec![3u8; 5000]).unwrap();
+        fs::write(
+            root.join("sub/b"),
+            (0..3000).map(|i| i as u8).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        symlink("a", root.join("sub/c")).unwrap();
+        let whole = nar_of(&root, 1 << 20);
+        let len = whole.len() as u64;
+        let ranges = (0..len)
+            .step_by(97)
+            .flat_map(|start| [start..start + 1, start..start + 700, start..len]);
+        for range in ranges.chain([0..u64::MAX, len..len + 5]) {
+            let mut part = Vec::new();
+            let sent = dump_range(&root, range.clone(), 64, |bytes| {
+                part.extend_from_slice(&bytes);
+                Ok(())
+            })
+            .unwrap();
+            let expected = &whole[range.start.min(len) as usize..range.end.min(len) as usize];
+            assert_eq!(part, expected, "range {range:?}");
+            assert_eq!(sent, expected.len() as u64);
+        }
     }
 
     #[test]

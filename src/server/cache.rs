@@ -1,22 +1,32 @@
 //! The builder's persistent signed binary cache (`DATA_DIR/cache`) and the
 //! Cache service that serves it to the session that built the outputs.
 //!
-//! The layout is a Nix binary cache (`<hash>.narinfo`, `nar/<narhash>.nar`).
+//! The layout is a Nix binary cache (`<hash>.narinfo`, `nar/<hash>.nar.zst`).
 //! A narinfo is made on first request from what the store records (hash,
 //! size, references; fetched in batches for a session's whole closure) and
-//! signed with the builder's key, so Nix can start fetching at once. The
-//! first request for its NAR starts writing the entry from the store; every
-//! reader, of the whole file or of a byte range, follows that write (see
-//! [`super::nar_file`]). Only a NAR that matches the store's own hash is kept, and
-//! its narinfo is written after it. Later requests, from any session, are
-//! served from disk. An entry is recompressed with zstd afterwards when
-//! that saves at least a tenth: incompressible outputs never pay for
+//! signed with the builder's key, so Nix can start fetching at once.
+//!
+//! Its NAR is served straight from the store, serialised in-process for
+//! each byte range asked for: store paths are immutable, and copying one
+//! into the cache before serving it would cost a write of every byte (about
+//! a second of CPU per GiB) for a file no faster to read than the store.
+//! What the cache keeps is what the store cannot give: once a NAR of at
+//! least 1 MiB has been served to its end, it is compressed with zstd in
+//! the background, and kept, with a narinfo naming it, when that saves at
+//! least a tenth and the NAR matches the store's own hash. Later sessions
+//! are then served the smaller file; incompressible outputs never pay for
 //! decompression. Least recently used entries are pruned past the size
 //! limit.
+//!
+//! A store that is not on this file system (reached only through
+//! `nix-store --dump`) cannot be read by range, so its NARs are written to
+//! the cache first, and every reader follows that write (see
+//! [`super::nar_file`]).
 
 use std::{
-    collections::HashMap,
-    io::{Read as _, Seek as _, Write as _},
+    collections::{HashMap, HashSet},
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
+    ops::Range,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -24,12 +34,15 @@ use std::{
 
 use bytes::Bytes;
 use futures::{StreamExt as _, stream::BoxStream};
-use tokio::{io::AsyncReadExt, sync::Semaphore};
+use tokio::{
+    io::AsyncReadExt,
+    sync::{Semaphore, mpsc},
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use super::nar_file::{CHUNK, NarFile, Writer};
+use super::nar_file::{CHUNK, NarFile, Writer, range_end};
 use super::{auth::principal, session::Sessions};
 use crate::{
     nix::{
@@ -62,8 +75,8 @@ pub enum CacheError {
     /// Nix failed.
     #[error(transparent)]
     Nix(#[from] crate::nixcmd::NixCmdError),
-    /// The store's NAR does not match the store's own hash.
-    #[error("the NAR of {0} does not match the hash the store records")]
+    /// The store's NAR does not match the store's own hash or size.
+    #[error("the NAR of {0} does not match the hash and size the store records")]
     Corrupt(StorePath),
     /// Disk trouble.
     #[error("cache I/O: {0}")]
@@ -80,6 +93,8 @@ pub struct SignedCache {
     max_bytes: Option<u64>,
     /// Entries being filled (one writer each) or just filled.
     open: OpenEntries,
+    /// URLs of plain NARs whose compression was tried or is under way.
+    compressed: Mutex<HashSet<String>>,
     /// What the store records about paths about to be asked for.
     infos: Mutex<HashMap<StorePath, PathInfo>>,
 }
@@ -102,6 +117,7 @@ impl SignedCache {
             fills: Arc::new(Semaphore::new(parallel_fills.max(1))),
             max_bytes,
             open: OpenEntries::default(),
+            compressed: Mutex::new(HashSet::new()),
             infos: Mutex::new(HashMap::new()),
         }
     }
@@ -187,17 +203,49 @@ impl SignedCache {
             .remove(path)
     }
 
-    /// The NAR file that `narinfo` (one this cache signed) names: being
-    /// filled, on disk, or filled from the store now. `None` for a
-    /// compressed file that is gone (pruned meanwhile): only plain NARs can
+    /// Streams `length` bytes from `offset` (0: to the end) of the NAR file
+    /// that `narinfo` (one this cache signed) names. `None` if there is no
+    /// such file: a compressed file pruned meanwhile, as only plain NARs can
     /// be made again exactly as their narinfo says.
-    pub fn nar(&self, narinfo: &NarInfo) -> Result<Option<NarFile>, CacheError> {
+    pub fn read_nar(
+        self: &Arc<Self>,
+        narinfo: &NarInfo,
+        offset: u64,
+        length: u64,
+    ) -> Result<Option<NarStream>, Status> {
         let Some(name) = narinfo.url.strip_prefix("nar/") else {
             return Ok(None);
         };
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Ok(None);
         }
+        let unservable = |err: CacheError| {
+            warn!(url = %narinfo.url, "opening a cache entry: {err}");
+            Status::internal(format!(
+                "the builder could not serve {}: {err}",
+                narinfo.url
+            ))
+        };
+        let file = match self.file(narinfo, name).map_err(unservable)? {
+            Some(file) => file,
+            None if !matches!(narinfo.compression.as_deref(), None | Some("none")) => {
+                return Ok(None);
+            }
+            None => match store_nar::physical(&narinfo.store_path) {
+                Some(path) => {
+                    return self
+                        .serve_from_store(path, narinfo, offset, length)
+                        .map(Some);
+                }
+                None => self.start_fill(narinfo.clone()).map_err(unservable)?,
+            },
+        };
+        let chunks = file.read_range(offset, length)?;
+        Ok(Some(ReceiverStream::new(chunks).boxed()))
+    }
+
+    /// The cache's file for `narinfo`, named `name`: being filled, or on disk.
+    fn file(&self, narinfo: &NarInfo, name: &str) -> Result<Option<NarFile>, CacheError> {
         if let Some(entry) = self
             .open
             .lock()
@@ -207,18 +255,108 @@ impl SignedCache {
             entry.touched = Instant::now();
             return Ok(Some(entry.nar.clone()));
         }
-        if let Ok(file) = std::fs::File::open(self.dir.join("nar").join(name)) {
-            let size = file.metadata()?.len();
-            return Ok(Some(NarFile::complete(file, size)));
+        match std::fs::File::open(self.dir.join("nar").join(name)) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some(NarFile::complete(file, size)))
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err.into()),
         }
-        if !matches!(narinfo.compression.as_deref(), None | Some("none")) {
-            return Ok(None);
-        }
-        self.start_fill(narinfo.clone()).map(Some)
     }
 
-    /// Starts writing the entry of `narinfo` from the store; readers follow
-    /// the returned file as it grows.
+    /// Serialises a byte range of the NAR of `narinfo`'s path, at `path` on
+    /// this file system. Once one has been served to its end, compressing
+    /// it is tried in the background.
+    fn serve_from_store(
+        self: &Arc<Self>,
+        path: PathBuf,
+        narinfo: &NarInfo,
+        offset: u64,
+        length: u64,
+    ) -> Result<NarStream, Status> {
+        let end = range_end(offset, length, narinfo.nar_size)?;
+        let (tx, rx) = mpsc::channel(4);
+        let (cache, narinfo) = (self.clone(), narinfo.clone());
+        tokio::spawn(async move {
+            let unservable = |err: &dyn std::fmt::Display| {
+                Status::internal(format!(
+                    "the builder could not serve {}: {err}",
+                    narinfo.store_path
+                ))
+            };
+            let mut nar = store_nar::stream(path, offset..end);
+            let mut sent = 0;
+            while let Some(chunk) = nar.next().await {
+                let chunk = chunk.map_err(|err| unservable(&err));
+                sent += chunk.as_ref().map_or(0, |chunk| chunk.len() as u64);
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+            if sent != end - offset {
+                let err = CacheError::Corrupt(narinfo.store_path.clone());
+                warn!("{err}");
+                let _ = tx.send(Err(unservable(&err))).await;
+            } else if end == narinfo.nar_size {
+                cache.compress_later(narinfo);
+            }
+        });
+        Ok(ReceiverStream::new(rx).boxed())
+    }
+
+    /// Tries, once per entry and one fill at a time, to keep a compressed
+    /// copy of the plain NAR that `narinfo` names.
+    fn compress_later(self: &Arc<Self>, narinfo: NarInfo) {
+        if narinfo.nar_size < COMPRESS_FROM {
+            return;
+        }
+        {
+            let mut tried = self.compressed.lock().unwrap_or_else(|p| p.into_inner());
+            if tried.len() >= MAX_KNOWN_INFOS {
+                tried.clear();
+            }
+            if !tried.insert(narinfo.url.clone()) {
+                return;
+            }
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let _permit = cache.fills.clone().acquire_owned().await;
+            let path = narinfo.store_path.clone();
+            if cache.read_ready(&path).await.is_some() {
+                return;
+            }
+            match on_blocking_pool(move || cache.keep_compressed(&narinfo)).await {
+                Ok(true) => info!(%path, "cache entry compressed"),
+                Ok(false) => debug!(%path, "not worth compressing"),
+                Err(err) => warn!(%path, "compressing a cache entry: {err}"),
+            }
+        });
+    }
+
+    /// Keeps a compressed copy of the plain NAR `narinfo` names, read from
+    /// the store, if that pays; returns whether it did.
+    fn keep_compressed(&self, narinfo: &NarInfo) -> Result<bool, CacheError> {
+        let path = &narinfo.store_path;
+        let physical =
+            store_nar::physical(path).ok_or_else(|| CacheError::NotInStore(path.clone()))?;
+        let read: ReadNar = &|range, sink| store_nar::dump_range(&physical, range, CHUNK, sink);
+        let Some(compressed) = compress(read, &self.dir, narinfo)? else {
+            return Ok(false);
+        };
+        record_entry(
+            &self.dir,
+            &self.narinfo_path(path),
+            &compressed,
+            self.max_bytes,
+        )?;
+        Ok(true)
+    }
+
+    /// Starts writing the entry of `narinfo` from `nix-store --dump`; readers
+    /// follow the returned file as it grows.
     fn start_fill(&self, narinfo: NarInfo) -> Result<NarFile, CacheError> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = open.get(&narinfo.url) {
@@ -239,7 +377,6 @@ impl SignedCache {
             dir: self.dir.clone(),
             narinfo_path: self.narinfo_path(&narinfo.store_path),
             max_bytes: self.max_bytes,
-            source: store_nar::physical(&narinfo.store_path),
             nix: self.nix.clone(),
             narinfo,
         };
@@ -250,9 +387,7 @@ impl SignedCache {
             let path = fill.narinfo.store_path.clone();
             let nar_size = fill.narinfo.nar_size;
             let permit = fills.acquire_owned().await;
-            let result = tokio::task::spawn_blocking(move || fill.run(tmp, writer))
-                .await
-                .unwrap_or_else(|err| Err(CacheError::Io(std::io::Error::other(err))));
+            let result = on_blocking_pool(move || fill.run(tmp, writer)).await;
             drop(permit);
             match result {
                 Ok(replaced) => {
@@ -298,14 +433,49 @@ struct OpenEntry {
     touched: Instant,
 }
 
+/// A stream of NAR bytes for the Cache service.
+pub type NarStream = BoxStream<'static, Result<Bytes, Status>>;
+
+/// Hands a range of a NAR to a sink; returns how many bytes it handed on.
+type ReadNar<'a> =
+    &'a dyn Fn(Range<u64>, &mut dyn FnMut(Bytes) -> std::io::Result<()>) -> std::io::Result<u64>;
+
+/// Runs cache file work on the blocking pool.
+async fn on_blocking_pool<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, CacheError> + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|err| Err(CacheError::Io(std::io::Error::other(err))))
+}
+
+/// Writes `narinfo` as the entry of its path, whose NAR file is in place,
+/// then prunes the cache down to `max_bytes`.
+fn record_entry(
+    dir: &Path,
+    narinfo_path: &Path,
+    narinfo: &NarInfo,
+    max_bytes: Option<u64>,
+) -> Result<(), CacheError> {
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::fs::write(tmp.path(), narinfo.to_string())?;
+    tmp.persist(narinfo_path).map_err(|err| err.error)?;
+    if let Some(max) = max_bytes {
+        match prune_dir(dir, max) {
+            Ok(0) => {}
+            Ok(removed) => info!(removed, "pruned cache entries"),
+            Err(err) => warn!("pruning the cache: {err}"),
+        }
+    }
+    Ok(())
+}
+
 /// Everything needed to write one cache entry on a blocking thread.
 struct Fill {
     dir: PathBuf,
     narinfo_path: PathBuf,
     narinfo: NarInfo,
     max_bytes: Option<u64>,
-    /// The path on this file system, or `None` to ask `nix-store --dump`.
-    source: Option<PathBuf>,
     nix: Nix,
 }
 
@@ -329,7 +499,11 @@ impl Fill {
         tmp.persist(&plain).map_err(|err| err.error)?;
         writer.finish();
         let compressed = if self.narinfo.nar_size >= COMPRESS_FROM {
-            compress(&plain, &self.dir, &self.narinfo)
+            compress(
+                &|range, sink| read_file(&plain, range, sink),
+                &self.dir,
+                &self.narinfo,
+            )
         } else {
             Ok(None)
         };
@@ -345,18 +519,7 @@ impl Fill {
                 (self.narinfo.clone(), false)
             }
         };
-        let tmp_info = tempfile::NamedTempFile::new_in(&self.dir)?;
-        std::fs::write(tmp_info.path(), narinfo.to_string())?;
-        tmp_info
-            .persist(&self.narinfo_path)
-            .map_err(|err| err.error)?;
-        if let Some(max) = self.max_bytes {
-            match prune_dir(&self.dir, max) {
-                Ok(0) => {}
-                Ok(removed) => info!(removed, "pruned cache entries"),
-                Err(err) => warn!("pruning the cache: {err}"),
-            }
-        }
+        record_entry(&self.dir, &self.narinfo_path, &narinfo, self.max_bytes)?;
         Ok(replaced)
     }
 
@@ -370,26 +533,19 @@ impl Fill {
             writer.advance(bytes.len() as u64);
             Ok(())
         };
-        match &self.source {
-            Some(source) => {
-                store_nar::dump(source, CHUNK, &mut sink)?;
+        let handle = tokio::runtime::Handle::current();
+        handle.block_on(async {
+            let mut reader = self.nix.dump(&self.narinfo.store_path)?;
+            let mut buffer = vec![0u8; CHUNK];
+            loop {
+                let n = reader.read(&mut buffer).await?;
+                if n == 0 {
+                    break;
+                }
+                sink(Bytes::copy_from_slice(&buffer[..n]))?;
             }
-            None => {
-                let handle = tokio::runtime::Handle::current();
-                handle.block_on(async {
-                    let mut reader = self.nix.dump(&self.narinfo.store_path)?;
-                    let mut buffer = vec![0u8; CHUNK];
-                    loop {
-                        let n = reader.read(&mut buffer).await?;
-                        if n == 0 {
-                            break;
-                        }
-                        sink(Bytes::copy_from_slice(&buffer[..n]))?;
-                    }
-                    Ok::<_, CacheError>(())
-                })?;
-            }
-        }
+            Ok::<_, CacheError>(())
+        })?;
         let (nar_hash, nar_size) = hasher.finish();
         if nar_hash != self.narinfo.nar_hash || nar_size != self.narinfo.nar_size {
             return Err(CacheError::Corrupt(self.narinfo.store_path.clone()));
@@ -406,25 +562,36 @@ const WORTHWHILE_TENTHS: u64 = 9;
 /// bytes.
 const COMPRESS_FROM: u64 = 1 << 20;
 
-/// A zstd-compressed copy of the NAR in `plain`, with the narinfo naming it,
-/// when that saves at least a tenth. Compressible outputs then cost less to
-/// send and store, while incompressible ones never pay for decompression.
-/// The signature covers the NAR's hash and size, not the file, so it stays
-/// valid. The first MiB decides whether trying the whole file is worth it:
+/// A zstd-compressed copy of the NAR of `narinfo`, which `read` gives, with
+/// the narinfo naming it, when that saves at least a tenth. Compressible
+/// outputs then cost less to send and store, while incompressible ones
+/// never pay for decompression. The signature covers the NAR's hash and
+/// size, not the file, so it stays valid, and the NAR is checked against
+/// them. The first MiB decides whether trying the whole NAR is worth it:
 /// random data would otherwise cost seconds of CPU per GiB for nothing.
-fn compress(plain: &Path, dir: &Path, narinfo: &NarInfo) -> Result<Option<NarInfo>, CacheError> {
-    let mut file = std::fs::File::open(plain)?;
+fn compress(read: ReadNar, dir: &Path, narinfo: &NarInfo) -> Result<Option<NarInfo>, CacheError> {
     let mut sample = Vec::with_capacity(COMPRESS_FROM as usize);
-    (&mut file).take(COMPRESS_FROM).read_to_end(&mut sample)?;
+    read(0..COMPRESS_FROM, &mut |bytes| {
+        sample.extend_from_slice(&bytes);
+        Ok(())
+    })?;
     let compressed = zstd::bulk::compress(&sample, 3)?;
     if !worthwhile(compressed.len() as u64, sample.len() as u64) {
         return Ok(None);
     }
-    file.rewind()?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir.join("nar"))?;
-    let mut hashed = HashingWriter::new(tmp.as_file_mut());
-    zstd::stream::copy_encode(file, &mut hashed, 3)?;
-    let (file_hash, file_size) = hashed.finish();
+    let nar_dir = dir.join("nar");
+    std::fs::create_dir_all(&nar_dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(nar_dir)?;
+    let mut encoder = zstd::stream::Encoder::new(HashingWriter::new(tmp.as_file_mut()), 3)?;
+    let mut nar = NarHasher::new();
+    read(0..u64::MAX, &mut |bytes| {
+        nar.write_all(&bytes)?;
+        encoder.write_all(&bytes)
+    })?;
+    let (file_hash, file_size) = encoder.finish()?.finish();
+    if nar.finish() != (narinfo.nar_hash, narinfo.nar_size) {
+        return Err(CacheError::Corrupt(narinfo.store_path.clone()));
+    }
     if !worthwhile(file_size, narinfo.nar_size) {
         return Ok(None);
     }
@@ -437,6 +604,27 @@ fn compress(plain: &Path, dir: &Path, narinfo: &NarInfo) -> Result<Option<NarInf
         file_size: Some(file_size),
         ..narinfo.clone()
     }))
+}
+
+/// Hands `range` of the file at `path` to `sink` in chunks.
+fn read_file(
+    path: &Path,
+    range: Range<u64>,
+    sink: &mut dyn FnMut(Bytes) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(range.start))?;
+    let mut file = file.take(range.end.saturating_sub(range.start));
+    let mut sent = 0;
+    loop {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let n = (&mut file).take(CHUNK as u64).read_to_end(&mut chunk)?;
+        if n == 0 {
+            return Ok(sent);
+        }
+        sent += n as u64;
+        sink(chunk.into())?;
+    }
 }
 
 fn worthwhile(compressed: u64, plain: u64) -> bool {
@@ -584,7 +772,7 @@ async fn serve_narinfo(
             }
         })?;
     session.allow_nar(&narinfo);
-    debug!(session = %session.id, %path, "narinfo served");
+    debug!(session = %session.id, %path, url = narinfo.url, "narinfo served");
     Ok(narinfo)
 }
 
@@ -666,15 +854,10 @@ impl cache_server::Cache for CacheService {
         let not_found =
             || Status::not_found(format!("{url} was not named by a narinfo of this session"));
         let narinfo = session.served_nar(&url).ok_or_else(not_found)?;
-        let nar = self
+        let chunks = self
             .cache
-            .nar(&narinfo)
-            .map_err(|err| {
-                warn!(%url, "opening a cache entry: {err}");
-                Status::internal(format!("the builder could not serve {url}: {err}"))
-            })?
+            .read_nar(&narinfo, offset, length)?
             .ok_or_else(not_found)?;
-        let chunks = ReceiverStream::new(nar.read_range(offset, length)?);
         Ok(Response::new(
             chunks
                 .map(|chunk| chunk.map(|data| proto::GetNarResponse { data }))

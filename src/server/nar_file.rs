@@ -127,16 +127,7 @@ impl NarFile {
         offset: u64,
         length: u64,
     ) -> Result<mpsc::Receiver<Result<Bytes, Status>>, Status> {
-        if offset > self.size || (offset == self.size && self.size > 0) {
-            return Err(Status::out_of_range(format!(
-                "offset {offset} is past the end of the file ({} bytes)",
-                self.size
-            )));
-        }
-        let end = match length {
-            0 => self.size,
-            length => offset.saturating_add(length).min(self.size),
-        };
+        let end = range_end(offset, length, self.size)?;
         let (tx, rx) = mpsc::channel(4);
         let source = self.file.clone();
         let mut written = self.written.clone();
@@ -203,6 +194,20 @@ impl NarFile {
         });
         Ok(rx)
     }
+}
+
+/// Where a read of `length` bytes from `offset` (0: to the end) of a file of
+/// `size` bytes ends; an error if `offset` is past the end.
+pub fn range_end(offset: u64, length: u64, size: u64) -> Result<u64, Status> {
+    if offset > size || (offset == size && size > 0) {
+        return Err(Status::out_of_range(format!(
+            "offset {offset} is past the end of the file ({size} bytes)"
+        )));
+    }
+    Ok(match length {
+        0 => size,
+        length => offset.saturating_add(length).min(size),
+    })
 }
 
 impl Writer {
