@@ -4,9 +4,10 @@
 //! Spawning `nix-store --dump` costs a process per path, which dominates
 //! when a closure has thousands of small paths. Store paths are immutable
 //! and world-readable once valid, so reading them directly gives the same
-//! bytes. Callers still check every NAR against the hash the store (or the
-//! peer) records, so a store that is not at `/nix/store` on this file system
-//! shows up as a hash mismatch, never as wrong data accepted.
+//! bytes. Whoever receives a NAR still checks it against the hash the store
+//! records (the builder for uploads, the client's Nix for outputs), so a
+//! store that is not at `/nix/store` on this file system shows up as a hash
+//! mismatch, never as wrong data accepted.
 
 use std::{
     ffi::OsString,
@@ -18,8 +19,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::{Stream, TryStreamExt as _, stream};
 
 use crate::nix::store_path::StorePath;
 
@@ -43,190 +43,308 @@ pub fn dump(
 }
 
 /// Like [`dump`], for only the bytes of the NAR in `range`; returns how
-/// many were handed on. What comes before the range is skipped without
-/// reading the files it holds, and serialisation stops at its end, so a
-/// byte range of a large NAR costs about what those bytes cost to read.
+/// many were handed on.
 pub fn dump_range(
     path: &Path,
     range: Range<u64>,
     chunk: usize,
-    sink: impl FnMut(Bytes) -> io::Result<()>,
+    mut sink: impl FnMut(Bytes) -> io::Result<()>,
 ) -> io::Result<u64> {
-    let mut out = Chunker {
-        buffer: BytesMut::with_capacity(chunk),
-        chunk,
-        sink,
-        at: 0,
-        range,
-        sent: 0,
-    };
-    out.string(b"nix-archive-1")?;
-    node(&mut out, path)?;
-    out.flush()?;
-    Ok(out.sent)
+    let mut nar = Serialiser::new(path.to_owned(), range, chunk);
+    let mut sent = 0;
+    while let Some(bytes) = nar.next_chunk()? {
+        sent += bytes.len() as u64;
+        sink(bytes)?;
+    }
+    Ok(sent)
 }
 
-/// Streams `range` of the NAR of `path` (all of it: `0..u64::MAX`) from a
-/// blocking thread, a few chunks ahead of the reader. Reading ends with an
+/// Streams the chunks of `nar`, serialising each on the blocking pool: no
+/// thread is held while the reader is slow. Ends with the serialiser, which
+/// may go on with a later range ([`Serialiser::continue_with`]), or with an
 /// error if serialisation fails.
-pub fn stream(path: PathBuf, range: Range<u64>) -> ReceiverStream<io::Result<Bytes>> {
-    let (tx, rx) = mpsc::channel(4);
-    tokio::task::spawn_blocking(move || {
-        let result = dump_range(&path, range, CHUNK, |bytes| {
-            tx.blocking_send(Ok(bytes))
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "NAR reader went away"))
-        });
-        if let Err(err) = result {
-            let _ = tx.blocking_send(Err(err));
-        }
-    });
-    ReceiverStream::new(rx)
+pub fn stream(nar: Serialiser) -> impl Stream<Item = io::Result<Step>> + Send + 'static {
+    stream::try_unfold(Some(nar), |nar| async move {
+        let Some(mut nar) = nar else {
+            return Ok(None);
+        };
+        let (nar, chunk) = tokio::task::spawn_blocking(move || {
+            let chunk = nar.next_chunk();
+            chunk.map(|chunk| (nar, chunk))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(Some(match chunk {
+            Some(bytes) => (Step::Chunk(bytes), Some(nar)),
+            None => (Step::End(nar), None),
+        }))
+    })
 }
 
-struct Chunker<F> {
+/// Streams `range` of the NAR of `path` (all of it: `0..u64::MAX`) as
+/// [`stream`] does, without the serialiser at the end.
+pub fn stream_range(
+    path: PathBuf,
+    range: Range<u64>,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    stream(Serialiser::new(path, range, CHUNK)).try_filter_map(|step| async move {
+        Ok(match step {
+            Step::Chunk(bytes) => Some(bytes),
+            Step::End(_) => None,
+        })
+    })
+}
+
+/// What [`stream`] yields.
+#[derive(Debug)]
+pub enum Step {
+    /// The next bytes of the range.
+    Chunk(Bytes),
+    /// The range is complete.
+    End(Serialiser),
+}
+
+/// A NAR being serialised a chunk at a time, for one byte range of it.
+///
+/// What comes before the range is skipped without reading the files it
+/// holds (their metadata is read), and work stops at the range's end with
+/// the walk's position kept, so the serialiser can go on with the next
+/// range without walking the tree again.
+#[derive(Debug)]
+pub struct Serialiser {
+    /// What is left to write, the next thing last.
+    todo: Vec<Todo>,
+    /// Serialised bytes not yet handed on, from NAR offset `at - buffer.len()`.
     buffer: BytesMut,
     chunk: usize,
-    sink: F,
-    /// Position in the whole NAR.
+    /// The NAR offset serialisation has reached.
     at: u64,
-    /// The part of the NAR handed on.
     range: Range<u64>,
-    /// Bytes handed on.
-    sent: u64,
 }
 
-impl<F: FnMut(Bytes) -> io::Result<()>> Chunker<F> {
-    /// Whether the rest of the NAR lies past the range.
-    fn done(&self) -> bool {
-        self.at >= self.range.end
+#[derive(Debug)]
+enum Todo {
+    /// The node at this path.
+    Node(PathBuf),
+    /// The `)` that closes a node or a directory entry.
+    Close,
+    /// A directory's entries still to write, in NAR order.
+    Entries {
+        dir: PathBuf,
+        names: std::vec::IntoIter<OsString>,
+    },
+    /// A regular file's `len` bytes of contents, `done` of them passed;
+    /// `file` is opened once some of them are wanted.
+    Contents {
+        path: PathBuf,
+        len: u64,
+        done: u64,
+        file: Option<fs::File>,
+    },
+}
+
+impl Serialiser {
+    /// Serialises `range` of the NAR of the file system object at `path`, in
+    /// chunks of at most `chunk` bytes.
+    pub fn new(path: PathBuf, range: Range<u64>, chunk: usize) -> Self {
+        let mut nar = Self {
+            todo: vec![Todo::Node(path)],
+            buffer: BytesMut::new(),
+            chunk: chunk.max(1),
+            at: 0,
+            range,
+        };
+        nar.string(b"nix-archive-1");
+        nar
     }
 
-    /// The part of the next `len` bytes of the NAR that lies in the range,
-    /// as offsets into those bytes.
-    fn wanted(&self, len: u64) -> Range<u64> {
-        let start = self.range.start.saturating_sub(self.at).min(len);
-        let end = self.range.end.saturating_sub(self.at).min(len);
-        start..end.max(start)
+    /// The NAR offset of the next byte this serialiser would hand on.
+    pub fn position(&self) -> u64 {
+        self.at - self.buffer.len() as u64
     }
 
-    fn raw(&mut self, data: &[u8]) -> io::Result<()> {
-        let wanted = self.wanted(data.len() as u64);
-        self.at += data.len() as u64;
-        let mut data = &data[wanted.start as usize..wanted.end as usize];
-        while !data.is_empty() {
-            let n = (self.chunk - self.buffer.len()).min(data.len());
-            self.buffer.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buffer.len() >= self.chunk {
-                self.flush()?;
+    /// Goes on with `range`, which starts at or after [`Self::position`]:
+    /// what lies between is skipped as before the first range.
+    pub fn continue_with(&mut self, range: Range<u64>) {
+        let skip = range.start.saturating_sub(self.position());
+        let _ = self
+            .buffer
+            .split_to(skip.min(self.buffer.len() as u64) as usize);
+        self.range = range;
+    }
+
+    /// The next chunk of the range; `None` once it is complete (or the NAR
+    /// ended before it).
+    pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        while self.buffer.len() < self.chunk && self.at < self.range.end {
+            let Some(todo) = self.todo.pop() else {
+                break;
+            };
+            self.work(todo)?;
+        }
+        let wanted = self.range.end.saturating_sub(self.position());
+        let n = self
+            .buffer
+            .len()
+            .min(self.chunk)
+            .min(wanted.try_into().unwrap_or(usize::MAX));
+        Ok((n > 0).then(|| self.buffer.split_to(n).freeze()))
+    }
+
+    fn work(&mut self, todo: Todo) -> io::Result<()> {
+        match todo {
+            Todo::Node(path) => self.node(path),
+            Todo::Close => {
+                self.string(b")");
+                Ok(())
             }
+            Todo::Entries { dir, mut names } => {
+                if let Some(name) = names.next() {
+                    let child = dir.join(&name);
+                    self.todo.push(Todo::Entries { dir, names });
+                    for token in [&b"entry"[..], b"(", b"name", name.as_bytes(), b"node"] {
+                        self.string(token);
+                    }
+                    self.todo.push(Todo::Close);
+                    self.todo.push(Todo::Node(child));
+                }
+                Ok(())
+            }
+            Todo::Contents {
+                path,
+                len,
+                done,
+                file,
+            } => self.contents(path, len, done, file),
+        }
+    }
+
+    fn node(&mut self, path: PathBuf) -> io::Result<()> {
+        let meta = fs::symlink_metadata(&path)?;
+        let kind = meta.file_type();
+        self.string(b"(");
+        self.string(b"type");
+        self.todo.push(Todo::Close);
+        if kind.is_symlink() {
+            self.string(b"symlink");
+            self.string(b"target");
+            self.string(fs::read_link(&path)?.as_os_str().as_bytes());
+        } else if kind.is_file() {
+            self.string(b"regular");
+            if meta.permissions().mode() & 0o100 != 0 {
+                self.string(b"executable");
+                self.string(b"");
+            }
+            self.string(b"contents");
+            self.raw(&meta.len().to_le_bytes());
+            self.todo.push(Todo::Contents {
+                path,
+                len: meta.len(),
+                done: 0,
+                file: None,
+            });
+        } else if kind.is_dir() {
+            self.string(b"directory");
+            let mut names = fs::read_dir(&path)?
+                .map(|entry| entry.map(|entry| entry.file_name()))
+                .collect::<io::Result<Vec<OsString>>>()?;
+            // Nix orders entries by their bytes, as `OsString` does on Unix.
+            names.sort();
+            self.todo.push(Todo::Entries {
+                dir: path,
+                names: names.into_iter(),
+            });
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is neither a file, a directory nor a symlink",
+                    path.display()
+                ),
+            ));
         }
         Ok(())
     }
 
-    fn pad(&mut self, len: u64) -> io::Result<()> {
+    /// Passes the next part of a file's contents: skips what lies before
+    /// the range, reads at most what fills the chunk and is wanted, and pads
+    /// at the end.
+    fn contents(
+        &mut self,
+        path: PathBuf,
+        len: u64,
+        mut done: u64,
+        mut file: Option<fs::File>,
+    ) -> io::Result<()> {
+        let skip = self.range.start.saturating_sub(self.at).min(len - done);
+        self.at += skip;
+        done += skip;
+        if skip > 0
+            && let Some(file) = &mut file
+        {
+            file.seek(SeekFrom::Start(done))?;
+        }
+
+        let room = self.chunk.saturating_sub(self.buffer.len()) as u64;
+        let n = (len - done)
+            .min(room)
+            .min(self.range.end.saturating_sub(self.at)) as usize;
+        if n > 0 {
+            let file = match &mut file {
+                Some(file) => file,
+                None => {
+                    let mut opened = fs::File::open(&path)?;
+                    opened.seek(SeekFrom::Start(done))?;
+                    file.insert(opened)
+                }
+            };
+            let start = self.buffer.len();
+            self.buffer.resize(start + n, 0);
+            let read = file.read(&mut self.buffer[start..])?;
+            self.buffer.truncate(start + read);
+            if read == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while it was read", path.display()),
+                ));
+            }
+            self.at += read as u64;
+            done += read as u64;
+        }
+        if done < len {
+            self.todo.push(Todo::Contents {
+                path,
+                len,
+                done,
+                file,
+            });
+        } else {
+            self.pad(len);
+        }
+        Ok(())
+    }
+
+    /// Appends `data`, less what lies before the range.
+    fn raw(&mut self, data: &[u8]) {
+        let skip = self
+            .range
+            .start
+            .saturating_sub(self.at)
+            .min(data.len() as u64);
+        self.buffer.extend_from_slice(&data[skip as usize..]);
+        self.at += data.len() as u64;
+    }
+
+    fn pad(&mut self, len: u64) {
         let padding = (8 - len % 8) % 8;
-        self.raw(&[0u8; 8][..padding as usize])
+        self.raw(&[0u8; 8][..padding as usize]);
     }
 
-    fn string(&mut self, text: &[u8]) -> io::Result<()> {
-        self.raw(&(text.len() as u64).to_le_bytes())?;
-        self.raw(text)?;
-        self.pad(text.len() as u64)
+    fn string(&mut self, text: &[u8]) {
+        self.raw(&(text.len() as u64).to_le_bytes());
+        self.raw(text);
+        self.pad(text.len() as u64);
     }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let bytes = self.buffer.split().freeze();
-        self.buffer.reserve(self.chunk);
-        self.sent += bytes.len() as u64;
-        (self.sink)(bytes)
-    }
-
-    /// Copies the part in range of the `len` bytes of the file at `path`;
-    /// the file is not even opened when none of it is wanted.
-    fn contents(&mut self, path: &Path, len: u64) -> io::Result<()> {
-        self.raw(&len.to_le_bytes())?;
-        let wanted = self.wanted(len);
-        self.at += len;
-        if !wanted.is_empty() {
-            let mut file = fs::File::open(path)?;
-            file.seek(SeekFrom::Start(wanted.start))?;
-            let mut left = wanted.end - wanted.start;
-            while left > 0 {
-                if self.buffer.len() >= self.chunk {
-                    self.flush()?;
-                }
-                let room =
-                    (self.chunk - self.buffer.len()).min(left.try_into().unwrap_or(usize::MAX));
-                let start = self.buffer.len();
-                self.buffer.resize(start + room, 0);
-                let n = file.read(&mut self.buffer[start..])?;
-                self.buffer.truncate(start + n);
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "a store file shrank while it was read",
-                    ));
-                }
-                left -= n as u64;
-            }
-        }
-        self.pad(len)
-    }
-}
-
-fn node<F: FnMut(Bytes) -> io::Result<()>>(out: &mut Chunker<F>, path: &Path) -> io::Result<()> {
-    if out.done() {
-        return Ok(());
-    }
-    let meta = fs::symlink_metadata(path)?;
-    let kind = meta.file_type();
-    out.string(b"(")?;
-    out.string(b"type")?;
-    if kind.is_symlink() {
-        out.string(b"symlink")?;
-        out.string(b"target")?;
-        out.string(fs::read_link(path)?.as_os_str().as_bytes())?;
-    } else if kind.is_file() {
-        out.string(b"regular")?;
-        if meta.permissions().mode() & 0o100 != 0 {
-            out.string(b"executable")?;
-            out.string(b"")?;
-        }
-        out.string(b"contents")?;
-        out.contents(path, meta.len())?;
-    } else if kind.is_dir() {
-        out.string(b"directory")?;
-        let mut names = fs::read_dir(path)?
-            .map(|entry| entry.map(|entry| entry.file_name()))
-            .collect::<io::Result<Vec<OsString>>>()?;
-        // Nix orders entries by their bytes, as `OsString` does on Unix.
-        names.sort();
-        for name in names {
-            if out.done() {
-                return Ok(());
-            }
-            out.string(b"entry")?;
-            out.string(b"(")?;
-            out.string(b"name")?;
-            out.string(name.as_bytes())?;
-            out.string(b"node")?;
-            node(out, &path.join(&name))?;
-            out.string(b")")?;
-        }
-    } else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{} is neither a file, a directory nor a symlink",
-                path.display()
-            ),
-        ));
-    }
-    out.string(b")")
 }
 
 #[cfg(test)]
@@ -305,6 +423,69 @@ mod tests {
             assert_eq!(part, expected, "range {range:?}");
             assert_eq!(sent, expected.len() as u64);
         }
+    }
+
+    #[test]
+    fn a_paused_serialiser_goes_on_with_later_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("d")).unwrap();
+        for (name, len) in [("a", 900), ("d/b", 5000), ("d/c", 0), ("e", 3000)] {
+            let contents: Vec<u8> = (0..len).map(|i| (i * 7 + name.len()) as u8).collect();
+            fs::write(root.join(name), contents).unwrap();
+        }
+        let whole = nar_of(&root, 1 << 20);
+        let len = whole.len() as u64;
+        for (step, gap) in [(1, 0), (100, 0), (333, 0), (1000, 0), (100, 57), (250, 700)] {
+            let mut nar = Serialiser::new(root.clone(), 0..step, 64);
+            let mut start = 0;
+            while start < len {
+                let end = (start + step).min(len);
+                nar.continue_with(start..end);
+                let mut part = Vec::new();
+                while let Some(bytes) = nar.next_chunk().unwrap() {
+                    assert!(bytes.len() <= 64);
+                    part.extend_from_slice(&bytes);
+                }
+                assert_eq!(
+                    part,
+                    &whole[start as usize..end as usize],
+                    "step {step}, gap {gap}, at {start}"
+                );
+                assert_eq!(nar.position(), end);
+                start = end + gap;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_hold_no_blocking_thread_between_chunks() {
+        use futures::StreamExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, vec![1u8; 3 * CHUNK]).unwrap();
+        // More paused streams than the blocking pool has threads (512).
+        let mut streams: Vec<_> = (0..600)
+            .map(|_| Box::pin(stream_range(file.clone(), 0..u64::MAX)))
+            .collect();
+        let first_chunks = async {
+            for stream in &mut streams {
+                assert_eq!(stream.next().await.unwrap().unwrap().len(), CHUNK);
+            }
+            tokio::task::spawn_blocking(|| ()).await.unwrap();
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), first_chunks)
+            .await
+            .expect("paused streams left blocking threads free");
+        let rest: Vec<usize> = streams[0]
+            .by_ref()
+            .map(|chunk| chunk.unwrap().len())
+            .collect()
+            .await;
+        assert_eq!(
+            CHUNK + rest.iter().sum::<usize>(),
+            nar_of(&file, CHUNK).len()
+        );
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn nar_chunks(
     path: &StorePath,
 ) -> anyhow::Result<Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>> {
     if let Some(physical) = store_nar::physical(path) {
-        return Ok(Box::pin(store_nar::stream(physical, 0..u64::MAX)));
+        return Ok(Box::pin(store_nar::stream_range(physical, 0..u64::MAX)));
     }
     let nar = nix.dump(path)?;
     Ok(Box::pin(ReaderStream::with_capacity(nar, CHUNK)))

@@ -24,7 +24,7 @@
 //! [`super::nar_file`]).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
     ops::Range,
     path::{Path, PathBuf},
@@ -50,11 +50,11 @@ use crate::{
         nar::NarHasher,
         narinfo::NarInfo,
         signing::SecretKey,
-        store_path::{StorePath, StorePathHash},
+        store_path::{STORE_DIR, StorePath, StorePathHash},
     },
     nixcmd::{Nix, PathInfo},
     proto::{self, cache_server},
-    store_nar,
+    store_nar::{self, Serialiser, Step},
     transport::IrohPeer,
 };
 
@@ -65,6 +65,14 @@ const INFO_BATCH: usize = 1000;
 /// Path infos kept for fills to come; beyond this the oldest batch is
 /// dropped (a fill then asks for its own).
 const MAX_KNOWN_INFOS: usize = 20_000;
+
+/// Paths remembered as not worth compressing (or being compressed);
+/// beyond this they are forgotten, and at worst tried once more.
+const MAX_TRIED: usize = 20_000;
+
+/// Serialisers kept paused at the end of a range, for the next range of the
+/// same NAR (see [`SignedCache::serve_from_store`]).
+const MAX_PARKED: usize = 16;
 
 /// Why a cache entry could not be produced.
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +97,15 @@ pub struct SignedCache {
     dir: PathBuf,
     key: SecretKey,
     nix: Nix,
+    /// Permits to write or compress an entry.
     fills: Arc<Semaphore>,
     max_bytes: Option<u64>,
     /// Entries being filled (one writer each) or just filled.
     open: OpenEntries,
-    /// URLs of plain NARs whose compression was tried or is under way.
-    compressed: Mutex<HashSet<String>>,
+    /// Paths whose NARs are being compressed or were not worth it.
+    tried: Mutex<HashSet<StorePath>>,
+    /// Serialisers paused at the end of a range, with their NAR's URL.
+    parked: Mutex<VecDeque<(String, Serialiser)>>,
     /// What the store records about paths about to be asked for.
     infos: Mutex<HashMap<StorePath, PathInfo>>,
 }
@@ -117,7 +128,8 @@ impl SignedCache {
             fills: Arc::new(Semaphore::new(parallel_fills.max(1))),
             max_bytes,
             open: OpenEntries::default(),
-            compressed: Mutex::new(HashSet::new()),
+            tried: Mutex::new(HashSet::new()),
+            parked: Mutex::new(VecDeque::new()),
             infos: Mutex::new(HashMap::new()),
         }
     }
@@ -144,7 +156,7 @@ impl SignedCache {
 
     /// The signed narinfo of `path`: from disk if its entry is complete,
     /// else made from what the store records, its NAR to be streamed by
-    /// [`Self::nar`]. `neighbours` (the rest of the requester's
+    /// [`Self::read_nar`]. `neighbours` (the rest of the requester's
     /// closure) are looked up in the same batch, so a closure of many small
     /// paths costs a few `nix path-info` calls, not one per path.
     pub async fn narinfo(
@@ -237,6 +249,7 @@ impl SignedCache {
                         .serve_from_store(path, narinfo, offset, length)
                         .map(Some);
                 }
+                None if Path::new(STORE_DIR).is_dir() => return Err(gone(&narinfo.store_path)),
                 None => self.start_fill(narinfo.clone()).map_err(unservable)?,
             },
         };
@@ -266,8 +279,10 @@ impl SignedCache {
     }
 
     /// Serialises a byte range of the NAR of `narinfo`'s path, at `path` on
-    /// this file system. Once one has been served to its end, compressing
-    /// it is tried in the background.
+    /// this file system. A client fetching consecutive ranges of a large NAR
+    /// (over several streams) gets each from where the previous one paused,
+    /// not from a new walk of the tree. Once one has been served to its end,
+    /// compressing it is tried in the background.
     fn serve_from_store(
         self: &Arc<Self>,
         path: PathBuf,
@@ -276,48 +291,87 @@ impl SignedCache {
         length: u64,
     ) -> Result<NarStream, Status> {
         let end = range_end(offset, length, narinfo.nar_size)?;
+        let nar = match self.unpark(&narinfo.url, offset) {
+            Some(mut nar) => {
+                nar.continue_with(offset..end);
+                nar
+            }
+            None => Serialiser::new(path, offset..end, CHUNK),
+        };
         let (tx, rx) = mpsc::channel(4);
         let (cache, narinfo) = (self.clone(), narinfo.clone());
         tokio::spawn(async move {
-            let unservable = |err: &dyn std::fmt::Display| {
-                Status::internal(format!(
-                    "the builder could not serve {}: {err}",
-                    narinfo.store_path
-                ))
-            };
-            let mut nar = store_nar::stream(path, offset..end);
+            let store_path = &narinfo.store_path;
+            let steps = store_nar::stream(nar);
+            tokio::pin!(steps);
             let mut sent = 0;
-            while let Some(chunk) = nar.next().await {
-                let chunk = chunk.map_err(|err| unservable(&err));
-                sent += chunk.as_ref().map_or(0, |chunk| chunk.len() as u64);
-                let failed = chunk.is_err();
-                if tx.send(chunk).await.is_err() || failed {
-                    return;
+            while let Some(step) = steps.next().await {
+                match step {
+                    Ok(Step::Chunk(bytes)) => {
+                        sent += bytes.len() as u64;
+                        if tx.send(Ok(bytes)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Step::End(_)) if sent != end - offset => {
+                        let err = CacheError::Corrupt(store_path.clone());
+                        warn!("{err}");
+                        let _ = tx.send(Err(Status::internal(err.to_string()))).await;
+                    }
+                    Ok(Step::End(_)) if end == narinfo.nar_size => {
+                        cache.compress_later(narinfo.clone());
+                    }
+                    Ok(Step::End(nar)) => cache.park(&narinfo.url, nar),
+                    Err(err) => {
+                        warn!(%store_path, "serving a NAR from the store: {err}");
+                        let status = match store_nar::physical(store_path) {
+                            None => gone(store_path),
+                            Some(_) => Status::internal(format!(
+                                "the builder could not serve {store_path}: {err}"
+                            )),
+                        };
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                 }
-            }
-            if sent != end - offset {
-                let err = CacheError::Corrupt(narinfo.store_path.clone());
-                warn!("{err}");
-                let _ = tx.send(Err(unservable(&err))).await;
-            } else if end == narinfo.nar_size {
-                cache.compress_later(narinfo);
             }
         });
         Ok(ReceiverStream::new(rx).boxed())
     }
 
-    /// Tries, once per entry and one fill at a time, to keep a compressed
+    fn park(&self, url: &str, nar: Serialiser) {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        if parked.len() >= MAX_PARKED {
+            parked.pop_front();
+        }
+        parked.push_back((url.to_owned(), nar));
+    }
+
+    /// The serialiser of `url` paused closest before `offset`: with several
+    /// ranges in flight, the next range starts a few ranges after the one
+    /// that just ended, and skipping those costs only their metadata.
+    fn unpark(&self, url: &str, offset: u64) -> Option<Serialiser> {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, _) = parked
+            .iter()
+            .enumerate()
+            .filter(|(_, (u, nar))| u == url && nar.position() <= offset)
+            .max_by_key(|(_, (_, nar))| nar.position())?;
+        parked.remove(at).map(|(_, nar)| nar)
+    }
+
+    /// Tries, once per path and holding a fill permit, to keep a compressed
     /// copy of the plain NAR that `narinfo` names.
     fn compress_later(self: &Arc<Self>, narinfo: NarInfo) {
         if narinfo.nar_size < COMPRESS_FROM {
             return;
         }
         {
-            let mut tried = self.compressed.lock().unwrap_or_else(|p| p.into_inner());
-            if tried.len() >= MAX_KNOWN_INFOS {
+            let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
+            if tried.len() >= MAX_TRIED {
                 tried.clear();
             }
-            if !tried.insert(narinfo.url.clone()) {
+            if !tried.insert(narinfo.store_path.clone()) {
                 return;
             }
         }
@@ -325,14 +379,23 @@ impl SignedCache {
         tokio::spawn(async move {
             let _permit = cache.fills.clone().acquire_owned().await;
             let path = narinfo.store_path.clone();
-            if cache.read_ready(&path).await.is_some() {
-                return;
+            if cache.read_ready(&path).await.is_none() {
+                let keep = cache.clone();
+                match on_blocking_pool(move || keep.keep_compressed(&narinfo)).await {
+                    Ok(true) => info!(%path, "cache entry compressed"),
+                    Ok(false) => {
+                        debug!(%path, "not worth compressing");
+                        return;
+                    }
+                    Err(err) => warn!(%path, "compressing a cache entry: {err}"),
+                }
             }
-            match on_blocking_pool(move || cache.keep_compressed(&narinfo)).await {
-                Ok(true) => info!(%path, "cache entry compressed"),
-                Ok(false) => debug!(%path, "not worth compressing"),
-                Err(err) => warn!(%path, "compressing a cache entry: {err}"),
-            }
+            // Kept entries are found on disk, and a failure may pass.
+            cache
+                .tried
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&path);
         });
     }
 
@@ -750,6 +813,14 @@ impl CacheService {
     }
 }
 
+/// A path that left the builder's store (collected as garbage) after its
+/// narinfo was served.
+fn gone(path: &StorePath) -> Status {
+    Status::not_found(format!(
+        "{path} is no longer in the builder's store (garbage-collected?); build again"
+    ))
+}
+
 fn not_an_output(hash: &StorePathHash) -> Status {
     Status::not_found(format!("{hash} is not an output of this session's build"))
 }
@@ -765,7 +836,7 @@ async fn serve_narinfo(
         .narinfo(path, || session.readable_paths())
         .await
         .map_err(|err| {
-            warn!(%path, "cache fill failed: {err}");
+            warn!(%path, "making a narinfo: {err}");
             match err {
                 CacheError::NotInStore(_) => not_an_output(path.hash_part()),
                 other => Status::internal(format!("the builder could not serve {path}: {other}")),

@@ -1,6 +1,6 @@
 //! A NAR file that can be read by byte range, also while it is still being
-//! written: a cache entry being filled from the store, or an uploaded input
-//! still arriving.
+//! written: an uploaded input still arriving, or a cache entry being filled
+//! from a store that is not on this file system.
 //!
 //! Every reader follows the writer through the file rather than taking bytes
 //! from it directly: the writer then runs at disk speed whoever is reading,

@@ -124,7 +124,7 @@ struct SessionState {
     /// read from the cache.
     readable: HashMap<StorePathHash, StorePath>,
     /// Narinfos served to this session, by NAR URL: what it may fetch, and
-    /// what to fill a missing entry from.
+    /// what to serve it from once the cache's file is gone.
     served_nars: HashMap<String, NarInfo>,
     /// How the build ended, once it has.
     outcome: Option<(proto::BuildResult, String)>,

@@ -184,8 +184,9 @@ fn ticket_build_imports_signed_outputs_once() {
     wait_until(
         "a compressed entry is kept",
         Duration::from_secs(20),
-        || has(".nar.zst"),
+        || pair.builder.log().contains("cache entry compressed"),
     );
+    assert!(has(".nar.zst"));
     assert!(!has(".nar"), "no plain NAR was copied into the cache");
     let seen = pair.builder.log().len();
 
@@ -213,6 +214,7 @@ fn ticket_build_imports_signed_outputs_once() {
         "the second client was served the compressed entry:\n{later}"
     );
     assert!(!later.contains("cache entry compressed"), "{later}");
+    assert!(!has(".nar"), "{later}");
 
     // `fail` is not in the closure of `app`, so it must go to the builder.
     let again = pair.build("fail", &["--ticket", &ticket]);

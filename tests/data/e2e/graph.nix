@@ -40,11 +40,12 @@ rec {
   '' { };
 
   # Several dependencies, an input source and text enough to be
-  # fetched in ranges and compressed in the builder's cache.
+  # fetched in more ranges than are in flight at once (so later ranges go on
+  # from where earlier ones paused) and compressed in the builder's cache.
   app = mk "app" ''
     mkdir -p $out/bin $out/share
     cp ${srcDir}/hello.txt $out/share/hello.txt
-    yes "compressible text for the builder's cache" | head -c 6000000 > $out/share/text.txt
+    yes "compressible text for the builder's cache" | head -c 20000000 > $out/share/text.txt
     ln -s ${blob} $out/share/blob
     ln -s ${lib.dev}/include $out/share/include
     printf '#!%s\ncat %s %s/lib/libtest.txt\n' ${tools}/bin/sh $out/share/hello.txt ${lib} > $out/bin/app
