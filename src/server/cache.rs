@@ -71,8 +71,9 @@ const MAX_KNOWN_INFOS: usize = 20_000;
 const MAX_TRIED: usize = 20_000;
 
 /// Serialisers kept paused at the end of a range, for the next range of the
-/// same NAR (see [`SignedCache::serve_from_store`]).
+/// same NAR (see [`SignedCache::serve_from_store`]), and for how long.
 const MAX_PARKED: usize = 16;
+const PARKED_FOR: Duration = Duration::from_secs(30);
 
 /// Why a cache entry could not be produced.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +105,9 @@ pub struct SignedCache {
     open: OpenEntries,
     /// Paths whose NARs are being compressed or were not worth it.
     tried: Mutex<HashSet<StorePath>>,
-    /// Serialisers paused at the end of a range, with their NAR's URL.
-    parked: Mutex<VecDeque<(String, Serialiser)>>,
+    /// Serialisers paused at the end of a range, with their NAR's URL and
+    /// when they paused.
+    parked: Mutex<VecDeque<(String, Instant, Serialiser)>>,
     /// What the store records about paths about to be asked for.
     infos: Mutex<HashMap<StorePath, PathInfo>>,
 }
@@ -339,12 +341,13 @@ impl SignedCache {
         Ok(ReceiverStream::new(rx).boxed())
     }
 
-    fn park(&self, url: &str, nar: Serialiser) {
+    fn park(&self, url: &str, mut nar: Serialiser) {
+        nar.close_files();
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         if parked.len() >= MAX_PARKED {
             parked.pop_front();
         }
-        parked.push_back((url.to_owned(), nar));
+        parked.push_back((url.to_owned(), Instant::now(), nar));
     }
 
     /// The serialiser of `url` paused closest before `offset`: with several
@@ -352,12 +355,13 @@ impl SignedCache {
     /// that just ended, and skipping those costs only their metadata.
     fn unpark(&self, url: &str, offset: u64) -> Option<Serialiser> {
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.retain(|(_, since, _)| since.elapsed() < PARKED_FOR);
         let (at, _) = parked
             .iter()
             .enumerate()
-            .filter(|(_, (u, nar))| u == url && nar.position() <= offset)
-            .max_by_key(|(_, (_, nar))| nar.position())?;
-        parked.remove(at).map(|(_, nar)| nar)
+            .filter(|(_, (u, _, nar))| u == url && nar.position() <= offset)
+            .max_by_key(|(_, (_, _, nar))| nar.position())?;
+        parked.remove(at).map(|(_, _, nar)| nar)
     }
 
     /// Tries, once per path and holding a fill permit, to keep a compressed
