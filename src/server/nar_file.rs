@@ -6,9 +6,16 @@
 //! from it directly: the writer then runs at disk speed whoever is reading,
 //! one client can fetch several ranges of a large file over parallel
 //! streams, and a second client asking for the same entry joins the fill
-//! instead of starting another.
+//! instead of starting another. The one exception is an upload's reader
+//! that keeps up with the writer (see [`Handoff`]).
 
-use std::{fs::File, os::unix::fs::FileExt, path::PathBuf, sync::Arc};
+use std::{
+    collections::VecDeque,
+    fs::File,
+    os::unix::fs::FileExt,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -24,6 +31,10 @@ const READ_BLOCK: u64 = 4 * CHUNK as u64;
 
 /// Why readers stop when the writer went away without saying why.
 const ABANDONED: &str = "the NAR file was abandoned before it was complete";
+
+/// Bytes held in memory for readers at most; beyond this the writer writes
+/// the oldest to the file after all.
+const HANDOFF_LIMIT: u64 = 8 << 20;
 
 /// Runs `read` on the blocking pool: file I/O may block, and a runtime
 /// worker must not.
@@ -49,6 +60,96 @@ pub struct NarFile {
     file: Source,
     size: u64,
     written: watch::Receiver<Written>,
+    handoff: Option<Arc<Mutex<Handoff>>>,
+}
+
+/// The latest bytes of a growing file, held in memory for the readers
+/// reading it now, in order from `start`: a reader that keeps up takes them
+/// from here, and the writer need not write them to the file at all. For an
+/// upload, writing each byte to disk and reading it back is most of what
+/// the builder spends per byte; its Nix reads each NAR once, at the pace it
+/// arrives.
+///
+/// Held bytes are not in the file (unless written out for room, in which
+/// case they are dropped from here). Every other byte is in the file, except
+/// those the only reader there ever was has taken from here: those are
+/// dropped unwritten, and no reader may start after that.
+#[derive(Debug, Default)]
+struct Handoff {
+    start: u64,
+    chunks: VecDeque<Bytes>,
+    held: u64,
+    /// Readers reading now.
+    active: usize,
+    /// Readers that ever started.
+    started: usize,
+    /// Whether bytes were dropped unwritten.
+    lossy: bool,
+}
+
+impl Handoff {
+    fn end(&self) -> u64 {
+        self.start + self.held
+    }
+
+    /// The held bytes from `pos` up to `upto`, or `None` if `pos` is not
+    /// held. A sole reader's bytes are dropped as it takes them.
+    fn take(&mut self, pos: u64, upto: u64) -> Option<Vec<Bytes>> {
+        if pos < self.start || pos >= self.end() {
+            return None;
+        }
+        let mut taken = Vec::new();
+        let mut at = self.start;
+        for chunk in &self.chunks {
+            let chunk_end = at + chunk.len() as u64;
+            if chunk_end > pos {
+                let from = (pos.max(at) - at) as usize;
+                let to = (upto.min(chunk_end) - at) as usize;
+                taken.push(chunk.slice(from..to));
+            }
+            if chunk_end >= upto {
+                break;
+            }
+            at = chunk_end;
+        }
+        if self.started == 1 {
+            let taken_to = pos + taken.iter().map(|c| c.len() as u64).sum::<u64>();
+            self.lossy |= self.forget_before(taken_to) > 0;
+        }
+        Some(taken)
+    }
+
+    /// Drops the held chunks that end at or before `offset`; returns how
+    /// many bytes that was.
+    fn forget_before(&mut self, offset: u64) -> u64 {
+        let mut dropped = 0;
+        while let Some(front) = self.chunks.front() {
+            let len = front.len() as u64;
+            if self.start + len > offset {
+                break;
+            }
+            self.chunks.pop_front();
+            self.start += len;
+            self.held -= len;
+            dropped += len;
+        }
+        dropped
+    }
+}
+
+fn lock(handoff: &Mutex<Handoff>) -> MutexGuard<'_, Handoff> {
+    handoff.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts a reader as reading until dropped.
+struct Reading(Option<Arc<Mutex<Handoff>>>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        if let Some(handoff) = &self.0 {
+            lock(handoff).active -= 1;
+        }
+    }
 }
 
 /// Where readers find the bytes.
@@ -76,6 +177,7 @@ impl Source {
 #[derive(Debug)]
 pub struct Writer {
     written: watch::Sender<Written>,
+    handoff: Option<Arc<Mutex<Handoff>>>,
 }
 
 impl NarFile {
@@ -89,30 +191,45 @@ impl NarFile {
             file: Source::Open(Arc::new(file)),
             size,
             written,
+            handoff: None,
         }
     }
 
     /// A file that will hold `size` bytes once written through the
     /// returned [`Writer`]. `file` must be opened for reading.
     pub fn growing(file: File, size: u64) -> (Self, Writer) {
-        Self::growing_from(Source::Open(Arc::new(file)), size)
+        Self::growing_from(Source::Open(Arc::new(file)), size, None)
     }
 
     /// Like [`NarFile::growing`], for the file at `path`, which each reader
     /// opens when it starts: an upload may stage more files than a process
-    /// may hold open.
+    /// may hold open. Its writer may hand bytes to readers in memory
+    /// ([`Writer::hands_off`]), so that the file is whole only if nobody
+    /// read it while it was being written.
     pub fn growing_at(path: PathBuf, size: u64) -> (Self, Writer) {
-        Self::growing_from(Source::At(Arc::new(path)), size)
+        let handoff = Some(Arc::default());
+        Self::growing_from(Source::At(Arc::new(path)), size, handoff)
     }
 
-    fn growing_from(file: Source, size: u64) -> (Self, Writer) {
+    fn growing_from(
+        file: Source,
+        size: u64,
+        handoff: Option<Arc<Mutex<Handoff>>>,
+    ) -> (Self, Writer) {
         let (tx, written) = watch::channel(Written::default());
         let nar = Self {
             file,
             size,
             written,
+            handoff: handoff.clone(),
         };
-        (nar, Writer { written: tx })
+        (
+            nar,
+            Writer {
+                written: tx,
+                handoff,
+            },
+        )
     }
 
     /// The size of the complete file.
@@ -128,6 +245,17 @@ impl NarFile {
         length: u64,
     ) -> Result<mpsc::Receiver<Result<Bytes, Status>>, Status> {
         let end = range_end(offset, length, self.size)?;
+        if let Some(handoff) = &self.handoff {
+            let mut handoff = lock(handoff);
+            if handoff.lossy {
+                return Err(Status::failed_precondition(
+                    "this NAR was handed to its reader from memory and is not kept for another",
+                ));
+            }
+            handoff.started += 1;
+            handoff.active += 1;
+        }
+        let reading = Reading(self.handoff.clone());
         let (tx, rx) = mpsc::channel(4);
         let source = self.file.clone();
         let mut written = self.written.clone();
@@ -136,6 +264,8 @@ impl NarFile {
         // threads meanwhile. Only opening and each `pread` (mostly from the
         // page cache) go to the blocking pool.
         tokio::spawn(async move {
+            let handoff = reading.0.clone();
+            let _reading = reading;
             let file = match source.open().await {
                 Ok(file) => file,
                 Err(err) => {
@@ -163,25 +293,35 @@ impl NarFile {
                 };
                 let block = match available {
                     Ok(available) => {
-                        let n = (available.min(end) - pos).min(READ_BLOCK) as usize;
-                        let (file, at) = (file.clone(), pos);
-                        let block = blocking(move || {
-                            let mut block = vec![0; n];
-                            file.read_exact_at(&mut block, at).map(|()| block)
-                        })
-                        .await
-                        .map_err(|err| Status::internal(format!("reading a NAR file: {err}")));
-                        pos += n as u64;
-                        block.map(Bytes::from)
+                        let upto = available.min(end).min(pos + READ_BLOCK);
+                        let held = handoff.as_ref().and_then(|h| lock(h).take(pos, upto));
+                        match held {
+                            Some(held) => Ok(held),
+                            None => {
+                                let (file, at, n) = (file.clone(), pos, (upto - pos) as usize);
+                                blocking(move || {
+                                    let mut block = vec![0; n];
+                                    file.read_exact_at(&mut block, at).map(|()| block)
+                                })
+                                .await
+                                .map(|block| vec![Bytes::from(block)])
+                                .map_err(|err| {
+                                    Status::internal(format!("reading a NAR file: {err}"))
+                                })
+                            }
+                        }
                     }
                     Err(status) => Err(status),
                 };
                 match block {
-                    Ok(mut block) => {
-                        while !block.is_empty() {
-                            let chunk = block.split_to(block.len().min(CHUNK));
-                            if tx.send(Ok(chunk)).await.is_err() {
-                                return;
+                    Ok(block) => {
+                        for mut piece in block {
+                            pos += piece.len() as u64;
+                            while !piece.is_empty() {
+                                let chunk = piece.split_to(piece.len().min(CHUNK));
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
@@ -211,7 +351,53 @@ pub fn range_end(offset: u64, length: u64, size: u64) -> Result<u64, Status> {
 }
 
 impl Writer {
-    /// `bytes` more bytes are in the file.
+    /// Whether the bytes from `offset` on had better be handed to the
+    /// readers in memory ([`Self::hand_off`]) than written to the file:
+    /// someone is reading, and they follow the bytes held.
+    pub fn hands_off(&self, offset: u64) -> bool {
+        self.handoff.as_ref().is_some_and(|handoff| {
+            let handoff = lock(handoff);
+            handoff.active > 0 && (handoff.held == 0 || handoff.end() == offset)
+        })
+    }
+
+    /// Holds `bytes`, which go at `offset`, for the readers instead of
+    /// writing them (only when [`Self::hands_off`] said so). Returns the
+    /// oldest held bytes beyond the memory limit, with their offsets: the
+    /// caller writes them to the file, then calls [`Self::written_out`].
+    pub fn hand_off(&self, offset: u64, bytes: Bytes) -> Vec<(u64, Bytes)> {
+        let Some(handoff) = &self.handoff else {
+            return vec![(offset, bytes)];
+        };
+        let mut handoff = lock(handoff);
+        if handoff.held == 0 {
+            handoff.start = offset;
+        }
+        handoff.held += bytes.len() as u64;
+        handoff.chunks.push_back(bytes);
+        let mut excess = handoff.held.saturating_sub(HANDOFF_LIMIT);
+        let mut at = handoff.start;
+        let mut spill = Vec::new();
+        for chunk in &handoff.chunks {
+            if excess == 0 {
+                break;
+            }
+            spill.push((at, chunk.clone()));
+            at += chunk.len() as u64;
+            excess = excess.saturating_sub(chunk.len() as u64);
+        }
+        spill
+    }
+
+    /// The bytes before `offset` are in the file now; readers read them
+    /// there.
+    pub fn written_out(&self, offset: u64) {
+        if let Some(handoff) = &self.handoff {
+            lock(handoff).forget_before(offset);
+        }
+    }
+
+    /// `bytes` more bytes may be read, from the file or as handed off.
     pub fn advance(&self, bytes: u64) {
         self.written.send_modify(|w| w.bytes += bytes);
     }
@@ -315,6 +501,31 @@ mod tests {
         for reader in readers {
             assert_eq!(collect(reader).await.unwrap(), b"nar");
         }
+    }
+
+    #[tokio::test]
+    async fn handed_off_bytes_beyond_the_limit_go_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nar");
+        let file = File::create(&path).unwrap();
+        let bytes = Bytes::from(data(3 * HANDOFF_LIMIT as usize / 2));
+        let (nar, writer) = NarFile::growing_at(path, bytes.len() as u64);
+        assert!(!writer.hands_off(0), "nobody reads yet");
+        let reader = nar.read_range(0, 0).unwrap();
+        let mut spilled = 0;
+        for at in (0..bytes.len()).step_by(CHUNK) {
+            assert!(writer.hands_off(at as u64));
+            let part = bytes.slice(at..(at + CHUNK).min(bytes.len()));
+            for (offset, part) in writer.hand_off(at as u64, part) {
+                file.write_all_at(&part, offset).unwrap();
+                spilled = offset + part.len() as u64;
+            }
+            writer.written_out(spilled);
+        }
+        assert_eq!(spilled, bytes.len() as u64 - HANDOFF_LIMIT);
+        writer.advance(bytes.len() as u64);
+        writer.finish();
+        assert_eq!(collect(reader).await.unwrap(), bytes);
     }
 
     #[tokio::test]

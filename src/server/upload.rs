@@ -30,6 +30,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, Weak},
 };
 
+use bytes::Bytes;
 use http_body_util::{BodyExt as _, StreamBody};
 use hyper::{StatusCode, header};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
@@ -537,7 +538,7 @@ impl Staged {
 
     /// Stores `data` at `offset` and checks whatever is now contiguous.
     /// Returns whether the whole NAR is in and has passed every check.
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<bool, Status> {
+    fn write(&mut self, offset: u64, data: Bytes) -> Result<bool, Status> {
         let result = self.write_and_check(offset, data);
         if let Err(status) = &result
             && let Some(readers) = self.readers.take()
@@ -547,7 +548,7 @@ impl Staged {
         result
     }
 
-    fn write_and_check(&mut self, offset: u64, data: &[u8]) -> Result<bool, Status> {
+    fn write_and_check(&mut self, offset: u64, data: Bytes) -> Result<bool, Status> {
         let path = &self.input.path;
         let end = offset.saturating_add(data.len() as u64);
         if end > self.input.nar_size {
@@ -566,26 +567,22 @@ impl Staged {
                 "bytes {offset}..{end} of {path} were sent twice"
             )));
         }
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(&self.at)
-            .map_err(internal("opening an upload file"))?;
-        file.write_all_at(data, offset)
-            .map_err(internal("writing an upload file"))?;
-        if offset == self.checked {
-            self.check(data)?;
+        let handing_off =
+            offset == self.checked && self.readers.as_ref().is_some_and(|r| r.hands_off(offset));
+        if handing_off {
+            // Checked before its reader can have it, as bytes from the file are.
+            self.check(&data)?;
+            self.hand_off(offset, data)?;
         } else {
-            self.ahead.insert(offset, end);
-        }
-        while let Some(ahead_end) = self.ahead.remove(&self.checked) {
-            let mut buffer = vec![0; READ_BACK];
-            while self.checked < ahead_end {
-                let n = (ahead_end - self.checked).min(READ_BACK as u64) as usize;
-                file.read_exact_at(&mut buffer[..n], self.checked)
-                    .map_err(internal("reading an upload file back"))?;
-                self.check(&buffer[..n])?;
+            write_at(&self.open()?, &data, offset)?;
+            if offset == self.checked {
+                self.check(&data)?;
+            } else {
+                self.ahead.insert(offset, end);
             }
+        }
+        if self.ahead.contains_key(&self.checked) {
+            self.read_back(&self.open()?)?;
         }
         // Readers never get a whole NAR before the upload is complete.
         self.publish(self.checked.min(self.input.nar_size.saturating_sub(1)));
@@ -594,6 +591,46 @@ impl Staged {
         }
         self.finish()?;
         Ok(true)
+    }
+
+    fn open(&self) -> Result<File, Status> {
+        File::options()
+            .read(true)
+            .write(true)
+            .open(&self.at)
+            .map_err(internal("opening an upload file"))
+    }
+
+    /// Gives checked `data` at `offset` to the readers in memory, writing
+    /// to the file only what memory cannot hold.
+    fn hand_off(&self, offset: u64, data: Bytes) -> Result<(), Status> {
+        let Some(readers) = &self.readers else {
+            return write_at(&self.open()?, &data, offset);
+        };
+        let spill = readers.hand_off(offset, data);
+        if let Some((last, bytes)) = spill.last() {
+            let file = self.open()?;
+            for (at, bytes) in &spill {
+                write_at(&file, bytes, *at)?;
+            }
+            readers.written_out(last + bytes.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Checks the parts written ahead that are now contiguous, reading them
+    /// back from `file`.
+    fn read_back(&mut self, file: &File) -> Result<(), Status> {
+        let mut buffer = vec![0; READ_BACK];
+        while let Some(ahead_end) = self.ahead.remove(&self.checked) {
+            while self.checked < ahead_end {
+                let n = (ahead_end - self.checked).min(READ_BACK as u64) as usize;
+                file.read_exact_at(&mut buffer[..n], self.checked)
+                    .map_err(internal("reading an upload file back"))?;
+                self.check(&buffer[..n])?;
+            }
+        }
+        Ok(())
     }
 
     fn publish(&mut self, upto: u64) {
@@ -670,6 +707,11 @@ fn nar_url(path: &StorePath) -> String {
 
 fn nar_file(staging: &Path, path: &StorePath) -> PathBuf {
     staging.join(nar_url(path))
+}
+
+fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), Status> {
+    file.write_all_at(data, offset)
+        .map_err(internal("writing an upload file"))
 }
 
 fn internal(action: &'static str) -> impl Fn(std::io::Error) -> Status {
@@ -771,7 +813,7 @@ async fn receive_parts(
             staged
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .write(at, &message.data)
+                .write(at, message.data)
         })
         .await
         .map_err(|err| Status::internal(format!("checking an upload: {err}")))?
@@ -939,9 +981,13 @@ mod tests {
             .map(|w| (w[0] as u64, &nar[w[0]..w[1]]))
             .collect();
         for (offset, data) in [parts[2], parts[3], parts[1]] {
-            assert!(!staged.write(offset, data).unwrap());
+            assert!(!staged.write(offset, Bytes::copy_from_slice(data)).unwrap());
         }
-        assert!(staged.write(parts[0].0, parts[0].1).unwrap());
+        assert!(
+            staged
+                .write(parts[0].0, Bytes::copy_from_slice(parts[0].1))
+                .unwrap()
+        );
         let staged_file = std::fs::read(nar_file(staging.path(), &input.path)).unwrap();
         assert_eq!(staged_file, nar);
         // Checked in full, but held back until the whole upload is.
@@ -952,17 +998,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reader_that_keeps_up_gets_the_nar_without_a_file() {
+        let staging = tempfile::tempdir().unwrap();
+        std::fs::create_dir(staging.path().join("nar")).unwrap();
+        let contents: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (input, nar) = source(&contents, staging.path());
+        let (mut staged, served) = Staged::start(input.clone(), staging.path()).unwrap();
+        let reader = served.read_range(0, 0).unwrap();
+        let reader = tokio::spawn(async move {
+            let mut reader = reader;
+            let mut out = Vec::new();
+            while let Some(chunk) = reader.recv().await {
+                out.extend_from_slice(&chunk?);
+            }
+            Ok::<_, Status>(out)
+        });
+        let nar = Bytes::from(nar);
+        for at in (0..nar.len()).step_by(30_000) {
+            let part = nar.slice(at..(at + 30_000).min(nar.len()));
+            staged.write(at as u64, part).unwrap();
+            tokio::task::yield_now().await;
+        }
+        // Held back until the whole upload has passed, as from a file.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!reader.is_finished());
+        staged.release();
+        assert_eq!(reader.await.unwrap().unwrap(), nar);
+        let staged_file = std::fs::read(nar_file(staging.path(), &input.path)).unwrap();
+        assert!(
+            staged_file.is_empty(),
+            "{} bytes written",
+            staged_file.len()
+        );
+        let again = served.read_range(0, 0).unwrap_err();
+        assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
     async fn overlapping_long_or_wrong_parts_are_refused() {
         let staging = tempfile::tempdir().unwrap();
         std::fs::create_dir(staging.path().join("nar")).unwrap();
         let (input, nar) = source(b"some source text", staging.path());
         let (mut staged, _) = Staged::start(input.clone(), staging.path()).unwrap();
-        staged.write(40, &nar[40..60]).unwrap();
-        let twice = staged.write(50, &nar[50..70]).unwrap_err();
+        staged
+            .write(40, Bytes::copy_from_slice(&nar[40..60]))
+            .unwrap();
+        let twice = staged
+            .write(50, Bytes::copy_from_slice(&nar[50..70]))
+            .unwrap_err();
         assert!(twice.message().contains("sent twice"), "{twice:?}");
-        let early = staged.write(30, &nar[30..45]).unwrap_err();
+        let early = staged
+            .write(30, Bytes::copy_from_slice(&nar[30..45]))
+            .unwrap_err();
         assert!(early.message().contains("sent twice"), "{early:?}");
-        let long = staged.write(nar.len() as u64 - 2, b"abc").unwrap_err();
+        let long = staged
+            .write(nar.len() as u64 - 2, Bytes::from_static(b"abc"))
+            .unwrap_err();
         assert!(long.message().contains("longer"), "{long:?}");
 
         let staging = tempfile::tempdir().unwrap();
@@ -971,7 +1062,7 @@ mod tests {
         let (mut staged, served) = Staged::start(input, staging.path()).unwrap();
         let last = nar.len() - 20;
         nar[last] ^= 1;
-        let err = staged.write(0, &nar).unwrap_err();
+        let err = staged.write(0, Bytes::from(nar)).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         // Readers learn why, and never get the bytes that failed.
         let read = read_all(&served).await.unwrap_err();
