@@ -15,10 +15,11 @@ use std::{
     os::unix::fs::FileExt,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tonic::Status;
 
 /// Bytes per read: large enough to amortise per-message costs, small enough
@@ -60,7 +61,7 @@ pub struct NarFile {
     file: Source,
     size: u64,
     written: watch::Receiver<Written>,
-    handoff: Option<Arc<Mutex<Handoff>>>,
+    handoff: Option<Arc<HandoffCell>>,
 }
 
 /// The latest bytes of a growing file, held in memory for the readers
@@ -151,17 +152,26 @@ enum Found {
     InFile { upto: u64 },
 }
 
-fn lock(handoff: &Mutex<Handoff>) -> MutexGuard<'_, Handoff> {
-    handoff.lock().unwrap_or_else(|p| p.into_inner())
+/// A [`Handoff`] shared by a writer and its readers.
+#[derive(Debug, Default)]
+struct HandoffCell {
+    state: Mutex<Handoff>,
+    /// Told when a reader takes held bytes or stops reading.
+    progress: Notify,
+}
+
+fn lock(cell: &HandoffCell) -> MutexGuard<'_, Handoff> {
+    cell.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Counts a reader as reading until dropped.
-struct Reading(Option<Arc<Mutex<Handoff>>>);
+struct Reading(Option<Arc<HandoffCell>>);
 
 impl Drop for Reading {
     fn drop(&mut self) {
         if let Some(handoff) = &self.0 {
             lock(handoff).active -= 1;
+            handoff.progress.notify_waiters();
         }
     }
 }
@@ -191,7 +201,7 @@ impl Source {
 #[derive(Debug)]
 pub struct Writer {
     written: watch::Sender<Written>,
-    handoff: Option<Arc<Mutex<Handoff>>>,
+    handoff: Option<Arc<HandoffCell>>,
 }
 
 impl NarFile {
@@ -225,11 +235,7 @@ impl NarFile {
         Self::growing_from(Source::At(Arc::new(path)), size, handoff)
     }
 
-    fn growing_from(
-        file: Source,
-        size: u64,
-        handoff: Option<Arc<Mutex<Handoff>>>,
-    ) -> (Self, Writer) {
+    fn growing_from(file: Source, size: u64, handoff: Option<Arc<HandoffCell>>) -> (Self, Writer) {
         let (tx, written) = watch::channel(Written::default());
         let nar = Self {
             file,
@@ -313,7 +319,12 @@ impl NarFile {
                             None => Found::InFile { upto },
                         };
                         match found {
-                            Found::Held(held) => Ok(held),
+                            Found::Held(held) => {
+                                if let Some(handoff) = &handoff {
+                                    handoff.progress.notify_waiters();
+                                }
+                                Ok(held)
+                            }
                             Found::InFile { upto } => {
                                 let (file, at, n) = (file.clone(), pos, (upto - pos) as usize);
                                 blocking(move || {
@@ -378,6 +389,15 @@ impl Writer {
         })
     }
 
+    /// While a reader is taking held bytes and more than half the memory
+    /// limit is held: what to wait on for it to take more, rather than
+    /// write them to the file.
+    pub fn crowded(&self) -> Option<Crowded> {
+        let handoff = self.handoff.as_ref()?;
+        let state = lock(handoff);
+        (state.active > 0 && state.held > HANDOFF_LIMIT / 2).then(|| Crowded(handoff.clone()))
+    }
+
     /// Holds `bytes`, which go at `offset`, for the readers instead of
     /// writing them (only when [`Self::hands_off`] said so). Returns the
     /// oldest held bytes beyond the memory limit, with their offsets: the
@@ -428,6 +448,31 @@ impl Writer {
     pub fn abandon(self, why: &str) {
         self.written
             .send_modify(|w| w.done = Some(Err(Arc::from(why))));
+    }
+}
+
+/// Held bytes of a [`Writer`] that its reader has yet to take.
+#[derive(Debug)]
+pub struct Crowded(Arc<HandoffCell>);
+
+impl Crowded {
+    /// Waits until the reader has taken enough of them or stopped reading,
+    /// or has taken nothing for `patience`.
+    pub async fn wait(self, patience: Duration) {
+        loop {
+            let progress = self.0.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            {
+                let state = lock(&self.0);
+                if state.active == 0 || state.held <= HANDOFF_LIMIT / 2 {
+                    return;
+                }
+            }
+            if tokio::time::timeout(patience, progress).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -546,6 +591,41 @@ mod tests {
         writer.advance(bytes.len() as u64);
         writer.finish();
         assert_eq!(collect(reader).await.unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn a_crowded_writer_waits_for_its_reader_but_not_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nar");
+        File::create(&path).unwrap();
+        let bytes = Bytes::from(data(HANDOFF_LIMIT as usize * 3 / 4));
+        let (nar, writer) = NarFile::growing_at(path, bytes.len() as u64);
+        let mut stalled = nar.read_range(0, 0).unwrap();
+        assert!(writer.hand_off(0, bytes.clone()).is_empty());
+        writer.advance(bytes.len() as u64);
+        let crowded = writer.crowded().expect("more than half the limit is held");
+        // The reader takes a few blocks, then nobody drains it.
+        let patience = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        crowded.wait(patience).await;
+        assert!(started.elapsed() >= patience);
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            while let Some(chunk) = stalled.recv().await {
+                got += chunk.unwrap().len();
+            }
+            got
+        });
+        let started = std::time::Instant::now();
+        writer
+            .crowded()
+            .unwrap()
+            .wait(Duration::from_secs(30))
+            .await;
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert!(writer.crowded().is_none());
+        writer.finish();
+        assert_eq!(reader.await.unwrap(), bytes.len());
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -39,7 +40,7 @@ use tonic::Status;
 use tracing::{debug, info};
 
 use super::{
-    nar_file::{NarFile, Writer},
+    nar_file::{Crowded, NarFile, Writer},
     session::{DeclaredInput, Session},
 };
 use crate::{
@@ -58,6 +59,10 @@ use crate::{
 /// Text-hashed inputs (`.drv` files) are checked in memory; a derivation
 /// this large is not a derivation.
 const MAX_TEXT_INPUT: u64 = 16 << 20;
+
+/// How long an upload call waits for the builder's Nix to take the bytes
+/// held for it before writing them to disk after all.
+const NIX_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Bytes read back at a time when checking parts that arrived early.
 const READ_BACK: usize = 1 << 20;
@@ -633,6 +638,11 @@ impl Staged {
         Ok(())
     }
 
+    /// The held bytes a reader has yet to take, if they crowd memory.
+    fn crowded(&self) -> Option<Crowded> {
+        self.readers.as_ref()?.crowded()
+    }
+
     fn publish(&mut self, upto: u64) {
         if let Some(readers) = &self.readers
             && upto > self.published
@@ -809,18 +819,22 @@ async fn receive_parts(
         let at = *offset;
         *offset += len;
         let staged = staged.clone();
-        let complete = tokio::task::spawn_blocking(move || {
-            staged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write(at, message.data)
+        let (complete, crowded) = tokio::task::spawn_blocking(move || {
+            let mut staged = staged.lock().unwrap_or_else(|p| p.into_inner());
+            let complete = staged.write(at, message.data)?;
+            Ok((complete, staged.crowded()))
         })
         .await
         .map_err(|err| Status::internal(format!("checking an upload: {err}")))?
         // Another call's failure may have removed the file meanwhile.
-        .map_err(|status| upload.ended().unwrap_or(status))?;
+        .map_err(|status: Status| upload.ended().unwrap_or(status))?;
         if complete {
             upload.complete(path.clone())?;
+        }
+        // Bytes a reading Nix has yet to take are better waited for than
+        // written to disk; the rest of the call waits with them.
+        if let Some(crowded) = crowded {
+            crowded.wait(NIX_PATIENCE).await;
         }
     }
     Ok(bytes)
