@@ -970,7 +970,12 @@ mod tests {
     }
 
     async fn read_all(nar: &NarFile) -> Result<Vec<u8>, Status> {
-        let mut chunks = nar.read_range(0, 0)?;
+        collect(nar.read_range(0, 0)?).await
+    }
+
+    async fn collect(
+        mut chunks: tokio::sync::mpsc::Receiver<Result<Bytes, Status>>,
+    ) -> Result<Vec<u8>, Status> {
         let mut out = Vec::new();
         while let Some(chunk) = chunks.recv().await {
             out.extend_from_slice(&chunk?);
@@ -978,13 +983,21 @@ mod tests {
         Ok(out)
     }
 
-    #[tokio::test]
-    async fn parts_in_any_order_make_the_nar_which_readers_get_once_released() {
+    /// `contents` as an announced source, and its staging in a new directory.
+    fn stage_source(
+        contents: &[u8],
+    ) -> (tempfile::TempDir, DeclaredInput, Vec<u8>, Staged, NarFile) {
         let staging = tempfile::tempdir().unwrap();
         std::fs::create_dir(staging.path().join("nar")).unwrap();
+        let (input, nar) = source(contents, staging.path());
+        let (staged, served) = Staged::start(input.clone(), staging.path()).unwrap();
+        (staging, input, nar, staged, served)
+    }
+
+    #[tokio::test]
+    async fn parts_in_any_order_make_the_nar_which_readers_get_once_released() {
         let contents: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
-        let (input, nar) = source(&contents, staging.path());
-        let (mut staged, served) = Staged::start(input.clone(), staging.path()).unwrap();
+        let (staging, input, nar, mut staged, served) = stage_source(&contents);
         let reader = tokio::spawn({
             let served = served.clone();
             async move { read_all(&served).await }
@@ -1013,20 +1026,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_keeps_up_gets_the_nar_without_a_file() {
-        let staging = tempfile::tempdir().unwrap();
-        std::fs::create_dir(staging.path().join("nar")).unwrap();
         let contents: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let (input, nar) = source(&contents, staging.path());
-        let (mut staged, served) = Staged::start(input.clone(), staging.path()).unwrap();
-        let reader = served.read_range(0, 0).unwrap();
-        let reader = tokio::spawn(async move {
-            let mut reader = reader;
-            let mut out = Vec::new();
-            while let Some(chunk) = reader.recv().await {
-                out.extend_from_slice(&chunk?);
-            }
-            Ok::<_, Status>(out)
-        });
+        let (staging, input, nar, mut staged, served) = stage_source(&contents);
+        let reader = tokio::spawn(collect(served.read_range(0, 0).unwrap()));
         let nar = Bytes::from(nar);
         for at in (0..nar.len()).step_by(30_000) {
             let part = nar.slice(at..(at + 30_000).min(nar.len()));
@@ -1050,10 +1052,7 @@ mod tests {
 
     #[tokio::test]
     async fn overlapping_long_or_wrong_parts_are_refused() {
-        let staging = tempfile::tempdir().unwrap();
-        std::fs::create_dir(staging.path().join("nar")).unwrap();
-        let (input, nar) = source(b"some source text", staging.path());
-        let (mut staged, _) = Staged::start(input.clone(), staging.path()).unwrap();
+        let (_staging, _, nar, mut staged, _) = stage_source(b"some source text");
         staged
             .write(40, Bytes::copy_from_slice(&nar[40..60]))
             .unwrap();
@@ -1070,10 +1069,7 @@ mod tests {
             .unwrap_err();
         assert!(long.message().contains("longer"), "{long:?}");
 
-        let staging = tempfile::tempdir().unwrap();
-        std::fs::create_dir(staging.path().join("nar")).unwrap();
-        let (input, mut nar) = source(b"some source text", staging.path());
-        let (mut staged, served) = Staged::start(input, staging.path()).unwrap();
+        let (_staging, _, mut nar, mut staged, served) = stage_source(b"some source text");
         let last = nar.len() - 20;
         nar[last] ^= 1;
         let err = staged.write(0, Bytes::from(nar)).unwrap_err();
