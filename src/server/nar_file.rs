@@ -93,6 +93,15 @@ impl Handoff {
         self.start + self.held
     }
 
+    /// The held chunks with their offsets.
+    fn held(&self) -> impl Iterator<Item = (u64, &Bytes)> {
+        self.chunks.iter().scan(self.start, |at, chunk| {
+            let offset = *at;
+            *at += chunk.len() as u64;
+            Some((offset, chunk))
+        })
+    }
+
     /// The held bytes from `pos` up to `upto`, or, if `pos` is not held,
     /// how far from `pos` the file has the bytes. A sole reader's bytes are
     /// dropped as it takes them.
@@ -105,25 +114,27 @@ impl Handoff {
                 upto: upto.min(self.start),
             };
         }
-        let mut taken = Vec::new();
-        let mut at = self.start;
-        for chunk in &self.chunks {
-            let chunk_end = at + chunk.len() as u64;
-            if chunk_end > pos {
+        let taken: Vec<Bytes> = self
+            .held()
+            .take_while(|(at, _)| *at < upto)
+            .filter(|(at, chunk)| at + chunk.len() as u64 > pos)
+            .map(|(at, chunk)| {
                 let from = (pos.max(at) - at) as usize;
-                let to = (upto.min(chunk_end) - at) as usize;
-                taken.push(chunk.slice(from..to));
-            }
-            if chunk_end >= upto {
-                break;
-            }
-            at = chunk_end;
-        }
+                let to = (upto.min(at + chunk.len() as u64) - at) as usize;
+                chunk.slice(from..to)
+            })
+            .collect();
         if self.started == 1 {
             let taken_to = pos + taken.iter().map(|c| c.len() as u64).sum::<u64>();
             self.lossy |= self.forget_before(taken_to) > 0;
         }
         Found::Held(taken)
+    }
+
+    /// Whether the sole reader, still reading, has more than half the
+    /// memory limit to take. With several readers taking frees nothing.
+    fn crowded(&self) -> bool {
+        self.active > 0 && self.started == 1 && self.held > HANDOFF_LIMIT / 2
     }
 
     /// Drops the held chunks that end at or before `offset`; returns how
@@ -381,7 +392,7 @@ pub fn range_end(offset: u64, length: u64, size: u64) -> Result<u64, Status> {
 impl Writer {
     /// Whether the bytes from `offset` on had better be handed to the
     /// readers in memory ([`Self::hand_off`]) than written to the file:
-    /// someone is reading, and they follow the bytes held.
+    /// someone is reading, and they go right after the bytes held.
     pub fn hands_off(&self, offset: u64) -> bool {
         self.handoff.as_ref().is_some_and(|handoff| {
             let handoff = lock(handoff);
@@ -389,13 +400,12 @@ impl Writer {
         })
     }
 
-    /// While a reader is taking held bytes and more than half the memory
-    /// limit is held: what to wait on for it to take more, rather than
-    /// write them to the file.
+    /// While the only reader there was is reading, and more than half the
+    /// memory limit is held: what to wait on for it to take more (which
+    /// frees them), rather than write them to the file.
     pub fn crowded(&self) -> Option<Crowded> {
         let handoff = self.handoff.as_ref()?;
-        let state = lock(handoff);
-        (state.active > 0 && state.held > HANDOFF_LIMIT / 2).then(|| Crowded(handoff.clone()))
+        lock(handoff).crowded().then(|| Crowded(handoff.clone()))
     }
 
     /// Holds `bytes`, which go at `offset`, for the readers instead of
@@ -412,18 +422,28 @@ impl Writer {
         }
         handoff.held += bytes.len() as u64;
         handoff.chunks.push_back(bytes);
-        let mut excess = handoff.held.saturating_sub(HANDOFF_LIMIT);
-        let mut at = handoff.start;
-        let mut spill = Vec::new();
-        for chunk in &handoff.chunks {
-            if excess == 0 {
-                break;
-            }
-            spill.push((at, chunk.clone()));
-            at += chunk.len() as u64;
-            excess = excess.saturating_sub(chunk.len() as u64);
+        let excess = handoff.held.saturating_sub(HANDOFF_LIMIT);
+        handoff
+            .held()
+            .take_while(|(at, _)| *at < handoff.start + excess)
+            .map(|(at, chunk)| (at, chunk.clone()))
+            .collect()
+    }
+
+    /// The held bytes, with their offsets, if nobody is reading: the caller
+    /// writes them to the file, then calls [`Self::written_out`].
+    pub fn idle_held(&self) -> Vec<(u64, Bytes)> {
+        let Some(handoff) = &self.handoff else {
+            return Vec::new();
+        };
+        let handoff = lock(handoff);
+        if handoff.active > 0 {
+            return Vec::new();
         }
-        spill
+        handoff
+            .held()
+            .map(|(at, chunk)| (at, chunk.clone()))
+            .collect()
     }
 
     /// The bytes before `offset` are in the file now; readers read them
@@ -451,7 +471,7 @@ impl Writer {
     }
 }
 
-/// Held bytes of a [`Writer`] that its reader has yet to take.
+/// Held bytes of a [`Writer`] that its sole reader has yet to take.
 #[derive(Debug)]
 pub struct Crowded(Arc<HandoffCell>);
 
@@ -463,11 +483,8 @@ impl Crowded {
             let progress = self.0.progress.notified();
             tokio::pin!(progress);
             progress.as_mut().enable();
-            {
-                let state = lock(&self.0);
-                if state.active == 0 || state.held <= HANDOFF_LIMIT / 2 {
-                    return;
-                }
+            if !lock(&self.0).crowded() {
+                return;
             }
             if tokio::time::timeout(patience, progress).await.is_err() {
                 return;
@@ -626,6 +643,35 @@ mod tests {
         assert!(writer.crowded().is_none());
         writer.finish();
         assert_eq!(reader.await.unwrap(), bytes.len());
+    }
+
+    #[tokio::test]
+    async fn bytes_held_for_a_reader_that_stopped_can_go_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nar");
+        let file = File::create(&path).unwrap();
+        let bytes = Bytes::from(data(3 * CHUNK));
+        let (nar, writer) = NarFile::growing_at(path, bytes.len() as u64);
+        let stopped = nar.read_range(0, 0).unwrap();
+        assert!(writer.hand_off(0, bytes.clone()).is_empty());
+        assert!(writer.idle_held().is_empty(), "someone is reading");
+        drop(stopped);
+        let idle = loop {
+            tokio::task::yield_now().await;
+            let idle = writer.idle_held();
+            if !idle.is_empty() {
+                break idle;
+            }
+        };
+        for (offset, part) in &idle {
+            file.write_all_at(part, *offset).unwrap();
+        }
+        writer.written_out(bytes.len() as u64);
+        writer.advance(bytes.len() as u64);
+        writer.finish();
+        assert_eq!(std::fs::read(dir.path().join("nar")).unwrap(), bytes);
+        let again = collect(nar.read_range(0, 0).unwrap()).await.unwrap();
+        assert_eq!(again, bytes);
     }
 
     #[tokio::test]

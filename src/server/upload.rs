@@ -5,14 +5,15 @@
 //!
 //! A session's inputs may arrive over several `UploadInputs` calls at once,
 //! each carrying parts (byte ranges) of paths: one call rides one QUIC
-//! stream, whose flow-control window caps it on a long link. Every part is
-//! written where it belongs in the path's staging file, and the checks read
-//! the NAR in order as soon as the bytes before a part are in. A failure
-//! anywhere discards the whole upload.
+//! stream, whose flow-control window caps it on a long link. A part that
+//! arrives early is written where it belongs in the path's staging file, and
+//! the checks read the NAR in order as soon as the bytes before a part are
+//! in. A failure anywhere discards the whole upload.
 //!
-//! A large upload is imported while it arrives: Nix reads the staging
-//! directory through a loopback HTTP cache whose NARs follow the checks
-//! (see [`crate::loopback_cache`], [`NarFile`]). The last byte of every NAR
+//! A large upload is imported while it arrives: Nix reads the staged NARs
+//! through a loopback HTTP cache whose NARs follow the checks (see
+//! [`crate::loopback_cache`], [`NarFile`]); bytes Nix takes as they come
+//! are handed to it from memory and never written. The last byte of every NAR
 //! is held back until all of them have passed, so no path of a failed upload
 //! becomes valid (Nix, stopped halfway, may leave the invalid directory it
 //! was writing, as after any interrupted substitution). A small upload is
@@ -498,7 +499,7 @@ struct Staged {
     /// Opened for each part only: an upload may stage more paths than a
     /// process may hold files open.
     at: PathBuf,
-    /// Bytes written and checked, from the start.
+    /// Bytes checked, from the start.
     checked: u64,
     /// Parts written beyond `checked`, start → end; never overlapping.
     ahead: BTreeMap<u64, u64>,
@@ -541,7 +542,8 @@ impl Staged {
         Ok((staged, nar))
     }
 
-    /// Stores `data` at `offset` and checks whatever is now contiguous.
+    /// Takes `data` at `offset` (to the file, or to a reader) and checks
+    /// whatever is now contiguous.
     /// Returns whether the whole NAR is in and has passed every check.
     fn write(&mut self, offset: u64, data: Bytes) -> Result<bool, Status> {
         let result = self.write_and_check(offset, data);
@@ -572,19 +574,24 @@ impl Staged {
                 "bytes {offset}..{end} of {path} were sent twice"
             )));
         }
-        let handing_off =
-            offset == self.checked && self.readers.as_ref().is_some_and(|r| r.hands_off(offset));
-        if handing_off {
-            // Checked before its reader can have it, as bytes from the file are.
+        if offset == self.checked {
             self.check(&data)?;
-            self.hand_off(offset, data)?;
+            match &self.readers {
+                Some(readers) if readers.hands_off(offset) => {
+                    self.write_out(readers, readers.hand_off(offset, data))?;
+                }
+                readers => {
+                    // Bytes held for a reader that has stopped go to the file
+                    // first, where a later reader finds them.
+                    if let Some(readers) = readers {
+                        self.write_out(readers, readers.idle_held())?;
+                    }
+                    write_at(&self.open()?, &data, offset)?;
+                }
+            }
         } else {
             write_at(&self.open()?, &data, offset)?;
-            if offset == self.checked {
-                self.check(&data)?;
-            } else {
-                self.ahead.insert(offset, end);
-            }
+            self.ahead.insert(offset, end);
         }
         if self.ahead.contains_key(&self.checked) {
             self.read_back(&self.open()?)?;
@@ -606,16 +613,12 @@ impl Staged {
             .map_err(internal("opening an upload file"))
     }
 
-    /// Gives checked `data` at `offset` to the readers in memory, writing
-    /// to the file only what memory cannot hold.
-    fn hand_off(&self, offset: u64, data: Bytes) -> Result<(), Status> {
-        let Some(readers) = &self.readers else {
-            return write_at(&self.open()?, &data, offset);
-        };
-        let spill = readers.hand_off(offset, data);
-        if let Some((last, bytes)) = spill.last() {
+    /// Writes bytes that `readers` held, at their offsets, to the file, and
+    /// tells them so.
+    fn write_out(&self, readers: &Writer, held: Vec<(u64, Bytes)>) -> Result<(), Status> {
+        if let Some((last, bytes)) = held.last() {
             let file = self.open()?;
-            for (at, bytes) in &spill {
+            for (at, bytes) in &held {
                 write_at(&file, bytes, *at)?;
             }
             readers.written_out(last + bytes.len() as u64);
@@ -998,10 +1001,6 @@ mod tests {
     async fn parts_in_any_order_make_the_nar_which_readers_get_once_released() {
         let contents: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
         let (staging, input, nar, mut staged, served) = stage_source(&contents);
-        let reader = tokio::spawn({
-            let served = served.clone();
-            async move { read_all(&served).await }
-        });
         let cuts = [0, 9_000, 20_000, 33_333, nar.len()];
         let parts: Vec<(u64, &[u8])> = cuts
             .windows(2)
@@ -1015,9 +1014,11 @@ mod tests {
                 .write(parts[0].0, Bytes::copy_from_slice(parts[0].1))
                 .unwrap()
         );
+        // Nobody was reading: all of it is in the file.
         let staged_file = std::fs::read(nar_file(staging.path(), &input.path)).unwrap();
         assert_eq!(staged_file, nar);
         // Checked in full, but held back until the whole upload is.
+        let reader = tokio::spawn(async move { read_all(&served).await });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!reader.is_finished());
         staged.release();
@@ -1048,6 +1049,32 @@ mod tests {
         );
         let again = served.read_range(0, 0).unwrap_err();
         assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    }
+
+    /// A NAR in parts, cut at `cuts`.
+    fn parts(nar: &Bytes, cuts: &[usize]) -> Vec<(u64, Bytes)> {
+        cuts.windows(2)
+            .map(|w| (w[0] as u64, nar.slice(w[0]..w[1])))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reader_gets_the_nar_from_the_file_and_from_memory_alike() {
+        let contents: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let (_staging, _, nar, mut staged, served) = stage_source(&contents);
+        let nar = Bytes::from(nar);
+        let parts = parts(&nar, &[0, 40_000, 90_000, 150_000, 220_000, nar.len()]);
+        // Before anyone reads: to the file.
+        staged.write(parts[0].0, parts[0].1.clone()).unwrap();
+        let reader = tokio::spawn(collect(served.read_range(0, 0).unwrap()));
+        // Early, so to the file; then in order, held for the reader; the
+        // early part read back; in order again.
+        for i in [2, 1, 3, 4] {
+            staged.write(parts[i].0, parts[i].1.clone()).unwrap();
+            tokio::task::yield_now().await;
+        }
+        staged.release();
+        assert_eq!(reader.await.unwrap().unwrap(), nar);
     }
 
     #[tokio::test]
