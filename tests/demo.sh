@@ -32,12 +32,18 @@ cp -r tests/data/e2e/. "$work/flake/"
 cp "$(command -v busybox)" "$work/flake/bb/bin/busybox"
 echo "{ salt = \"demo-$(date +%s)\"; }" > "$work/flake/params.nix"
 
-# in_store STORE CMD...: run CMD with STORE mounted at /nix.
+# in_store STORE CMD...: run CMD with STORE mounted at /nix. In a subshell
+# (in the background, or in $(...)) CMD replaces it, so that `$!` is CMD's
+# own pid and the cleanup's kill reaches it, not a shell that leaves it running.
 in_store() {
   local store=$1; shift
-  env NIX_CONF_DIR="$work/conf" XDG_CACHE_HOME=/nix/var/xdg-cache HOME="$work/home" \
-    XDG_CONFIG_HOME="$work/home/$store" DRV_THRU_RELAY=disabled \
-    unshare -m --propagation private sh -c 'mount --bind "$0" /nix && exec "$@"' "$work/$store" "$@"
+  local run=(env NIX_CONF_DIR="$work/conf" XDG_CACHE_HOME=/nix/var/xdg-cache HOME="$work/home"
+    XDG_CONFIG_HOME="$work/home/$store" DRV_THRU_RELAY=disabled
+    unshare -m --propagation private sh -c 'mount --bind "$0" /nix && exec "$@"' "$work/$store" "$@")
+  if [[ $BASHPID != "$$" ]]; then
+    exec "${run[@]}"
+  fi
+  "${run[@]}"
 }
 
 echo "== starting a builder with its own store"
