@@ -669,11 +669,7 @@ impl Nix {
                 if no_recursive {
                     args.push("--no-recursive".into());
                 }
-                if derivation {
-                    args.push("--derivation".into());
-                }
-                args.push("--".into());
-                args.extend(batch.iter().map(|p| OsString::from(p.to_string())));
+                push_paths(&mut args, batch, derivation);
                 let line = self.command_line(Program::Nix, args);
                 self.run_ok(&line).await?;
             }
@@ -681,8 +677,7 @@ impl Nix {
         Ok(())
     }
 
-    /// `nix path-info --json [--recursive] [--derivation] -- PATHS...`: `.drv` files need
-    /// `--derivation`, or newer Nix would take them for their outputs.
+    /// `nix path-info --json [--recursive] [--derivation] -- PATHS...`.
     fn path_info_line(
         &self,
         paths: &[StorePath],
@@ -693,11 +688,7 @@ impl Nix {
         if recursive {
             args.push("--recursive".into());
         }
-        if derivation {
-            args.push("--derivation".into());
-        }
-        args.push("--".into());
-        args.extend(paths.iter().map(|p| OsString::from(p.to_string())));
+        push_paths(&mut args, paths, derivation);
         self.command_line(Program::Nix, args)
     }
 
@@ -733,6 +724,16 @@ impl fmt::Display for CacheCompression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Ends a `nix` command line with `paths`: `.drv` files need `--derivation`,
+/// or newer Nix would take them for their outputs.
+fn push_paths(args: &mut Vec<OsString>, paths: &[StorePath], derivation: bool) {
+    if derivation {
+        args.push("--derivation".into());
+    }
+    args.push("--".into());
+    args.extend(paths.iter().map(|p| OsString::from(p.to_string())));
 }
 
 /// Splits paths into non-derivations and derivations (with `true`), leaving out empty groups.
