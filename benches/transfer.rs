@@ -211,6 +211,9 @@ struct World {
     conf: PathBuf,
     /// Whether each side runs in its `--wan` network namespace.
     wan: bool,
+    /// The client's `XDG_RUNTIME_DIR`: a private directory on a tmpfs, as a
+    /// systemd login session has (`None` without `/dev/shm`).
+    runtime: Option<tempfile::TempDir>,
 }
 
 impl World {
@@ -254,11 +257,15 @@ impl World {
             .env("XDG_CACHE_HOME", "/nix/var/xdg-cache")
             .env("XDG_CONFIG_HOME", home.join(".config"))
             .env("HOME", &home)
+            .env_remove("XDG_RUNTIME_DIR")
             .env("DRV_THRU_RELAY", "disabled")
             .env_remove("RUST_LOG")
             .env_remove("DRV_THRU_DATA_DIR")
             .env_remove("NIX_REMOTE")
             .current_dir(&self.dir);
+        if let (Side::Client, Some(runtime)) = (side, &self.runtime) {
+            command.env("XDG_RUNTIME_DIR", runtime.path());
+        }
         command
     }
 
@@ -1494,6 +1501,10 @@ impl Bench {
             dir: dir.clone(),
             conf: conf.clone(),
             wan: wan.is_some(),
+            runtime: tempfile::Builder::new()
+                .prefix("drv-thru-bench-run-")
+                .tempdir_in("/dev/shm")
+                .ok(),
         };
         for side in [Side::Builder, Side::Client] {
             std::fs::create_dir_all(world.store_dir(side)).map_err(|e| e.to_string())?;

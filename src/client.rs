@@ -4,6 +4,7 @@
 
 pub mod cache_proxy;
 pub mod session;
+pub mod spool;
 
 use std::{net::SocketAddr, path::Path};
 

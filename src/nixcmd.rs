@@ -776,7 +776,7 @@ fn is_output_name(name: &str) -> bool {
 }
 
 /// `file://DIR` for an absolute directory whose path needs no escaping in a store URL.
-fn file_url(dir: &Path) -> Result<String, NixCmdError> {
+pub fn file_url(dir: &Path) -> Result<String, NixCmdError> {
     let text = dir.to_str().filter(|s| {
         s.starts_with('/')
             && s.bytes()

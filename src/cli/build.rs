@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Failure;
 use crate::{
-    client::{self, Target, cache_proxy::CacheProxy, session::Session},
+    client::{self, Target, cache_proxy::CacheProxy, session::Session, spool::Spool},
     endpoint::RelayChoice,
     helper::{self, client::HelperClient},
     nix::{signing::PublicKey, store_path::StorePath},
@@ -318,12 +318,37 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
         outputs: evaluated.outputs.clone(),
     };
     let mut progress = Progress::new();
-    let outcome = remote(&args, &nix, import, &connection, &plan, &mut progress).await;
+    // Dropping `remote` kills its Nix processes and removes its files.
+    let outcome = tokio::select! {
+        // A Ctrl-C reaches Nix too; say why it failed.
+        biased;
+        signal = interrupted() => Err(anyhow!(
+            "interrupted by {signal}; the builder cancels the session, and nothing was imported \
+             that Nix had not checked"
+        )),
+        outcome = remote(&args, &nix, import, &connection, &plan, &mut progress) => outcome,
+    };
     progress.finish();
     connection.close().await;
     match outcome? {
         Remote::Built(outputs) => finish(&args, &nix, &evaluated.drv_path, &outputs).await,
         Remote::Failed(message) => Err(Failure::BuildFailed(message)),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM with the signal's name; never if the
+/// handlers cannot be installed.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
     }
 }
 
@@ -430,14 +455,20 @@ async fn remote(
     .context("starting the loopback cache")?;
     let paths: Vec<StorePath> = outputs.values().cloned().collect();
     match import {
-        Import::NixTrusted(_) => nix
-            .copy_from(&proxy.url(), &paths, None, true)
-            .await
-            .context("importing the outputs into the local store")?,
-        Import::Direct(key) => nix
-            .copy_from(&proxy.url(), &paths, key.as_ref(), true)
-            .await
-            .context("importing the outputs into the local store")?,
+        Import::NixTrusted(_) | Import::Direct(_) => {
+            let key = import.key();
+            let spool = spool(&proxy).await;
+            if let Some((spool, url)) = &spool {
+                nix.copy_from(url, spool.roots(), key, true)
+                    .await
+                    .context("importing the small outputs into the local store")?;
+            }
+            if !spool.is_some_and(|(spool, _)| spool.holds_all(&paths)) {
+                nix.copy_from(&proxy.url(), &paths, key, true)
+                    .await
+                    .context("importing the outputs into the local store")?;
+            }
+        }
         Import::Helper(mut helper, key) => {
             let report = progress.paths("importing through the import helper");
             helper
@@ -455,6 +486,26 @@ async fn remote(
     }
     tracing::info!(bytes = proxy.bytes_received(), "outputs imported");
     Ok(Remote::Built(outputs))
+}
+
+/// The small outputs to import from files first, with the cache URL to give
+/// Nix; `None` (everything goes through the proxy) if there are none or they
+/// could not be written.
+async fn spool(proxy: &CacheProxy) -> Option<(Spool, String)> {
+    let spool = match proxy.spool().await {
+        Ok(spool) => spool?,
+        Err(err) => {
+            tracing::debug!("small outputs not spooled: {err}");
+            return None;
+        }
+    };
+    match crate::nixcmd::file_url(spool.dir()) {
+        Ok(url) => Some((spool, url)),
+        Err(err) => {
+            tracing::debug!("small outputs not spooled: {err}");
+            None
+        }
+    }
 }
 
 /// How the outputs get into the local store.

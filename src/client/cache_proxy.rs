@@ -12,9 +12,13 @@
 //! window / round-trip time, which on a long link is far below the link's
 //! speed. A large NAR is fetched as consecutive ranges, a few at once,
 //! handed to Nix in order.
+//!
+//! Small NARs are fetched ahead of Nix's requests; those whose missing
+//! references are small too can be imported from a [`Spool`] instead, which
+//! spares Nix's HTTP cache its per-path cost.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -24,7 +28,7 @@ use std::{
 use bytes::Bytes;
 use futures::{
     FutureExt as _, StreamExt as _,
-    future::{BoxFuture, Shared},
+    future::{BoxFuture, OptionFuture, Shared},
     stream,
 };
 use http_body_util::{BodyExt, StreamBody};
@@ -32,7 +36,7 @@ use hyper::{Response, StatusCode, body::Frame};
 use tokio::sync::{OnceCell, Semaphore};
 use tracing::{debug, warn};
 
-use super::BuilderChannel;
+use super::{BuilderChannel, spool::Spool};
 use crate::{
     loopback_cache::{Body, CacheFiles, LoopbackCache, respond},
     nix::{
@@ -63,6 +67,7 @@ const SEGMENT: u64 = 4 << 20;
 #[derive(Debug)]
 pub struct CacheProxy {
     server: LoopbackCache,
+    upstream: Upstream,
     received: Arc<AtomicU64>,
 }
 
@@ -79,6 +84,8 @@ struct Upstream {
     listed: Arc<OnceCell<Option<Listed>>>,
     /// Small NARs being fetched before Nix asks for them, by URL.
     ahead: Arc<Mutex<HashMap<String, Ahead>>>,
+    /// What of the NARs fetched ahead could be spooled.
+    spoolable: Arc<Mutex<Option<Spoolable>>>,
     ahead_slots: Arc<Semaphore>,
     /// The local store, to tell which paths are worth fetching ahead.
     nix: Nix,
@@ -89,6 +96,14 @@ type Listed = HashMap<StorePathHash, String>;
 
 /// A small NAR fetched ahead, whole.
 type Ahead = Shared<BoxFuture<'static, Result<Bytes, String>>>;
+
+/// Paths fetched ahead whose missing references were all fetched ahead too.
+#[derive(Debug)]
+struct Spoolable {
+    narinfos: Vec<NarInfo>,
+    /// The narinfos of the listed paths the local store has.
+    present: Vec<NarInfo>,
+}
 
 impl CacheProxy {
     /// Serves the builder's cache for `session_id` on a free loopback port,
@@ -120,6 +135,7 @@ impl CacheProxy {
             fetches: fetches.max(1),
             listed: Arc::default(),
             ahead: Arc::default(),
+            spoolable: Arc::default(),
             ahead_slots: Arc::new(Semaphore::new(AHEAD_SLOTS)),
             nix,
         };
@@ -129,8 +145,71 @@ impl CacheProxy {
         tokio::spawn(async move {
             eager.listed().await;
         });
-        let server = LoopbackCache::start(upstream)?;
-        Ok(Self { server, received })
+        let server = LoopbackCache::start(upstream.clone())?;
+        Ok(Self {
+            server,
+            upstream,
+            received,
+        })
+    }
+
+    /// Writes the small NARs fetched ahead that Nix can import without the
+    /// rest into a [`Spool`], once they have arrived; `None` if there are
+    /// none. They are then no longer kept for the HTTP cache.
+    pub async fn spool(&self) -> std::io::Result<Option<Spool>> {
+        self.upstream.listed().await;
+        let spoolable = self
+            .upstream
+            .spoolable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(Spoolable { narinfos, present }) = spoolable else {
+            return Ok(None);
+        };
+        let mut fetched = Vec::with_capacity(narinfos.len());
+        let mut nars = HashMap::with_capacity(narinfos.len());
+        for narinfo in narinfos {
+            let early = self
+                .upstream
+                .ahead
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&narinfo.url)
+                .cloned();
+            // A NAR that failed to arrive is left to the HTTP cache, with
+            // whatever refers to it.
+            if let Some(Ok(nar)) = OptionFuture::from(early).await {
+                nars.insert(narinfo.store_path.clone(), nar);
+                fetched.push(narinfo);
+            }
+        }
+        let valid: HashSet<StorePath> = present.iter().map(|n| n.store_path.clone()).collect();
+        let entries: Vec<(NarInfo, Bytes)> = super::spool::self_contained(&fetched, &valid)
+            .into_iter()
+            .map(|narinfo| (narinfo.clone(), nars[&narinfo.store_path].clone()))
+            .collect();
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        let urls: Vec<String> = entries
+            .iter()
+            .map(|(narinfo, _)| narinfo.url.clone())
+            .collect();
+        let parent = super::spool::parent_dir();
+        let spool = tokio::task::spawn_blocking(move || Spool::write(&parent, entries, &present))
+            .await
+            .map_err(std::io::Error::other)??;
+        let mut ahead = self
+            .upstream
+            .ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for url in &urls {
+            ahead.remove(url);
+        }
+        debug!(paths = urls.len(), dir = %spool.dir().display(), "small outputs spooled");
+        Ok(Some(spool))
     }
 
     /// The cache URL to give Nix.
@@ -336,27 +415,33 @@ impl Upstream {
     /// after the last one is imported, so over a long link every small path
     /// would otherwise cost a round trip.
     async fn fetch_ahead(&self, narinfos: Vec<NarInfo>) {
-        let small: HashMap<StorePath, NarInfo> = narinfos
-            .into_iter()
-            .filter(|narinfo| file_size(narinfo).is_some_and(|size| size <= AHEAD_MAX))
-            .map(|narinfo| (narinfo.store_path.clone(), narinfo))
-            .collect();
-        if small.is_empty() {
+        if !narinfos
+            .iter()
+            .any(|narinfo| file_size(narinfo).is_some_and(|size| size <= AHEAD_MAX))
+        {
             return;
         }
-        let paths: Vec<StorePath> = small.keys().cloned().collect();
-        let lacking = match self.nix.invalid_paths(&paths).await {
-            Ok(lacking) => lacking,
+        // All of them: whether a small path can be spooled depends on its
+        // references, small or not.
+        let paths: Vec<StorePath> = narinfos.iter().map(|n| n.store_path.clone()).collect();
+        let lacking: HashSet<StorePath> = match self.nix.invalid_paths(&paths).await {
+            Ok(lacking) => lacking.into_iter().collect(),
             Err(err) => {
                 debug!("not fetching ahead: {err}");
                 return;
             }
         };
         let mut budget = AHEAD_BUDGET;
+        let mut fetching = Vec::new();
+        let mut present = Vec::with_capacity(narinfos.len() - lacking.len());
         let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
-        for path in lacking {
-            let narinfo = &small[&path];
-            let Some(size) = file_size(narinfo).filter(|size| *size <= budget) else {
+        for narinfo in narinfos {
+            if !lacking.contains(&narinfo.store_path) {
+                present.push(narinfo);
+                continue;
+            }
+            let Some(size) = file_size(&narinfo).filter(|size| *size <= AHEAD_MAX.min(budget))
+            else {
                 continue;
             };
             budget -= size;
@@ -375,7 +460,19 @@ impl Upstream {
             .shared();
             tokio::spawn(fetch.clone());
             ahead.insert(narinfo.url.clone(), fetch);
+            // Only what Nix would accept from the HTTP cache.
+            if self
+                .key
+                .as_ref()
+                .is_none_or(|key| narinfo.is_signed_by(key))
+            {
+                fetching.push(narinfo);
+            }
         }
+        *self.spoolable.lock().unwrap_or_else(|p| p.into_inner()) = Some(Spoolable {
+            narinfos: fetching,
+            present,
+        });
     }
 
     /// The file at `url`, `size` bytes, fetched in ranges over the channels

@@ -148,8 +148,13 @@ fn ticket_build_imports_signed_outputs_once() {
     let pair = Pair::new(&salt("ticket"), &[]);
     let ticket = pair.ticket(&[]);
     // Ranges of the large outputs over several streams, as on a long link.
-    let output = pair.build("app", &["--ticket", &ticket, "--nar-fetches", "3"]);
+    let output = pair.build("app", &["--ticket", &ticket, "--nar-fetches", "3", "-v"]);
     pair.assert_built(&output);
+    // Small outputs come from files, the large text output over HTTP.
+    let log = stderr(&output);
+    assert!(log.contains("small outputs spooled"), "{log}");
+    assert!(log.contains("copy --from file:///"), "{log}");
+    assert!(log.contains("copy --from http://127.0.0.1:"), "{log}");
     let app = pair.out_path("app");
     assert_eq!(stdout(&output).trim(), app);
     assert!(pair.client.has(&app));
@@ -535,30 +540,32 @@ fn forged_dependency_output_never_reaches_the_builder() {
     assert!(!forged.exists(), "the forged output reached the builder");
 }
 
-#[test]
-fn disconnecting_client_cancels_a_silent_build() {
-    if !available() {
-        return;
-    }
-    let pair = Pair::new(&salt("disconnect"), &[]);
+/// Starts a client building `quiet` (silent for minutes) in its own process
+/// group, with `runtime` as its `XDG_RUNTIME_DIR`, and waits until the
+/// build runs on the builder.
+fn start_quiet_build(pair: &Pair, runtime: &Path) -> std::process::Child {
     let ticket = pair.ticket(&[]);
     let installable = pair.world.installable("quiet");
-    let mut client = pair
+    let client = pair
         .client
         .command(crate::common::binary())
         .args(["build", &installable, "--no-nom", "--ticket", &ticket])
+        .env("XDG_RUNTIME_DIR", runtime)
         .process_group(0)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     wait_until("the build runs", Duration::from_secs(30), || {
         !build_processes(&pair.salt).is_empty()
     });
-    unsafe { libc::kill(-(client.id() as i32), libc::SIGKILL) };
-    client.wait().unwrap();
+    client
+}
+
+/// Waits until the builder has no session and no build process left.
+fn assert_builder_cleans_up(pair: &Pair) {
     let start = Instant::now();
-    while builder_active(&pair) != 0 {
+    while builder_active(pair) != 0 {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "builder still busy:\n{}",
@@ -576,6 +583,40 @@ fn disconnecting_client_cancels_a_silent_build() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn disconnecting_client_cancels_a_silent_build() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("disconnect"), &[]);
+    let runtime = tempfile::tempdir().unwrap();
+    let mut client = start_quiet_build(&pair, runtime.path());
+    unsafe { libc::kill(-(client.id() as i32), libc::SIGKILL) };
+    client.wait().unwrap();
+    assert_builder_cleans_up(&pair);
+}
+
+#[test]
+fn interrupted_client_says_so_and_leaves_nothing() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("interrupt"), &[]);
+    let runtime = tempfile::tempdir().unwrap();
+    let client = start_quiet_build(&pair, runtime.path());
+    // As a terminal's Ctrl-C does: the whole foreground group.
+    unsafe { libc::kill(-(client.id() as i32), libc::SIGINT) };
+    let output = client.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("interrupted by SIGINT") && !message.contains("panicked"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read_dir(runtime.path()).unwrap().count(), 0);
+    assert_builder_cleans_up(&pair);
 }
 
 #[test]
