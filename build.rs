@@ -30,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .bytes(".drvthru.v1.GetNarResponse.data")
+        .bytes(".drvthru.v1.GetNarsResponse.data")
         .bytes(".drvthru.v1.UploadInputsRequest.data")
         .compile_fds(descriptors)?;
     Ok(())

@@ -18,7 +18,7 @@
 //! spares Nix's HTTP cache its per-path cost.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -33,7 +33,7 @@ use futures::{
 };
 use http_body_util::{BodyExt, StreamBody};
 use hyper::{Response, StatusCode, body::Frame};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{OnceCell, Semaphore, oneshot};
 use tracing::{debug, warn};
 
 use super::{BuilderChannel, spool::Spool};
@@ -45,7 +45,10 @@ use crate::{
         store_path::{StorePath, StorePathHash},
     },
     nixcmd::Nix,
-    proto::{GetNarInfoRequest, GetNarRequest, ListNarInfosRequest, cache_client::CacheClient},
+    proto::{
+        GetNarInfoRequest, GetNarRequest, GetNarsRequest, ListNarInfosRequest,
+        cache_client::CacheClient,
+    },
 };
 
 /// NARs up to this size are fetched ahead of Nix's requests.
@@ -56,8 +59,15 @@ const AHEAD_MAX: u64 = 256 << 10;
 /// client stays within its memory target.
 const AHEAD_BUDGET: u64 = 32 << 20;
 
-/// Small NARs fetched ahead at once.
-const AHEAD_SLOTS: usize = 32;
+/// `GetNars` calls for small NARs in flight at once.
+const AHEAD_SLOTS: usize = 8;
+
+/// Bytes of small NARs asked for in one `GetNars` call: enough that a call
+/// carries many, few enough that calls spread over the channels.
+const BATCH_BYTES: u64 = 1 << 20;
+
+/// NARs asked for in one `GetNars` call at most (the builder's limit).
+const BATCH_NARS: usize = 1024;
 
 /// Bytes per range of a large NAR. With [`CacheProxy::start`]'s `fetches`
 /// ranges in flight, at most `fetches` times this is buffered.
@@ -96,6 +106,9 @@ type Listed = HashMap<StorePathHash, String>;
 
 /// A small NAR fetched ahead, whole.
 type Ahead = Shared<BoxFuture<'static, Result<Bytes, String>>>;
+
+/// Where a small NAR fetched ahead is handed over.
+type NarSender = oneshot::Sender<Result<Bytes, String>>;
 
 /// Paths fetched ahead whose missing references were all fetched ahead too.
 #[derive(Debug)]
@@ -432,8 +445,11 @@ impl Upstream {
             }
         };
         let mut budget = AHEAD_BUDGET;
+        let mut senders = HashMap::new();
         let mut fetching = Vec::new();
         let mut present = Vec::with_capacity(narinfos.len() - lacking.len());
+        let mut batches: Vec<Vec<(String, u64)>> = Vec::new();
+        let mut batch_bytes = 0;
         let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
         for narinfo in narinfos {
             if !lacking.contains(&narinfo.store_path) {
@@ -444,22 +460,28 @@ impl Upstream {
             else {
                 continue;
             };
-            budget -= size;
-            let upstream = self.clone();
-            let url = narinfo.url.clone();
-            let fetch = async move {
-                let _permit = upstream.ahead_slots.acquire().await;
-                upstream
-                    .clone()
-                    .range(url, 0, size)
-                    .await
-                    .map(|chunks| Bytes::from(chunks.concat()))
-                    .map_err(|err| err.to_string())
+            if let Entry::Vacant(entry) = ahead.entry(narinfo.url.clone()) {
+                budget -= size;
+                let (tx, rx) = oneshot::channel();
+                entry.insert(
+                    rx.map(|got| got.unwrap_or_else(|_| Err("fetch abandoned".to_owned())))
+                        .boxed()
+                        .shared(),
+                );
+                let full = batches.last().is_none_or(|batch| {
+                    batch.len() == BATCH_NARS || batch_bytes + size > BATCH_BYTES
+                });
+                if full {
+                    batches.push(Vec::new());
+                    batch_bytes = 0;
+                }
+                batch_bytes += size;
+                batches
+                    .last_mut()
+                    .expect("pushed")
+                    .push((narinfo.url.clone(), size));
+                senders.insert(narinfo.url.clone(), tx);
             }
-            .boxed()
-            .shared();
-            tokio::spawn(fetch.clone());
-            ahead.insert(narinfo.url.clone(), fetch);
             // Only what Nix would accept from the HTTP cache.
             if self
                 .key
@@ -469,10 +491,82 @@ impl Upstream {
                 fetching.push(narinfo);
             }
         }
+        drop(ahead);
+        for batch in batches {
+            let senders: Vec<_> = batch
+                .iter()
+                .map(|(url, _)| senders.remove(url).expect("one sender per URL"))
+                .collect();
+            tokio::spawn(self.clone().fetch_batch(batch, senders));
+        }
         *self.spoolable.lock().unwrap_or_else(|p| p.into_inner()) = Some(Spoolable {
             narinfos: fetching,
             present,
         });
+    }
+
+    /// Fetches the whole files of `batch` (URL and size) in one `GetNars`
+    /// call, handing each to its sender as soon as it is complete. What
+    /// fails here is asked for again on its own when Nix wants it.
+    async fn fetch_batch(self, batch: Vec<(String, u64)>, senders: Vec<NarSender>) {
+        let _permit = self.ahead_slots.acquire().await;
+        let request = GetNarsRequest {
+            session_id: self.session_id.clone(),
+            urls: batch.iter().map(|(url, _)| url.clone()).collect(),
+        };
+        let mut stream = match self.cache().get_nars(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                // A builder from before GetNars: Nix's requests fetch each.
+                if status.code() != tonic::Code::Unimplemented {
+                    warn!("fetching {} small NARs: {}", batch.len(), status.message());
+                }
+                let err = format!("{:?}: {}", status.code(), status.message());
+                for tx in senders {
+                    let _ = tx.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        let mut senders = senders.into_iter();
+        let mut files = batch.iter();
+        let mut file = Vec::new();
+        let mut at = 0usize;
+        let failure = loop {
+            let (index, data) = match stream.message().await {
+                Ok(Some(chunk)) => (chunk.index as usize, chunk.data),
+                Ok(None) => (batch.len(), Bytes::new()),
+                Err(status) => break format!("{:?}: {}", status.code(), status.message()),
+            };
+            if index < at || index > batch.len() {
+                break format!("the builder sent file {index} after file {at}");
+            }
+            // Files before `index` are complete.
+            while at < index {
+                let (url, size) = files.next().expect("at < batch.len()");
+                let got = Bytes::from(std::mem::take(&mut file).concat());
+                let reply = if got.len() as u64 == *size {
+                    Ok(got)
+                } else {
+                    Err(format!(
+                        "the builder sent {} of {size} bytes of {url}",
+                        got.len()
+                    ))
+                };
+                let _ = senders.next().expect("one sender per file").send(reply);
+                at += 1;
+            }
+            if index == batch.len() {
+                return;
+            }
+            self.received
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            file.push(data);
+        };
+        warn!("fetching small NARs: {failure}");
+        for tx in senders {
+            let _ = tx.send(Err(failure.clone()));
+        }
     }
 
     /// The file at `url`, `size` bytes, fetched in ranges over the channels

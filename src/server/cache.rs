@@ -33,7 +33,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::{StreamExt as _, stream::BoxStream};
+use futures::{
+    StreamExt as _, TryStreamExt as _,
+    stream::{self, BoxStream},
+};
 use tokio::{
     io::AsyncReadExt,
     sync::{Semaphore, mpsc},
@@ -926,19 +929,53 @@ impl cache_server::Cache for CacheService {
             length,
             ..
         } = request.into_inner();
-        let not_found =
-            || Status::not_found(format!("{url} was not named by a narinfo of this session"));
-        let narinfo = session.served_nar(&url).ok_or_else(not_found)?;
+        let narinfo = session.served_nar(&url).ok_or_else(|| not_named(&url))?;
         let chunks = self
             .cache
             .read_nar(&narinfo, offset, length)?
-            .ok_or_else(not_found)?;
+            .ok_or_else(|| not_named(&url))?;
         Ok(Response::new(
             chunks
                 .map(|chunk| chunk.map(|data| proto::GetNarResponse { data }))
                 .boxed(),
         ))
     }
+
+    type GetNarsStream = BoxStream<'static, Result<proto::GetNarsResponse, Status>>;
+
+    async fn get_nars(
+        &self,
+        request: Request<proto::GetNarsRequest>,
+    ) -> Result<Response<Self::GetNarsStream>, Status> {
+        let session = self.session(&request, &request.get_ref().session_id)?;
+        let urls = request.into_inner().urls;
+        if urls.len() > MAX_NARS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} URLs asked for at once; at most {MAX_NARS_PER_CALL}",
+                urls.len()
+            )));
+        }
+        let narinfos = urls
+            .iter()
+            .map(|url| session.served_nar(url).ok_or_else(|| not_named(url)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cache = self.cache.clone();
+        // Each file is opened only once the one before it has been sent.
+        let files = stream::iter(narinfos.into_iter().zip(0u32..)).map(move |(narinfo, index)| {
+            let chunks: NarStream = cache
+                .read_nar(&narinfo, 0, 0)?
+                .ok_or_else(|| not_named(&narinfo.url))?;
+            Ok::<_, Status>(chunks.map_ok(move |data| proto::GetNarsResponse { index, data }))
+        });
+        Ok(Response::new(files.try_flatten().boxed()))
+    }
+}
+
+/// URLs [`GetNars`](cache_server::Cache::get_nars) takes in one call.
+const MAX_NARS_PER_CALL: usize = 1024;
+
+fn not_named(url: &str) -> Status {
+    Status::not_found(format!("{url} was not named by a narinfo of this session"))
 }
 
 #[cfg(test)]

@@ -3,11 +3,28 @@
 
 use drv_thru::{
     client::{Connection, Target},
-    proto::{GetNarInfoRequest, GetNarRequest, ListNarInfosRequest, cache_client::CacheClient},
+    proto::{
+        GetNarInfoRequest, GetNarRequest, GetNarsRequest, ListNarInfosRequest,
+        cache_client::CacheClient,
+    },
 };
 use tonic::Code;
 
 use crate::common::{Builder, connect, key_file, open_session};
+
+const UNNAMED_NAR: &str = "nar/1hb09lmdvs22v5ianga0vgpi9k446q3kw0000000000000000.nar";
+
+/// `GetNars` of `urls` in `session`, refused with this code.
+async fn get_nars_refusal(connection: &Connection, session: &str, urls: Vec<String>) -> Code {
+    CacheClient::new(connection.channel.clone())
+        .get_nars(GetNarsRequest {
+            session_id: session.to_owned(),
+            urls,
+        })
+        .await
+        .expect_err("nars were refused")
+        .code()
+}
 
 /// Every read of `session` that `connection` can attempt, and how each was
 /// refused.
@@ -27,7 +44,7 @@ async fn refusals(connection: &Connection, session: &str) -> Vec<(&'static str, 
     let nar = cache()
         .get_nar(GetNarRequest {
             session_id: session.to_owned(),
-            url: "nar/1hb09lmdvs22v5ianga0vgpi9k446q3kw0000000000000000.nar".to_owned(),
+            url: UNNAMED_NAR.to_owned(),
             offset: 0,
             length: 0,
         })
@@ -42,6 +59,10 @@ async fn refusals(connection: &Connection, session: &str) -> Vec<(&'static str, 
             narinfo.expect_err("narinfo was refused").code(),
         ),
         ("GetNar", nar.expect_err("nar was refused").code()),
+        (
+            "GetNars",
+            get_nars_refusal(connection, session, vec![UNNAMED_NAR.to_owned()]).await,
+        ),
     ]
 }
 
@@ -69,7 +90,12 @@ async fn cache_reads_stay_within_the_callers_built_session() {
             ("ListNarInfos", Code::FailedPrecondition),
             ("GetNarInfo", Code::NotFound),
             ("GetNar", Code::NotFound),
+            ("GetNars", Code::NotFound),
         ]
+    );
+    assert_eq!(
+        get_nars_refusal(&owner, &session, vec![UNNAMED_NAR.to_owned(); 1025]).await,
+        Code::InvalidArgument
     );
     // Another client, admitted with its own ticket, cannot use the session.
     assert_eq!(
@@ -78,6 +104,7 @@ async fn cache_reads_stay_within_the_callers_built_session() {
             ("ListNarInfos", Code::NotFound),
             ("GetNarInfo", Code::NotFound),
             ("GetNar", Code::NotFound),
+            ("GetNars", Code::NotFound),
         ]
     );
     owner.close().await;
