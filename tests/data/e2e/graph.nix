@@ -39,6 +39,12 @@ rec {
     dd if=/dev/urandom of=$out bs=1048576 count=${toString blobMiB} 2>/dev/null
   '' { };
 
+  # Small outputs enough for the client to import them from files rather
+  # than over HTTP.
+  parts = mk "parts" ''
+    for o in $outputs; do eval "echo \"part $o\" > \$$o"; done
+  '' { outputs = builtins.genList (i: "p${toString i}") 40; };
+
   # Several dependencies, an input source and text enough to be
   # fetched in more ranges than are in flight at once (so later ranges go on
   # from where earlier ones paused) and compressed in the builder's cache.
@@ -48,6 +54,7 @@ rec {
     yes "compressible text for the builder's cache" | head -c 20000000 > $out/share/text.txt
     ln -s ${blob} $out/share/blob
     ln -s ${lib.dev}/include $out/share/include
+    echo ${toString (map (o: parts.${o}) parts.outputs)} > $out/share/parts
     printf '#!%s\ncat %s %s/lib/libtest.txt\n' ${tools}/bin/sh $out/share/hello.txt ${lib} > $out/bin/app
     chmod +x $out/bin/app
     echo "app: built"
