@@ -165,10 +165,15 @@ impl FromStr for NarInfo {
             if line.is_empty() {
                 continue;
             }
-            // `References: ` with no references leaves nothing after the separator's space.
+            // The key ends at the first colon, as Nix reads it, so no key of
+            // ours can hide a field Nix would see. `References: ` with no
+            // references leaves nothing after the separator's space.
             let (key, value) = line
-                .split_once(": ")
-                .or_else(|| line.strip_suffix(':').map(|key| (key, "")))
+                .split_once(':')
+                .and_then(|(key, rest)| match rest.strip_prefix(' ') {
+                    Some(value) => Some((key, value)),
+                    None => rest.is_empty().then_some((key, "")),
+                })
                 .ok_or(NarInfoParseError::NoSeparator { line: index + 1 })?;
             fields.set(key, value)?;
         }
@@ -408,6 +413,16 @@ X-Future: kept as is
             [("X-Future".to_owned(), "kept as is".to_owned())]
         );
         assert_eq!(info.to_string(), FULL_NARINFO);
+    }
+
+    #[test]
+    fn a_key_ends_at_the_first_colon_as_for_nix() {
+        // Nix reads this line as a second `URL` field ("xnar/other: y").
+        let hidden = NIX_NARINFO.replace("Compression: none\n", "URL:xnar/other: y\n");
+        assert!(matches!(
+            hidden.parse::<NarInfo>(),
+            Err(NarInfoParseError::NoSeparator { line: 3 })
+        ));
     }
 
     #[test]
