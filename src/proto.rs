@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 tonic::include_proto!("drvthru.v1");
 
+/// URLs `Cache/GetNars` takes in one call, as `cache.proto` says.
+pub const MAX_NARS_PER_CALL: usize = 1024;
+
 /// The encoded descriptors of every `drvthru.v1` file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("drvthru_descriptor");
 

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Failure;
 use crate::{
-    client::{self, Target, cache_proxy::CacheProxy, session::Session, spool::Spool},
+    client::{self, Target, cache_proxy::CacheProxy, session::Session},
     endpoint::RelayChoice,
     helper::{self, client::HelperClient},
     nix::{signing::PublicKey, store_path::StorePath},
@@ -457,13 +457,7 @@ async fn remote(
     match import {
         Import::NixTrusted(_) | Import::Direct(_) => {
             let key = import.key();
-            let spool = spool(&proxy).await;
-            if let Some((spool, url)) = &spool {
-                nix.copy_from(url, spool.roots(), key, true)
-                    .await
-                    .context("importing the small outputs into the local store")?;
-            }
-            if !spool.is_some_and(|(spool, _)| spool.holds_all(&paths)) {
+            if !import_spooled(nix, &proxy, &paths, key).await {
                 nix.copy_from(&proxy.url(), &paths, key, true)
                     .await
                     .context("importing the outputs into the local store")?;
@@ -488,22 +482,30 @@ async fn remote(
     Ok(Remote::Built(outputs))
 }
 
-/// The small outputs to import from files first, with the cache URL to give
-/// Nix; `None` (everything goes through the proxy) if there are none or they
-/// could not be written.
-async fn spool(proxy: &CacheProxy) -> Option<(Spool, String)> {
+/// Imports the small outputs the proxy spools, if it does; whether that
+/// imported all of `paths`. Whatever goes wrong here is left to the HTTP
+/// cache, which can serve every path.
+async fn import_spooled(
+    nix: &Nix,
+    proxy: &CacheProxy,
+    paths: &[StorePath],
+    key: Option<&PublicKey>,
+) -> bool {
     let spool = match proxy.spool().await {
-        Ok(spool) => spool?,
+        Ok(Some(spool)) => spool,
+        Ok(None) => return false,
         Err(err) => {
             tracing::debug!("small outputs not spooled: {err}");
-            return None;
+            return false;
         }
     };
-    match crate::nixcmd::file_url(spool.dir()) {
-        Ok(url) => Some((spool, url)),
+    match nix.copy_from(spool.url(), spool.roots(), key, true).await {
+        Ok(()) => spool.holds_all(paths),
         Err(err) => {
-            tracing::debug!("small outputs not spooled: {err}");
-            None
+            tracing::warn!(
+                "importing the small outputs from files failed, so all go over HTTP: {err}"
+            );
+            false
         }
     }
 }

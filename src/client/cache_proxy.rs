@@ -33,7 +33,7 @@ use futures::{
 };
 use http_body_util::{BodyExt, StreamBody};
 use hyper::{Response, StatusCode, body::Frame};
-use tokio::sync::{OnceCell, Semaphore, oneshot};
+use tokio::sync::{OnceCell, Semaphore, oneshot, watch};
 use tracing::{debug, warn};
 
 use super::{BuilderChannel, spool::Spool};
@@ -46,7 +46,7 @@ use crate::{
     },
     nixcmd::Nix,
     proto::{
-        GetNarInfoRequest, GetNarRequest, GetNarsRequest, ListNarInfosRequest,
+        GetNarInfoRequest, GetNarRequest, GetNarsRequest, ListNarInfosRequest, MAX_NARS_PER_CALL,
         cache_client::CacheClient,
     },
 };
@@ -71,9 +71,6 @@ const AHEAD_SLOTS: usize = 8;
 /// carries many, few enough that calls spread over the channels.
 const BATCH_BYTES: u64 = 1 << 20;
 
-/// NARs asked for in one `GetNars` call at most (the builder's limit).
-const BATCH_NARS: usize = 1024;
-
 /// Bytes per range of a large NAR. With [`CacheProxy::start`]'s `fetches`
 /// ranges in flight, at most `fetches` times this is buffered.
 const SEGMENT: u64 = 4 << 20;
@@ -97,6 +94,8 @@ struct Upstream {
     sizes: Arc<Mutex<HashMap<String, u64>>>,
     fetches: usize,
     listed: Arc<OnceCell<Option<Listed>>>,
+    /// How many small NARs the listing named, once it is in.
+    small_listed: Arc<watch::Sender<Option<usize>>>,
     /// Small NARs being fetched before Nix asks for them, by URL.
     ahead: Arc<Mutex<HashMap<String, Ahead>>>,
     /// What of the NARs fetched ahead could be spooled.
@@ -115,9 +114,10 @@ type Ahead = Shared<BoxFuture<'static, Result<Bytes, String>>>;
 /// Where a small NAR fetched ahead is handed over.
 type NarSender = oneshot::Sender<Result<Bytes, String>>;
 
-/// Paths fetched ahead whose missing references were all fetched ahead too.
+/// What a [`Spool`] may be made of.
 #[derive(Debug)]
 struct Spoolable {
+    /// The narinfos of the small NARs fetched ahead.
     narinfos: Vec<NarInfo>,
     /// The narinfos of the listed paths the local store has.
     present: Vec<NarInfo>,
@@ -152,6 +152,7 @@ impl CacheProxy {
             sizes: Arc::default(),
             fetches: fetches.max(1),
             listed: Arc::default(),
+            small_listed: Arc::new(watch::Sender::new(None)),
             ahead: Arc::default(),
             spoolable: Arc::default(),
             ahead_slots: Arc::new(Semaphore::new(AHEAD_SLOTS)),
@@ -176,6 +177,19 @@ impl CacheProxy {
     /// fewer than [`SPOOL_MIN`]. They are then no longer kept for the HTTP
     /// cache.
     pub async fn spool(&self) -> std::io::Result<Option<Spool>> {
+        // Decided on the listing alone when it names too few small NARs, so
+        // a small build's Nix starts without waiting for the local store.
+        // The listing was started with the proxy.
+        let small = *self
+            .upstream
+            .small_listed
+            .subscribe()
+            .wait_for(Option::is_some)
+            .await
+            .map_err(std::io::Error::other)?;
+        if small.unwrap_or(0) < SPOOL_MIN {
+            return Ok(None);
+        }
         self.upstream.listed().await;
         let spoolable = self
             .upstream
@@ -186,12 +200,14 @@ impl CacheProxy {
         let Some(Spoolable { narinfos, present }) = spoolable else {
             return Ok(None);
         };
-        if narinfos.len() < SPOOL_MIN {
+        let valid: HashSet<StorePath> = present.iter().map(|n| n.store_path.clone()).collect();
+        let wanted = super::spool::self_contained(&narinfos, &valid);
+        if wanted.len() < SPOOL_MIN {
             return Ok(None);
         }
-        let mut fetched = Vec::with_capacity(narinfos.len());
-        let mut nars = HashMap::with_capacity(narinfos.len());
-        for narinfo in narinfos {
+        let mut fetched = Vec::with_capacity(wanted.len());
+        let mut nars = HashMap::with_capacity(wanted.len());
+        for narinfo in wanted {
             let early = self
                 .upstream
                 .ahead
@@ -203,15 +219,14 @@ impl CacheProxy {
             // whatever refers to it.
             if let Some(Ok(nar)) = OptionFuture::from(early).await {
                 nars.insert(narinfo.store_path.clone(), nar);
-                fetched.push(narinfo);
+                fetched.push(narinfo.clone());
             }
         }
-        let valid: HashSet<StorePath> = present.iter().map(|n| n.store_path.clone()).collect();
         let entries: Vec<(NarInfo, Bytes)> = super::spool::self_contained(&fetched, &valid)
             .into_iter()
             .map(|narinfo| (narinfo.clone(), nars[&narinfo.store_path].clone()))
             .collect();
-        if entries.is_empty() {
+        if entries.len() < SPOOL_MIN {
             return Ok(None);
         }
         let urls: Vec<String> = entries
@@ -243,6 +258,90 @@ impl CacheProxy {
     pub fn bytes_received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+}
+
+/// A failed call's status, for a log line or an error.
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Splits the chunks of one `GetNars` reply into its files, checking each
+/// against the size its narinfo gave as the bytes arrive.
+#[derive(Debug)]
+struct BatchFiles<'a> {
+    sizes: &'a [u64],
+    /// The file being received.
+    at: usize,
+    chunks: Vec<Bytes>,
+    got: u64,
+}
+
+impl<'a> BatchFiles<'a> {
+    fn new(sizes: &'a [u64]) -> Self {
+        Self {
+            sizes,
+            at: 0,
+            chunks: Vec::new(),
+            got: 0,
+        }
+    }
+
+    /// Takes a chunk of file `index`; returns the files before it, which it
+    /// completes, in order.
+    fn push(&mut self, index: usize, data: Bytes) -> Result<Vec<Bytes>, String> {
+        if index < self.at || index >= self.sizes.len() {
+            return Err(format!(
+                "the builder sent a chunk of file {index} while sending file {} of {}",
+                self.at,
+                self.sizes.len()
+            ));
+        }
+        let mut done = Vec::new();
+        while self.at < index {
+            done.push(self.complete()?);
+        }
+        self.got += data.len() as u64;
+        if self.got > self.sizes[self.at] {
+            return Err(format!(
+                "the builder sent more than the {} bytes of file {}",
+                self.sizes[self.at], self.at
+            ));
+        }
+        self.chunks.push(data);
+        Ok(done)
+    }
+
+    /// At the end of the reply: the files still due.
+    fn finish(&mut self) -> Result<Vec<Bytes>, String> {
+        let mut done = Vec::new();
+        while !self.is_finished() {
+            done.push(self.complete()?);
+        }
+        Ok(done)
+    }
+
+    /// Whether every file has been handed out.
+    fn is_finished(&self) -> bool {
+        self.at == self.sizes.len()
+    }
+
+    fn complete(&mut self) -> Result<Bytes, String> {
+        let size = self.sizes[self.at];
+        if self.got != size {
+            return Err(format!(
+                "the builder sent {} of the {size} bytes of file {}",
+                self.got, self.at
+            ));
+        }
+        self.at += 1;
+        self.got = 0;
+        Ok(Bytes::from(std::mem::take(&mut self.chunks).concat()))
+    }
+}
+
+/// Whether a narinfo names a file small enough to fetch ahead.
+fn is_small(narinfo: &NarInfo) -> bool {
+    file_size(narinfo).is_some_and(|size| size <= AHEAD_MAX)
 }
 
 /// The size of the file a narinfo names, if it says.
@@ -391,7 +490,12 @@ impl Upstream {
     async fn listed(&self) -> Option<&Listed> {
         self.listed
             .get_or_init(|| async {
-                let (listed, narinfos) = self.list().await?;
+                let listing = self.list().await;
+                let small = listing.as_ref().map_or(0, |(_, narinfos)| {
+                    narinfos.iter().filter(|narinfo| is_small(narinfo)).count()
+                });
+                self.small_listed.send_replace(Some(small));
+                let (listed, narinfos) = listing?;
                 self.fetch_ahead(narinfos).await;
                 Some(listed)
             })
@@ -437,10 +541,7 @@ impl Upstream {
     /// after the last one is imported, so over a long link every small path
     /// would otherwise cost a round trip.
     async fn fetch_ahead(&self, narinfos: Vec<NarInfo>) {
-        if !narinfos
-            .iter()
-            .any(|narinfo| file_size(narinfo).is_some_and(|size| size <= AHEAD_MAX))
-        {
+        if !narinfos.iter().any(is_small) {
             return;
         }
         // All of them: whether a small path can be spooled depends on its
@@ -469,6 +570,14 @@ impl Upstream {
             else {
                 continue;
             };
+            // Nix would never ask for it: its narinfo is refused.
+            if self
+                .key
+                .as_ref()
+                .is_some_and(|key| !narinfo.is_signed_by(key))
+            {
+                continue;
+            }
             if let Entry::Vacant(entry) = ahead.entry(narinfo.url.clone()) {
                 budget -= size;
                 let (tx, rx) = oneshot::channel();
@@ -478,7 +587,7 @@ impl Upstream {
                         .shared(),
                 );
                 let full = batches.last().is_none_or(|batch| {
-                    batch.len() == BATCH_NARS || batch_bytes + size > BATCH_BYTES
+                    batch.len() == MAX_NARS_PER_CALL || batch_bytes + size > BATCH_BYTES
                 });
                 if full {
                     batches.push(Vec::new());
@@ -491,14 +600,7 @@ impl Upstream {
                     .push((narinfo.url.clone(), size));
                 senders.insert(narinfo.url.clone(), tx);
             }
-            // Only what Nix would accept from the HTTP cache.
-            if self
-                .key
-                .as_ref()
-                .is_none_or(|key| narinfo.is_signed_by(key))
-            {
-                fetching.push(narinfo);
-            }
+            fetching.push(narinfo);
         }
         drop(ahead);
         for batch in batches {
@@ -525,52 +627,50 @@ impl Upstream {
         };
         let mut stream = match self.cache().get_nars(request).await {
             Ok(reply) => reply.into_inner(),
-            Err(status) => {
-                // A builder from before GetNars: Nix's requests fetch each.
-                if status.code() != tonic::Code::Unimplemented {
-                    warn!("fetching {} small NARs: {}", batch.len(), status.message());
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                // A builder from before GetNars: one call per file.
+                for ((url, size), tx) in batch.into_iter().zip(senders) {
+                    let got = self.clone().range(url, 0, size).await;
+                    let _ = tx.send(
+                        got.map(|chunks| Bytes::from(chunks.concat()))
+                            .map_err(|err| err.to_string()),
+                    );
                 }
-                let err = format!("{:?}: {}", status.code(), status.message());
+                return;
+            }
+            Err(status) => {
+                let err = status_text(&status);
+                warn!("fetching {} small NARs: {err}", batch.len());
                 for tx in senders {
                     let _ = tx.send(Err(err.clone()));
                 }
                 return;
             }
         };
+        let sizes: Vec<u64> = batch.iter().map(|(_, size)| *size).collect();
+        let mut files = BatchFiles::new(&sizes);
         let mut senders = senders.into_iter();
-        let mut files = batch.iter();
-        let mut file = Vec::new();
-        let mut at = 0usize;
         let failure = loop {
-            let (index, data) = match stream.message().await {
-                Ok(Some(chunk)) => (chunk.index as usize, chunk.data),
-                Ok(None) => (batch.len(), Bytes::new()),
-                Err(status) => break format!("{:?}: {}", status.code(), status.message()),
+            let done = match stream.message().await {
+                Ok(Some(chunk)) => {
+                    self.received
+                        .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                    files.push(chunk.index as usize, chunk.data)
+                }
+                Ok(None) => files.finish(),
+                Err(status) => Err(status_text(&status)),
             };
-            if index < at || index > batch.len() {
-                break format!("the builder sent file {index} after file {at}");
+            match done {
+                Ok(done) => {
+                    for (nar, tx) in done.into_iter().zip(senders.by_ref()) {
+                        let _ = tx.send(Ok(nar));
+                    }
+                    if files.is_finished() {
+                        return;
+                    }
+                }
+                Err(failure) => break failure,
             }
-            // Files before `index` are complete.
-            while at < index {
-                let (url, size) = files.next().expect("at < batch.len()");
-                let got = Bytes::from(std::mem::take(&mut file).concat());
-                let reply = if got.len() as u64 == *size {
-                    Ok(got)
-                } else {
-                    Err(format!(
-                        "the builder sent {} of {size} bytes of {url}",
-                        got.len()
-                    ))
-                };
-                let _ = senders.next().expect("one sender per file").send(reply);
-                at += 1;
-            }
-            if index == batch.len() {
-                return;
-            }
-            self.received
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            file.push(data);
         };
         warn!("fetching small NARs: {failure}");
         for tx in senders {
@@ -611,7 +711,7 @@ impl Upstream {
     }
 
     async fn fetch_range(&self, url: &str, offset: u64, length: u64) -> Result<Vec<Bytes>, String> {
-        let failed = |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
+        let failed = |status: tonic::Status| status_text(&status);
         let mut stream = self
             .cache()
             .get_nar(GetNarRequest {
@@ -627,6 +727,9 @@ impl Upstream {
         let mut got = 0;
         while let Some(chunk) = stream.message().await.map_err(failed)? {
             got += chunk.data.len() as u64;
+            if got > length {
+                return Err(format!("the builder sent more than {length} bytes"));
+            }
             self.received
                 .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
             chunks.push(chunk.data);
@@ -635,5 +738,49 @@ impl Upstream {
             return Err(format!("the builder sent {got} of {length} bytes"));
         }
         Ok(chunks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(text: &'static str) -> Bytes {
+        Bytes::from_static(text.as_bytes())
+    }
+
+    #[test]
+    fn batch_files_come_out_whole_and_in_order() {
+        let sizes = [3, 1, 4];
+        let mut files = BatchFiles::new(&sizes);
+        assert!(files.push(0, bytes("ab")).unwrap().is_empty());
+        assert!(files.push(0, bytes("c")).unwrap().is_empty());
+        assert_eq!(files.push(1, bytes("d")).unwrap(), [bytes("abc")]);
+        assert_eq!(files.push(2, bytes("efgh")).unwrap(), [bytes("d")]);
+        assert!(!files.is_finished());
+        assert_eq!(files.finish().unwrap(), [bytes("efgh")]);
+        assert!(files.is_finished());
+    }
+
+    #[test]
+    fn batch_files_refuse_what_does_not_add_up() {
+        let sizes = [2, 2];
+        // Too many bytes, refused as they arrive.
+        let mut files = BatchFiles::new(&sizes);
+        files.push(0, bytes("ab")).unwrap();
+        assert!(files.push(0, bytes("c")).is_err());
+        // A file skipped, or cut short.
+        let mut files = BatchFiles::new(&sizes);
+        assert!(files.push(1, bytes("ab")).is_err());
+        let mut files = BatchFiles::new(&sizes);
+        files.push(0, bytes("ab")).unwrap();
+        files.push(1, bytes("c")).unwrap();
+        assert!(files.finish().is_err());
+        // Back to an earlier file, or one not asked for.
+        let mut files = BatchFiles::new(&sizes);
+        files.push(0, bytes("ab")).unwrap();
+        files.push(1, bytes("c")).unwrap();
+        assert!(files.push(0, bytes("d")).is_err());
+        assert!(BatchFiles::new(&sizes).push(2, bytes("a")).is_err());
     }
 }

@@ -24,6 +24,7 @@ use crate::nix::{narinfo::NarInfo, store_path::StorePath};
 #[derive(Debug)]
 pub struct Spool {
     dir: TempDir,
+    url: String,
     paths: HashSet<StorePath>,
     roots: Vec<StorePath>,
 }
@@ -34,15 +35,22 @@ impl Spool {
     /// has) without a NAR: `nix copy` walks a path's closure in the cache it
     /// reads before it skips what the store has. The narinfos' URLs are
     /// replaced by names chosen here, so nothing the builder sends decides
-    /// where a file goes; signatures do not cover the URL.
+    /// where a file goes; signatures do not cover the URL. `parent` must be
+    /// a path a store URL can carry as it is.
     pub fn write(
         parent: &Path,
         entries: Vec<(NarInfo, Bytes)>,
         present: &[NarInfo],
     ) -> io::Result<Self> {
+        let plain = |dir: &Path| {
+            crate::nixcmd::file_url(dir)
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err.to_string()))
+        };
+        plain(parent)?;
         let dir = tempfile::Builder::new()
             .prefix("drv-thru-import-")
             .tempdir_in(parent)?;
+        let url = plain(dir.path())?;
         std::fs::create_dir(dir.path().join("nar"))?;
         let write_narinfo = |narinfo: &mut NarInfo| {
             let hash = narinfo.store_path.hash_part().to_string();
@@ -71,12 +79,22 @@ impl Spool {
         }
         let mut roots: Vec<StorePath> = paths.difference(&referred).cloned().collect();
         roots.sort();
-        Ok(Self { dir, paths, roots })
+        Ok(Self {
+            dir,
+            url,
+            paths,
+            roots,
+        })
     }
 
     /// The directory holding the cache.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The cache's `file://` URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// The paths no other spooled path refers to: copying them copies all.
@@ -199,7 +217,7 @@ mod tests {
     #[test]
     fn drops_everything_that_leads_to_a_path_left_out() {
         // "x" is neither valid nor a candidate (a large NAR, say): "b"
-        // refers to it, "c" to "b", "d" to "c"; "e" is independent.
+        // refers to it, "c" to "b", "d" to "c"; "f" is independent.
         let candidates = [
             narinfo("d", &["c"]),
             narinfo("c", &["b"]),
@@ -223,6 +241,7 @@ mod tests {
         let present = [narinfo("v", &[])];
         let spool = Spool::write(parent.path(), entries, &present).unwrap();
         let dir = spool.dir().to_owned();
+        assert_eq!(spool.url(), format!("file://{}", dir.display()));
         assert_eq!(spool.roots(), [path("b")]);
         assert!(spool.holds_all(&[path("a"), path("b")]));
         assert!(!spool.holds_all(&[path("a"), path("x")]));
@@ -238,5 +257,16 @@ mod tests {
         assert!(!dir.join(format!("nar/{present}.nar")).exists());
         drop(spool);
         assert!(std::fs::read_dir(parent.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn writes_nothing_where_a_store_url_cannot_point() {
+        let parent = tempfile::tempdir().unwrap();
+        let odd = parent.path().join("a b");
+        std::fs::create_dir(&odd).unwrap();
+        let entries = vec![(narinfo("a", &[]), Bytes::from_static(b"nar"))];
+        let err = Spool::write(&odd, entries, &[]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(std::fs::read_dir(&odd).unwrap().next().is_none());
     }
 }

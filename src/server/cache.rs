@@ -949,10 +949,11 @@ impl cache_server::Cache for CacheService {
     ) -> Result<Response<Self::GetNarsStream>, Status> {
         let session = self.session(&request, &request.get_ref().session_id)?;
         let urls = request.into_inner().urls;
-        if urls.len() > MAX_NARS_PER_CALL {
+        if urls.len() > proto::MAX_NARS_PER_CALL {
             return Err(Status::invalid_argument(format!(
-                "{} URLs asked for at once; at most {MAX_NARS_PER_CALL}",
-                urls.len()
+                "{} URLs asked for at once; at most {}",
+                urls.len(),
+                proto::MAX_NARS_PER_CALL
             )));
         }
         let narinfos = urls
@@ -970,9 +971,6 @@ impl cache_server::Cache for CacheService {
         Ok(Response::new(files.try_flatten().boxed()))
     }
 }
-
-/// URLs [`GetNars`](cache_server::Cache::get_nars) takes in one call.
-const MAX_NARS_PER_CALL: usize = 1024;
 
 fn not_named(url: &str) -> Status {
     Status::not_found(format!("{url} was not named by a narinfo of this session"))
