@@ -549,7 +549,14 @@ fn start_quiet_build(pair: &Pair, runtime: &Path) -> std::process::Child {
     let client = pair
         .client
         .command(crate::common::binary())
-        .args(["build", &installable, "--no-nom", "--ticket", &ticket])
+        .args([
+            "build",
+            &installable,
+            "--no-nom",
+            "--no-link",
+            "--ticket",
+            &ticket,
+        ])
         .env("XDG_RUNTIME_DIR", runtime)
         .process_group(0)
         .stdout(std::process::Stdio::null())
