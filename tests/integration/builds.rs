@@ -540,10 +540,12 @@ fn forged_dependency_output_never_reaches_the_builder() {
     assert!(!forged.exists(), "the forged output reached the builder");
 }
 
-/// Starts a client building `quiet` (silent for minutes) in its own process
-/// group, with `runtime` as its `XDG_RUNTIME_DIR`, and waits until the
-/// build runs on the builder.
-fn start_quiet_build(pair: &Pair, runtime: &Path) -> std::process::Child {
+/// A builder, and a client building `quiet` (silent for minutes) with it in
+/// its own process group and with the returned directory as its
+/// `XDG_RUNTIME_DIR`, once the build runs on the builder.
+fn quiet_build(test: &str) -> (Pair, tempfile::TempDir, std::process::Child) {
+    let pair = Pair::new(&salt(test), &[]);
+    let runtime = tempfile::tempdir().unwrap();
     let ticket = pair.ticket(&[]);
     let installable = pair.world.installable("quiet");
     let client = pair
@@ -557,7 +559,7 @@ fn start_quiet_build(pair: &Pair, runtime: &Path) -> std::process::Child {
             "--ticket",
             &ticket,
         ])
-        .env("XDG_RUNTIME_DIR", runtime)
+        .env("XDG_RUNTIME_DIR", runtime.path())
         .process_group(0)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -566,7 +568,7 @@ fn start_quiet_build(pair: &Pair, runtime: &Path) -> std::process::Child {
     wait_until("the build runs", Duration::from_secs(30), || {
         !build_processes(&pair.salt).is_empty()
     });
-    client
+    (pair, runtime, client)
 }
 
 /// Waits until the builder has no session and no build process left.
@@ -597,9 +599,7 @@ fn disconnecting_client_cancels_a_silent_build() {
     if !available() {
         return;
     }
-    let pair = Pair::new(&salt("disconnect"), &[]);
-    let runtime = tempfile::tempdir().unwrap();
-    let mut client = start_quiet_build(&pair, runtime.path());
+    let (pair, _runtime, mut client) = quiet_build("disconnect");
     unsafe { libc::kill(-(client.id() as i32), libc::SIGKILL) };
     client.wait().unwrap();
     assert_builder_cleans_up(&pair);
@@ -610,9 +610,7 @@ fn interrupted_client_says_so_and_leaves_nothing() {
     if !available() {
         return;
     }
-    let pair = Pair::new(&salt("interrupt"), &[]);
-    let runtime = tempfile::tempdir().unwrap();
-    let client = start_quiet_build(&pair, runtime.path());
+    let (pair, runtime, client) = quiet_build("interrupt");
     // As a terminal's Ctrl-C does: the whole foreground group.
     unsafe { libc::kill(-(client.id() as i32), libc::SIGINT) };
     let output = client.wait_with_output().unwrap();
