@@ -114,6 +114,30 @@ type Ahead = Shared<BoxFuture<'static, Result<Bytes, String>>>;
 /// Where a small NAR fetched ahead is handed over.
 type NarSender = oneshot::Sender<Result<Bytes, String>>;
 
+/// Small NARs to ask for in one `GetNars` call, and where each goes.
+#[derive(Debug, Default)]
+struct Batch {
+    urls: Vec<String>,
+    sizes: Vec<u64>,
+    senders: Vec<NarSender>,
+    /// The sum of `sizes`.
+    bytes: u64,
+}
+
+impl Batch {
+    /// Whether a file of `size` bytes still fits in the call.
+    fn takes(&self, size: u64) -> bool {
+        self.urls.len() < MAX_NARS_PER_CALL && self.bytes + size <= BATCH_BYTES
+    }
+
+    fn push(&mut self, url: String, size: u64, sender: NarSender) {
+        self.urls.push(url);
+        self.sizes.push(size);
+        self.senders.push(sender);
+        self.bytes += size;
+    }
+}
+
 /// What a [`Spool`] may be made of.
 #[derive(Debug)]
 struct Spoolable {
@@ -555,11 +579,9 @@ impl Upstream {
             }
         };
         let mut budget = AHEAD_BUDGET;
-        let mut senders = HashMap::new();
         let mut fetching = Vec::new();
         let mut present = Vec::with_capacity(narinfos.len() - lacking.len());
-        let mut batches: Vec<Vec<(String, u64)>> = Vec::new();
-        let mut batch_bytes = 0;
+        let mut batches: Vec<Batch> = Vec::new();
         let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
         for narinfo in narinfos {
             if !lacking.contains(&narinfo.store_path) {
@@ -586,29 +608,19 @@ impl Upstream {
                         .boxed()
                         .shared(),
                 );
-                let full = batches.last().is_none_or(|batch| {
-                    batch.len() == MAX_NARS_PER_CALL || batch_bytes + size > BATCH_BYTES
-                });
-                if full {
-                    batches.push(Vec::new());
-                    batch_bytes = 0;
+                if !batches.last().is_some_and(|batch| batch.takes(size)) {
+                    batches.push(Batch::default());
                 }
-                batch_bytes += size;
                 batches
                     .last_mut()
                     .expect("pushed")
-                    .push((narinfo.url.clone(), size));
-                senders.insert(narinfo.url.clone(), tx);
+                    .push(narinfo.url.clone(), size, tx);
             }
             fetching.push(narinfo);
         }
         drop(ahead);
         for batch in batches {
-            let senders: Vec<_> = batch
-                .iter()
-                .map(|(url, _)| senders.remove(url).expect("one sender per URL"))
-                .collect();
-            tokio::spawn(self.clone().fetch_batch(batch, senders));
+            tokio::spawn(self.clone().fetch_batch(batch));
         }
         *self.spoolable.lock().unwrap_or_else(|p| p.into_inner()) = Some(Spoolable {
             narinfos: fetching,
@@ -616,20 +628,26 @@ impl Upstream {
         });
     }
 
-    /// Fetches the whole files of `batch` (URL and size) in one `GetNars`
-    /// call, handing each to its sender as soon as it is complete. What
-    /// fails here is asked for again on its own when Nix wants it.
-    async fn fetch_batch(self, batch: Vec<(String, u64)>, senders: Vec<NarSender>) {
+    /// Fetches the whole files of `batch` in one `GetNars` call, handing
+    /// each to its sender as soon as it is complete. What fails here is
+    /// asked for again on its own when Nix wants it.
+    async fn fetch_batch(self, batch: Batch) {
+        let Batch {
+            urls,
+            sizes,
+            senders,
+            ..
+        } = batch;
         let _permit = self.ahead_slots.acquire().await;
         let request = GetNarsRequest {
             session_id: self.session_id.clone(),
-            urls: batch.iter().map(|(url, _)| url.clone()).collect(),
+            urls: urls.clone(),
         };
         let mut stream = match self.cache().get_nars(request).await {
             Ok(reply) => reply.into_inner(),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 // A builder from before GetNars: one call per file.
-                for ((url, size), tx) in batch.into_iter().zip(senders) {
+                for ((url, size), tx) in urls.into_iter().zip(sizes).zip(senders) {
                     let got = self.clone().range(url, 0, size).await;
                     let _ = tx.send(
                         got.map(|chunks| Bytes::from(chunks.concat()))
@@ -640,14 +658,13 @@ impl Upstream {
             }
             Err(status) => {
                 let err = status_text(&status);
-                warn!("fetching {} small NARs: {err}", batch.len());
+                warn!("fetching {} small NARs: {err}", urls.len());
                 for tx in senders {
                     let _ = tx.send(Err(err.clone()));
                 }
                 return;
             }
         };
-        let sizes: Vec<u64> = batch.iter().map(|(_, size)| *size).collect();
         let mut files = BatchFiles::new(&sizes);
         let mut senders = senders.into_iter();
         let failure = loop {
