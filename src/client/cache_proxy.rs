@@ -19,10 +19,12 @@
 
 use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
+    future::Future,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -70,6 +72,12 @@ const AHEAD_SLOTS: usize = 8;
 /// Bytes of small NARs asked for in one `GetNars` call: enough that a call
 /// carries many, few enough that calls spread over the channels.
 const BATCH_BYTES: u64 = 1 << 20;
+
+/// The listing or a `GetNars` call that brings nothing for this long is
+/// given up, and what it was to bring is asked for as Nix asks. Those calls
+/// run before Nix does, so its stalled-download timeout does not cover
+/// them, and the spool would wait for good.
+const STALL: Duration = Duration::from_secs(60);
 
 /// Bytes per range of a large NAR. With [`CacheProxy::start`]'s `fetches`
 /// ranges in flight, at most `fetches` times this is buffered.
@@ -282,6 +290,19 @@ impl CacheProxy {
     pub fn bytes_received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+}
+
+/// `call`'s outcome, or DEADLINE_EXCEEDED once it has taken `limit`
+/// ([`STALL`]).
+async fn unstalled<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "the builder sent nothing for {limit:?}"
+        )))
+    })
 }
 
 /// A failed call's status, for a log line or an error.
@@ -533,9 +554,11 @@ impl Upstream {
             session_id: self.session_id.clone(),
         };
         let listing = async {
-            let mut stream = self.cache().list_nar_infos(request).await?.into_inner();
+            let mut stream = unstalled(STALL, self.cache().list_nar_infos(request))
+                .await?
+                .into_inner();
             let (mut listed, mut narinfos) = (Listed::new(), Vec::new());
-            while let Some(item) = stream.message().await? {
+            while let Some(item) = unstalled(STALL, stream.message()).await? {
                 match item.narinfo.parse::<NarInfo>() {
                     Ok(narinfo) => {
                         listed.insert(*narinfo.store_path.hash_part(), item.narinfo);
@@ -643,7 +666,7 @@ impl Upstream {
             session_id: self.session_id.clone(),
             urls: urls.clone(),
         };
-        let mut stream = match self.cache().get_nars(request).await {
+        let mut stream = match unstalled(STALL, self.cache().get_nars(request)).await {
             Ok(reply) => reply.into_inner(),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 // A builder from before GetNars: one call per file.
@@ -668,7 +691,7 @@ impl Upstream {
         let mut files = BatchFiles::new(&sizes);
         let mut senders = senders.into_iter();
         let failure = loop {
-            let done = match stream.message().await {
+            let done = match unstalled(STALL, stream.message()).await {
                 Ok(Some(chunk)) => {
                     self.received
                         .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
@@ -764,6 +787,15 @@ mod tests {
 
     fn bytes(text: &'static str) -> Bytes {
         Bytes::from_static(text.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn a_stalled_call_is_given_up() {
+        let limit = Duration::from_millis(20);
+        let stalled = unstalled(limit, std::future::pending::<Result<(), tonic::Status>>()).await;
+        assert_eq!(stalled.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        let answered = unstalled(limit, async { Ok::<_, tonic::Status>(7) }).await;
+        assert_eq!(answered.unwrap(), 7);
     }
 
     #[test]
