@@ -2,6 +2,7 @@
 //! outputs.
 
 use std::{
+    future::Future,
     io::{IsTerminal, Write},
     net::SocketAddr,
     path::PathBuf,
@@ -12,7 +13,10 @@ use std::{
 use anyhow::{Context, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
+use tokio::{
+    io::AsyncWriteExt,
+    signal::unix::{Signal, SignalKind, signal},
+};
 
 use super::Failure;
 use crate::{
@@ -266,7 +270,69 @@ impl LogSink {
 }
 
 pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
+    // From the start: a signal that found no handler would end drv-thru
+    // without its Nix processes, and one handled only later is swallowed.
+    let mut signals = Signals::install();
     let nix = Nix::new();
+    let prepared = signals
+        .unless(prepare(&args, &nix, relay), "nothing was sent to a builder")
+        .await?;
+    let (drv, outputs) = match prepared {
+        Prepared::Valid(evaluated) => (evaluated.drv_path, evaluated.outputs),
+        Prepared::Remote(ready) => {
+            let Ready {
+                import,
+                connection,
+                plan,
+            } = *ready;
+            let mut progress = Progress::new();
+            // Dropping `remote` kills its Nix processes and removes its files.
+            let outcome = signals
+                .unless(
+                    remote(&args, &nix, import, &connection, &plan, &mut progress),
+                    "the builder cancels the session, and nothing was imported that Nix had not \
+                     checked",
+                )
+                .await;
+            progress.finish();
+            // A second signal need not wait for the builder to acknowledge.
+            tokio::select! {
+                () = connection.close() => {}
+                _ = signals.recv() => {}
+            }
+            match outcome? {
+                Remote::Built(outputs) => (plan.drv, outputs),
+                Remote::Failed(message) => return Err(Failure::BuildFailed(message)),
+            }
+        }
+    };
+    signals
+        .unless(
+            finish(&args, &nix, &drv, &outputs),
+            "the outputs are in the local store, but result links may be missing",
+        )
+        .await
+}
+
+/// Where the build will happen, once evaluated.
+enum Prepared {
+    /// The outputs are valid locally already.
+    Valid(crate::nixcmd::Evaluated),
+    /// On a builder.
+    Remote(Box<Ready>),
+}
+
+/// A build ready to be sent to the builder at the other end of `connection`.
+struct Ready {
+    import: Import,
+    connection: client::Connection,
+    plan: Plan,
+}
+
+/// Evaluates `args.installable` and, unless its outputs are valid here,
+/// connects to the builder and gets everything ready that may still refuse
+/// the build before a session is opened.
+async fn prepare(args: &Args, nix: &Nix, relay: RelayChoice) -> Result<Prepared, Failure> {
     let evaluated = nix
         .evaluate(&args.installable, &args.eval_flags())
         .await
@@ -282,7 +348,7 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
 
     if !args.rebuild && nix.invalid_paths(&outputs).await?.is_empty() {
         tracing::info!("outputs already valid locally; not contacting a builder");
-        return finish(&args, &nix, &evaluated.drv_path, &evaluated.outputs).await;
+        return Ok(Prepared::Valid(evaluated));
     }
     let target = args.target()?.ok_or_else(|| {
         anyhow!("say where to build: --ticket TICKET, --builder NAME or --server ENDPOINT_ID")
@@ -299,7 +365,7 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
         )
     };
     let (import, inputs, connection) = tokio::join!(
-        import_trust(&nix, &target),
+        import_trust(nix, &target),
         inputs,
         client::connect(&target, relay, args.key_file.as_deref()),
     );
@@ -312,43 +378,63 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
         }
         (Err(err), Err(_)) | (Ok(_), Err(err)) => return Err(err.into()),
     };
-    let plan = Plan {
-        inputs,
-        drv: evaluated.drv_path.clone(),
-        outputs: evaluated.outputs.clone(),
-    };
-    let mut progress = Progress::new();
-    // Dropping `remote` kills its Nix processes and removes its files.
-    let outcome = tokio::select! {
-        // A Ctrl-C reaches Nix too; say why it failed.
-        biased;
-        signal = interrupted() => Err(anyhow!(
-            "interrupted by {signal}; the builder cancels the session, and nothing was imported \
-             that Nix had not checked"
-        )),
-        outcome = remote(&args, &nix, import, &connection, &plan, &mut progress) => outcome,
-    };
-    progress.finish();
-    connection.close().await;
-    match outcome? {
-        Remote::Built(outputs) => finish(&args, &nix, &evaluated.drv_path, &outputs).await,
-        Remote::Failed(message) => Err(Failure::BuildFailed(message)),
-    }
+    Ok(Prepared::Remote(Box::new(Ready {
+        import,
+        connection,
+        plan: Plan {
+            inputs,
+            drv: evaluated.drv_path,
+            outputs: evaluated.outputs,
+        },
+    })))
 }
 
-/// Resolves on SIGINT or SIGTERM with the signal's name; never if the
-/// handlers cannot be installed.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
-        },
-        _ => std::future::pending().await,
+/// SIGINT and SIGTERM, which end a build with a message saying what was
+/// left in which state, instead of ending the process on the spot.
+struct Signals(Vec<(Signal, &'static str)>);
+
+impl Signals {
+    /// Handles SIGINT and SIGTERM from now on; one whose handler cannot be
+    /// installed keeps its default action.
+    fn install() -> Self {
+        Self(
+            [
+                (SignalKind::interrupt(), "SIGINT"),
+                (SignalKind::terminate(), "SIGTERM"),
+            ]
+            .into_iter()
+            .filter_map(|(kind, name)| Some((signal(kind).ok()?, name)))
+            .collect(),
+        )
+    }
+
+    /// The name of the next signal to arrive.
+    async fn recv(&mut self) -> &'static str {
+        if self.0.is_empty() {
+            return std::future::pending().await;
+        }
+        let arrivals = self.0.iter_mut().map(|(signal, name)| {
+            Box::pin(async move {
+                signal.recv().await;
+                *name
+            })
+        });
+        futures::future::select_all(arrivals).await.0
+    }
+
+    /// `work`'s outcome, or, if a signal arrives first, an error that says
+    /// so and `then`: what dropping `work` left behind.
+    async fn unless<T, E: Into<Failure>>(
+        &mut self,
+        work: impl Future<Output = Result<T, E>>,
+        then: &str,
+    ) -> Result<T, Failure> {
+        tokio::select! {
+            // A Ctrl-C reaches Nix too; say why it failed.
+            biased;
+            signal = self.recv() => Err(anyhow!("interrupted by {signal}; {then}").into()),
+            outcome = work => outcome.map_err(Into::into),
+        }
     }
 }
 

@@ -625,6 +625,45 @@ fn interrupted_client_says_so_and_leaves_nothing() {
 }
 
 #[test]
+fn signal_during_evaluation_leaves_no_nix_behind() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("eval-signal"), &[]);
+    let client = pair
+        .client
+        .command(crate::common::binary())
+        .args([
+            "build",
+            &pair.world.installable("slowEval"),
+            "--no-link",
+            "--ticket",
+            &pair.ticket(&[]),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("evaluation builds", Duration::from_secs(60), || {
+        !build_processes(&pair.salt).is_empty()
+    });
+    // To drv-thru alone, as a service manager or a CI time limit sends it.
+    unsafe { libc::kill(client.id() as i32, libc::SIGTERM) };
+    let output = client.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("interrupted by SIGTERM; nothing was sent to a builder"),
+        "{message}"
+    );
+    wait_until(
+        "evaluation's processes end",
+        Duration::from_secs(10),
+        || build_processes(&pair.salt).is_empty(),
+    );
+}
+
+#[test]
 fn rebuild_checks_even_on_a_builder_that_never_built_it() {
     if !available() {
         return;

@@ -73,6 +73,15 @@ rec {
     echo done > $out
   '' { };
 
+  # Evaluates only after a local build that sleeps (import from
+  # derivation), for signals during evaluation.
+  slowEval = import (derivation {
+    name = "slow-eval";
+    inherit system salt;
+    builder = "${tools}/bin/sleep";
+    args = [ (toString sleepSecs) ];
+  });
+
   # The checksum of a large input source that the test building this writes
   # to ./big first: its upload is split into parts over several streams.
   checksum = mk "checksum" ''
