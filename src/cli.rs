@@ -107,6 +107,23 @@ fn init_logging(verbose: u8, default: &str) {
         .init();
 }
 
+/// Keeps glibc's malloc to two arenas; must run before the runtime starts
+/// its threads.
+///
+/// By default every thread that allocates may get an arena of its own (up
+/// to eight per core), each keeping what was freed in it. NAR buffers are
+/// allocated on one runtime or blocking-pool thread and freed on another,
+/// so freed memory piles up in many arenas: the builder's peak RSS for a
+/// 1 GiB upload after a few downloads fell from 71 to 55 MiB with two,
+/// at the same speed (README, "Performance").
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no other thread exists yet to allocate concurrently.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Parses the command line, runs the command and reports its outcome.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -117,6 +134,7 @@ pub fn main() -> ExitCode {
         _ => "drv_thru=warn,iroh=error",
     };
     init_logging(cli.verbose, default_filter);
+    limit_malloc_arenas();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
