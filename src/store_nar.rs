@@ -23,9 +23,6 @@ use futures::{Stream, TryStreamExt as _, stream};
 
 use crate::nix::store_path::StorePath;
 
-/// Bytes per chunk handed on.
-pub const CHUNK: usize = 256 << 10;
-
 /// Where `path` lives on this machine's file system, if it is there.
 pub fn physical(path: &StorePath) -> Option<PathBuf> {
     let physical = PathBuf::from(path.to_string());
@@ -81,13 +78,15 @@ pub fn stream(nar: Serialiser) -> impl Stream<Item = io::Result<Step>> + Send + 
     })
 }
 
-/// Streams `range` of the NAR of `path` (all of it: `0..u64::MAX`) as
-/// [`stream`] does, without the serialiser at the end.
+/// Streams `range` of the NAR of `path` (all of it: `0..u64::MAX`) in
+/// chunks of `chunk` bytes as [`stream`] does, without the serialiser at
+/// the end.
 pub fn stream_range(
     path: PathBuf,
     range: Range<u64>,
+    chunk: usize,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    stream(Serialiser::new(path, range, CHUNK)).try_filter_map(|step| async move {
+    stream(Serialiser::new(path, range, chunk)).try_filter_map(|step| async move {
         Ok(match step {
             Step::Chunk(bytes) => Some(bytes),
             Step::End(_) => None,
@@ -364,6 +363,8 @@ mod tests {
     use super::*;
     use crate::nix::nar::NarValidator;
 
+    const CHUNK: usize = 256 << 10;
+
     fn nar_of(path: &Path, chunk: usize) -> Vec<u8> {
         let mut nar = Vec::new();
         let size = dump(path, chunk, |bytes| {
@@ -479,7 +480,7 @@ mod tests {
         fs::write(&file, vec![1u8; 3 * CHUNK]).unwrap();
         // More paused streams than the blocking pool has threads (512).
         let mut streams: Vec<_> = (0..600)
-            .map(|_| Box::pin(stream_range(file.clone(), 0..u64::MAX)))
+            .map(|_| Box::pin(stream_range(file.clone(), 0..u64::MAX, CHUNK)))
             .collect();
         let first_chunks = async {
             for stream in &mut streams {

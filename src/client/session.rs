@@ -20,10 +20,6 @@ use crate::{
     transport::http2,
 };
 
-/// Upload chunk size: large enough to amortise per-message costs, small
-/// enough to keep memory flat.
-const CHUNK: usize = 256 << 10;
-
 /// NARs are uploaded in parts of at most this many bytes, each to the next
 /// upload call in turn; small paths are one part each. A part costs no
 /// round trip, so parts stay small: each call buffers one.
@@ -77,10 +73,14 @@ fn nar_chunks(
     path: &StorePath,
 ) -> anyhow::Result<Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>> {
     if let Some(physical) = store_nar::physical(path) {
-        return Ok(Box::pin(store_nar::stream_range(physical, 0..u64::MAX)));
+        return Ok(Box::pin(store_nar::stream_range(
+            physical,
+            0..u64::MAX,
+            http2::CHUNK,
+        )));
     }
     let nar = nix.dump(path)?;
-    Ok(Box::pin(ReaderStream::with_capacity(nar, CHUNK)))
+    Ok(Box::pin(ReaderStream::with_capacity(nar, http2::CHUNK)))
 }
 
 /// An admitted session.
@@ -162,7 +162,7 @@ impl Session {
         let mut senders = Vec::new();
         let mut calls = Vec::new();
         for channel in channels {
-            let (tx, rx) = mpsc::channel(PART as usize / CHUNK);
+            let (tx, rx) = mpsc::channel(PART as usize / http2::CHUNK);
             // Every call names the session first, so one that gets no part
             // is still a well-formed (empty) upload.
             tx.try_send(proto::UploadInputsRequest {

@@ -45,7 +45,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use super::nar_file::{CHUNK, NarFile, Writer, range_end};
+use super::nar_file::{NarFile, Writer, range_end};
 use super::{auth::principal, session::Sessions};
 use crate::{
     nix::{
@@ -58,7 +58,7 @@ use crate::{
     nixcmd::{Nix, PathInfo},
     proto::{self, cache_server},
     store_nar::{self, Serialiser, Step},
-    transport::IrohPeer,
+    transport::{IrohPeer, http2::CHUNK},
 };
 
 /// Path infos fetched with one `nix path-info` call: a session's closure

@@ -22,9 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
 use tonic::Status;
 
-/// Bytes per read: large enough to amortise per-message costs, small enough
-/// to keep memory flat.
-pub const CHUNK: usize = 256 << 10;
+use crate::transport::http2::CHUNK;
 
 /// Bytes read from the file at a time, sent on in [`CHUNK`]s: fewer trips
 /// to the blocking pool.

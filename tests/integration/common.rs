@@ -271,10 +271,14 @@ pub fn session_request() -> proto::OpenSessionRequest {
     let name = "hb09lmdvs22v5ianga0vgpi9k446q3kw-t.drv";
     let contents = std::fs::read(dir.join(name)).unwrap();
     let mut nar = Vec::new();
-    drv_thru::store_nar::dump(&dir.join(name), drv_thru::store_nar::CHUNK, |chunk| {
-        nar.extend_from_slice(&chunk);
-        Ok(())
-    })
+    drv_thru::store_nar::dump(
+        &dir.join(name),
+        drv_thru::transport::http2::CHUNK,
+        |chunk| {
+            nar.extend_from_slice(&chunk);
+            Ok(())
+        },
+    )
     .unwrap();
     let sha256 = |bytes: &[u8]| drv_thru::nix::hash::Sha256Hash::digest(bytes);
     let drv_path = format!("/nix/store/{name}");
