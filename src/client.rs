@@ -23,7 +23,7 @@ use crate::{
     keys,
     nix::signing,
     ticket::Ticket,
-    transport::iroh::{ConnectError, Link},
+    transport::iroh::Link,
 };
 
 /// A channel that presents a ticket with every call (or nothing).
@@ -166,15 +166,28 @@ impl Connection {
     }
 }
 
-/// Connects to `target` with this user's client key (created on first use).
-///
-/// One persistent key per user, also for ticket builds, so a ticket bound to
-/// `drv-thru key show`'s id works.
+/// Connects to `target` from an endpoint of its own, closed again if that
+/// fails; see [`bind`] and [`dial`].
 pub async fn connect(
     target: &Target,
     relay: RelayChoice,
     key_file: Option<&Path>,
 ) -> anyhow::Result<Connection> {
+    let endpoint = bind(relay, key_file).await?;
+    let connection = dial(&endpoint, target).await;
+    if connection.is_err() {
+        endpoint.close().await;
+    }
+    connection
+}
+
+/// An endpoint with this user's client key (created on first use), from
+/// which to dial builders. The caller closes it: iroh reports an endpoint
+/// dropped unclosed as an error.
+///
+/// One persistent key per user, also for ticket builds, so a ticket bound to
+/// `drv-thru key show`'s id works.
+pub async fn bind(relay: RelayChoice, key_file: Option<&Path>) -> anyhow::Result<Endpoint> {
     let key_path = match key_file {
         Some(path) => path.to_owned(),
         None => keys::default_client_key_path().ok_or_else(|| {
@@ -182,28 +195,22 @@ pub async fn connect(
         })?,
     };
     let secret_key = keys::load_or_create_endpoint_key(&key_path)?;
-    let endpoint = EndpointOptions::new(secret_key).relay(relay).bind().await?;
+    Ok(EndpointOptions::new(secret_key).relay(relay).bind().await?)
+}
+
+/// Connects to `target` from `endpoint`, which the connection then closes.
+pub async fn dial(endpoint: &Endpoint, target: &Target) -> anyhow::Result<Connection> {
     let addr = target.addr()?;
-    let link = async {
-        let link = Link::dial(&endpoint, addr).await?;
-        let channel = link.channel().await?;
-        Ok::<_, ConnectError>((link, channel))
-    };
-    match link.await {
-        Ok((link, channel)) => {
-            let credentials = target.credentials();
-            Ok(Connection {
-                channel: InterceptedService::new(channel, credentials.clone()),
-                endpoint,
-                link,
-                credentials,
-            })
-        }
-        Err(err) => {
-            endpoint.close().await;
-            Err(err.into())
-        }
-    }
+    tracing::debug!(endpoint_id = %addr.id, "dialing the builder");
+    let link = Link::dial(endpoint, addr).await?;
+    let channel = link.channel().await?;
+    let credentials = target.credentials();
+    Ok(Connection {
+        channel: InterceptedService::new(channel, credentials.clone()),
+        endpoint: endpoint.clone(),
+        link,
+        credentials,
+    })
 }
 
 /// Resolves `--builder NAME` against the builders files.

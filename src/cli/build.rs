@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio::{
     io::AsyncWriteExt,
     signal::unix::{Signal, SignalKind, signal},
+    sync::OnceCell,
 };
 
 use super::Failure;
@@ -274,9 +275,22 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
     // without its Nix processes, and one handled only later is swallowed.
     let mut signals = Signals::install();
     let nix = Nix::new();
+    // Bound only once a builder is to be contacted, and kept here so that
+    // whatever ends the preparation closes it rather than drops it.
+    let endpoint = OnceCell::new();
     let prepared = signals
-        .unless(prepare(&args, &nix, relay), "nothing was sent to a builder")
-        .await?;
+        .unless(
+            prepare(&args, &nix, relay, &endpoint),
+            "nothing was sent to a builder",
+        )
+        .await;
+    let prepared = match (prepared, endpoint.get()) {
+        (Err(err), Some(endpoint)) => {
+            endpoint.close().await;
+            return Err(err);
+        }
+        (prepared, _) => prepared?,
+    };
     let (drv, outputs) = match prepared {
         Prepared::Valid(evaluated) => (evaluated.drv_path, evaluated.outputs),
         Prepared::Remote(ready) => {
@@ -295,15 +309,29 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
                 )
                 .await;
             progress.finish();
-            // A second signal need not wait for the builder to acknowledge.
-            tokio::select! {
-                () = connection.close() => {}
-                _ = signals.recv() => {}
-            }
-            match outcome? {
-                Remote::Built(outputs) => (plan.drv, outputs),
+            // Short however the builder fares: QUIC waits for its
+            // acknowledgement a few probe timeouts at most.
+            let close = connection.close();
+            tokio::pin!(close);
+            let signalled = tokio::select! {
+                () = &mut close => None,
+                signal = signals.recv() => {
+                    close.await;
+                    Some(signal)
+                }
+            };
+            let outputs = match outcome? {
+                Remote::Built(outputs) => outputs,
                 Remote::Failed(message) => return Err(Failure::BuildFailed(message)),
+            };
+            if let Some(signal) = signalled {
+                return Err(anyhow!(
+                    "interrupted by {signal}; the outputs are in the local store, but no result \
+                     links were made"
+                )
+                .into());
             }
+            (plan.drv, outputs)
         }
     };
     signals
@@ -330,9 +358,15 @@ struct Ready {
 }
 
 /// Evaluates `args.installable` and, unless its outputs are valid here,
-/// connects to the builder and gets everything ready that may still refuse
-/// the build before a session is opened.
-async fn prepare(args: &Args, nix: &Nix, relay: RelayChoice) -> Result<Prepared, Failure> {
+/// connects to the builder from `endpoint` (bound here) and gets everything
+/// ready that may still refuse the build before a session is opened. The
+/// caller closes `endpoint` if this fails.
+async fn prepare(
+    args: &Args,
+    nix: &Nix,
+    relay: RelayChoice,
+    endpoint: &OnceCell<iroh::Endpoint>,
+) -> Result<Prepared, Failure> {
     let evaluated = nix
         .evaluate(&args.installable, &args.eval_flags())
         .await
@@ -364,20 +398,14 @@ async fn prepare(args: &Args, nix: &Nix, relay: RelayChoice) -> Result<Prepared,
                 .await?,
         )
     };
-    let (import, inputs, connection) = tokio::join!(
-        import_trust(nix, &target),
-        inputs,
-        client::connect(&target, relay, args.key_file.as_deref()),
-    );
-    let prepared = import.and_then(|import| Ok((import, inputs?)));
-    let ((import, inputs), connection) = match (prepared, connection) {
-        (Ok(prepared), Ok(connection)) => (prepared, connection),
-        (Err(err), Ok(connection)) => {
-            connection.close().await;
-            return Err(err.into());
-        }
-        (Err(err), Err(_)) | (Ok(_), Err(err)) => return Err(err.into()),
+    let connection = async {
+        let endpoint = endpoint
+            .get_or_try_init(|| client::bind(relay, args.key_file.as_deref()))
+            .await?;
+        client::dial(endpoint, &target).await
     };
+    let (import, inputs, connection) = tokio::join!(import_trust(nix, &target), inputs, connection);
+    let (import, inputs, connection) = (import?, inputs?, connection?);
     Ok(Prepared::Remote(Box::new(Ready {
         import,
         connection,

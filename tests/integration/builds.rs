@@ -644,8 +644,10 @@ fn signal_during_evaluation_leaves_no_nix_behind() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("evaluation builds", Duration::from_secs(60), || {
-        !build_processes(&pair.salt).is_empty()
+    wait_until("evaluation's build sleeps", Duration::from_secs(60), || {
+        build_processes(&pair.salt)
+            .iter()
+            .any(|command| command.starts_with("sleep "))
     });
     // To drv-thru alone, as a service manager or a CI time limit sends it.
     unsafe { libc::kill(client.id() as i32, libc::SIGTERM) };
@@ -661,6 +663,40 @@ fn signal_during_evaluation_leaves_no_nix_behind() {
         Duration::from_secs(10),
         || build_processes(&pair.salt).is_empty(),
     );
+}
+
+/// The endpoint of a client stopped while dialling is closed, not dropped:
+/// the user reads drv-thru's one line, not also iroh's complaint.
+#[test]
+fn signal_while_dialling_leaves_one_line() {
+    if !available() {
+        return;
+    }
+    let world = Arc::new(World::new(&salt("dial-signal")));
+    let client = world.store("client");
+    let nobody = iroh::SecretKey::generate().public().to_string();
+    let mut command = client.command(crate::common::binary());
+    command
+        .args(["build", &world.installable("lib"), "--no-link"])
+        .args(["--server", &nobody, "--addr", "127.0.0.1:9"])
+        .env("RUST_LOG", "drv_thru=debug,iroh=error");
+    let (mut child, lines, log) = crate::common::spawn_logged(command);
+    while !lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the client dials")
+        .contains("dialing the builder")
+    {}
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    // Until the reader has seen the end of stderr.
+    while lines.recv_timeout(Duration::from_secs(10)).is_ok() {}
+    let log = log.lock().unwrap().join("\n");
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("interrupted by SIGINT; nothing was sent to a builder"),
+        "{log}"
+    );
+    assert!(!log.contains("without calling"), "{log}");
 }
 
 #[test]
