@@ -73,10 +73,12 @@ const AHEAD_SLOTS: usize = 8;
 /// carries many, few enough that calls spread over the channels.
 const BATCH_BYTES: u64 = 1 << 20;
 
-/// The listing or a `GetNars` call that brings nothing for this long is
-/// given up, and what it was to bring is asked for as Nix asks. Those calls
-/// run before Nix does, so its stalled-download timeout does not cover
-/// them, and the spool would wait for good.
+/// A call for the listing or for NARs that brings nothing for this long is
+/// given up, and what it was to bring is asked for again as Nix asks. The
+/// listing and the NARs fetched ahead are awaited before Nix runs, so its
+/// stalled-download timeout does not cover them, and the spool would wait
+/// for good. A builder that is still filling its cache from a store it
+/// cannot read directly may take longer; that costs one fetch again.
 const STALL: Duration = Duration::from_secs(60);
 
 /// Bytes per range of a large NAR. With [`CacheProxy::start`]'s `fetches`
@@ -752,20 +754,19 @@ impl Upstream {
 
     async fn fetch_range(&self, url: &str, offset: u64, length: u64) -> Result<Vec<Bytes>, String> {
         let failed = |status: tonic::Status| status_text(&status);
-        let mut stream = self
-            .cache()
-            .get_nar(GetNarRequest {
-                session_id: self.session_id.clone(),
-                url: url.to_owned(),
-                offset,
-                length,
-            })
+        let request = GetNarRequest {
+            session_id: self.session_id.clone(),
+            url: url.to_owned(),
+            offset,
+            length,
+        };
+        let mut stream = unstalled(STALL, self.cache().get_nar(request))
             .await
             .map_err(failed)?
             .into_inner();
         let mut chunks = Vec::new();
         let mut got = 0;
-        while let Some(chunk) = stream.message().await.map_err(failed)? {
+        while let Some(chunk) = unstalled(STALL, stream.message()).await.map_err(failed)? {
             got += chunk.data.len() as u64;
             if got > length {
                 return Err(format!("the builder sent more than {length} bytes"));
