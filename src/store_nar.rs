@@ -361,9 +361,7 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
-    use crate::nix::nar::NarValidator;
-
-    const CHUNK: usize = 256 << 10;
+    use crate::{nix::nar::NarValidator, transport::http2::CHUNK};
 
     fn nar_of(path: &Path, chunk: usize) -> Vec<u8> {
         let mut nar = Vec::new();

@@ -25,8 +25,9 @@ pub mod http2 {
     /// Largest gRPC message we decode: chunked data stays far below it, and
     /// anything bigger is a misbehaving peer.
     pub const MAX_MESSAGE_SIZE: usize = 4 << 20;
-    /// NAR bytes per gRPC message, both ways: large enough to amortise
-    /// per-message costs, small enough to keep memory flat.
+    /// NAR bytes per gRPC message, both ways, and per read when the builder
+    /// fills or compresses its cache: large enough to amortise per-message
+    /// costs, small enough to keep memory flat.
     pub const CHUNK: usize = 256 << 10;
 }
 
