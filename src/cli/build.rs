@@ -309,8 +309,9 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
                 )
                 .await;
             progress.finish();
-            // Short however the builder fares: QUIC waits for its
-            // acknowledgement a few probe timeouts at most.
+            // A signal is noted but does not cut the close short: QUIC ends
+            // it within a few probe timeouts whatever the builder does, and
+            // iroh complains about an endpoint dropped unclosed.
             let close = connection.close();
             tokio::pin!(close);
             let signalled = tokio::select! {
