@@ -48,8 +48,8 @@ use crate::{
     },
     nixcmd::Nix,
     proto::{
-        GetNarInfoRequest, GetNarRequest, GetNarsRequest, ListNarInfosRequest, MAX_NARS_PER_CALL,
-        cache_client::CacheClient,
+        self, GetNarInfoRequest, GetNarRequest, GetNarsRequest, ListNarInfosRequest,
+        MAX_NARS_PER_CALL, cache_client::CacheClient,
     },
 };
 
@@ -668,8 +668,15 @@ impl Upstream {
             session_id: self.session_id.clone(),
             urls: urls.clone(),
         };
-        let mut stream = match unstalled(STALL, self.cache().get_nars(request)).await {
-            Ok(reply) => reply.into_inner(),
+        let mut senders = senders.into_iter();
+        let failure = match unstalled(STALL, self.cache().get_nars(request)).await {
+            Ok(reply) => match self
+                .receive_batch(reply.into_inner(), &sizes, &mut senders)
+                .await
+            {
+                Ok(()) => return,
+                Err(failure) => failure,
+            },
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 // A builder from before GetNars: one call per file.
                 for ((url, size), tx) in urls.into_iter().zip(sizes).zip(senders) {
@@ -681,18 +688,25 @@ impl Upstream {
                 }
                 return;
             }
-            Err(status) => {
-                let err = status_text(&status);
-                warn!("fetching {} small NARs: {err}", urls.len());
-                for tx in senders {
-                    let _ = tx.send(Err(err.clone()));
-                }
-                return;
-            }
+            Err(status) => status_text(&status),
         };
-        let mut files = BatchFiles::new(&sizes);
-        let mut senders = senders.into_iter();
-        let failure = loop {
+        warn!("fetching {} small NARs: {failure}", urls.len());
+        for tx in senders {
+            let _ = tx.send(Err(failure.clone()));
+        }
+    }
+
+    /// Hands each file of a `GetNars` reply of files of `sizes` to the next
+    /// of `senders` as soon as it is complete; on failure, the senders of
+    /// the files not complete are left in `senders`.
+    async fn receive_batch(
+        &self,
+        mut stream: tonic::Streaming<proto::GetNarsResponse>,
+        sizes: &[u64],
+        senders: &mut impl Iterator<Item = NarSender>,
+    ) -> Result<(), String> {
+        let mut files = BatchFiles::new(sizes);
+        while !files.is_finished() {
             let done = match unstalled(STALL, stream.message()).await {
                 Ok(Some(chunk)) => {
                     self.received
@@ -701,23 +715,12 @@ impl Upstream {
                 }
                 Ok(None) => files.finish(),
                 Err(status) => Err(status_text(&status)),
-            };
-            match done {
-                Ok(done) => {
-                    for (nar, tx) in done.into_iter().zip(senders.by_ref()) {
-                        let _ = tx.send(Ok(nar));
-                    }
-                    if files.is_finished() {
-                        return;
-                    }
-                }
-                Err(failure) => break failure,
+            }?;
+            for (nar, tx) in done.into_iter().zip(senders.by_ref()) {
+                let _ = tx.send(Ok(nar));
             }
-        };
-        warn!("fetching small NARs: {failure}");
-        for tx in senders {
-            let _ = tx.send(Err(failure.clone()));
         }
+        Ok(())
     }
 
     /// The file at `url`, `size` bytes, fetched in ranges over the channels
