@@ -659,13 +659,15 @@ impl Daemon {
             .spawn()
             .unwrap();
         let socket = store.join("var/nix/daemon-socket/socket");
-        for _ in 0..200 {
-            if socket.exists() {
-                break;
-            }
+        // The socket file appears before the daemon listens on it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::UnixStream::connect(&socket).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not start"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        assert!(socket.exists(), "the daemon did not start");
         Self { child, socket }
     }
 

@@ -308,7 +308,11 @@ fn corrupt_large_input_is_refused_while_importing() {
         pair.builder.log()
     );
     assert!(!pair.builder_store.has(&format!("/nix/store/{source}")));
-    assert!(!pair.data_dir_has_uploads());
+    // The refusal may reach the client before the staging, removed on the
+    // builder's blocking pool, is gone.
+    wait_until("the staging is removed", Duration::from_secs(10), || {
+        !pair.data_dir_has_uploads()
+    });
     wait_until(
         "the builder's import is stopped",
         Duration::from_secs(10),
@@ -466,7 +470,8 @@ fn time_limit_stops_the_whole_build() {
         "{}",
         stderr(&output)
     );
-    assert!(started.elapsed() < Duration::from_secs(30));
+    // Well short of the build's own 60 s, however loaded the machine.
+    assert!(started.elapsed() < Duration::from_secs(55));
     wait_until(
         "the build's processes are gone",
         Duration::from_secs(10),
@@ -565,7 +570,7 @@ fn quiet_build(test: &str) -> (Pair, tempfile::TempDir, std::process::Child) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the build runs", Duration::from_secs(30), || {
+    wait_until("the build runs", Duration::from_secs(120), || {
         !build_processes(&pair.salt).is_empty()
     });
     (pair, runtime, client)
@@ -576,7 +581,7 @@ fn assert_builder_cleans_up(pair: &Pair) {
     let start = Instant::now();
     while builder_active(pair) != 0 {
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < Duration::from_secs(40),
             "builder still busy:\n{}",
             pair.builder.log()
         );

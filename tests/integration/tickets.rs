@@ -1,7 +1,9 @@
 //! Tickets over real Iroh connections: admission, every refusal, the
 //! one-use race, persistence across restarts and crashes.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use drv_thru::{
     client::Target,
@@ -212,8 +214,9 @@ async fn a_crash_neither_loses_nor_duplicates_uses() {
 
     // Admit sessions back to back (one connection each, as separate builds
     // would) and kill the builder mid-stream.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let counted = acknowledged.clone();
     let admitting = tokio::spawn(async move {
-        let mut acknowledged = 0u64;
         loop {
             let Ok(client) = drv_thru::client::connect(
                 &target,
@@ -222,24 +225,30 @@ async fn a_crash_neither_loses_nor_duplicates_uses() {
             )
             .await
             else {
-                return acknowledged;
+                return;
             };
             let mut request = tonic::Request::new(crate::common::session_request());
             // A dead builder is otherwise noticed only at the QUIC idle timeout.
-            request.set_timeout(Duration::from_secs(2));
+            request.set_timeout(Duration::from_secs(5));
             let attempt = BuilderClient::new(client.channel.clone())
                 .open_session(request)
                 .await;
             client.close().await;
-            match attempt {
-                Ok(_) => acknowledged += 1,
-                Err(_) => return acknowledged,
+            if attempt.is_err() {
+                return;
             }
+            counted.fetch_add(1, Ordering::SeqCst);
         }
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A few admissions first, however long a loaded machine takes for them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acknowledged.load(Ordering::SeqCst) < 3 && !admitting.is_finished() {
+        assert!(Instant::now() < deadline, "no session was admitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     builder.kill();
-    let acknowledged = admitting.await.unwrap();
+    admitting.await.unwrap();
+    let acknowledged = acknowledged.load(Ordering::SeqCst);
     assert!(
         acknowledged > 0,
         "some sessions were admitted before the crash"
