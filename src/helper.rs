@@ -25,7 +25,7 @@ mod auth;
 pub mod client;
 pub mod error;
 pub mod request;
-mod service;
+pub(crate) mod service;
 
 use std::{
     path::{Path, PathBuf},

@@ -6,6 +6,8 @@
 //! decision itself ([`ImportRoute::decide`]) is pure; [`OutputImport`] adds
 //! what it needs from the machine (the import helper's connection).
 
+use std::path::Path;
+
 use anyhow::{Context, bail};
 
 use crate::{
@@ -71,7 +73,7 @@ impl OutputImport {
             ImportRoute::NixTrustsKey => Self::Direct(None),
             ImportRoute::TrustedUser(key) => Self::Direct(Some(key)),
             ImportRoute::Helper(key) => {
-                let helper = connect_helper(&key).await?;
+                let helper = connect_helper(&helper::client::socket_path(), &key).await?;
                 Self::Helper(Box::new(helper), key)
             }
         })
@@ -107,14 +109,14 @@ impl OutputImport {
     }
 }
 
-/// The import helper's connection, once it has said it accepts `key`.
-async fn connect_helper(key: &PublicKey) -> anyhow::Result<HelperClient> {
+/// The connection to the import helper at `socket`, once it has said it
+/// accepts `key`.
+async fn connect_helper(socket: &Path, key: &PublicKey) -> anyhow::Result<HelperClient> {
     let untrusted = format!(
         "your Nix does not trust the builder's key {key} and you are not a trusted Nix user, so \
          the outputs can only be imported through the drv-thru import helper"
     );
-    let socket = helper::client::socket_path();
-    let mut helper = HelperClient::connect(&socket)
+    let mut helper = HelperClient::connect(socket)
         .await
         .with_context(|| untrusted.clone())?;
     if !helper
@@ -215,6 +217,64 @@ mod tests {
         );
         let err = without_helper("not a key", trust(true, &[&builder])).unwrap_err();
         assert!(err.to_string().contains("\"not a key\""), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_helper_route_without_a_helper_says_how_to_get_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = connect_helper(&dir.path().join("absent.sock"), &key("builder-1"))
+            .await
+            .unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("you are not a trusted Nix user"),
+            "{message}"
+        );
+        assert!(
+            message.contains("enable services.drv-thru.client.ticketHelper"),
+            "{message}"
+        );
+    }
+
+    /// An import helper serving `allowed` on a socket in `dir`.
+    fn serve_helper(dir: &Path, allowed: &PublicKey) -> std::path::PathBuf {
+        use crate::{
+            helper::{
+                allowlist::{Allowlist, SharedAllowlist},
+                service::ImportHelperService,
+            },
+            proto::import_helper_server::ImportHelperServer,
+            transport,
+        };
+        let socket = dir.join("helper.sock");
+        let list = Allowlist::parse(&format!("{allowed}\n"), &dir.join("keys")).unwrap();
+        let service =
+            ImportHelperService::new(std::sync::Arc::new(SharedAllowlist::new(list)), Nix::new());
+        let (listener, socket_file) = transport::unix::bind(&socket, 0o600, None).unwrap();
+        tokio::spawn(async move {
+            let _socket_file = socket_file;
+            tonic::transport::Server::builder()
+                .add_service(ImportHelperServer::new(service))
+                .serve_with_incoming(transport::unix::incoming(listener))
+                .await
+        });
+        socket
+    }
+
+    #[tokio::test]
+    async fn the_helper_route_needs_the_key_on_the_helpers_allowlist() {
+        let dir = tempfile::tempdir().unwrap();
+        let builder = key("builder-1");
+        let socket = serve_helper(dir.path(), &builder);
+        connect_helper(&socket, &builder).await.unwrap();
+        let err = connect_helper(&socket, &key("builder-2"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("but the key is not on its allowlist; add it to"),
+            "{err}"
+        );
     }
 
     #[test]
