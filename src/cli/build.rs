@@ -27,7 +27,7 @@ use crate::{
     },
     endpoint::RelayChoice,
     nix::store_path::StorePath,
-    nixcmd::{EvalFlags, Evaluated, Nix},
+    nixcmd::{EvalFlags, Evaluated, Nix, strip_controls},
     proto::{self, build_response::Event},
     ticket::Ticket,
     units::{format_bytes, plural},
@@ -251,7 +251,11 @@ impl LogSink {
                     let _ = stdin.write_all(line.as_bytes()).await;
                 }
             }
-            (_, Event::Log(line)) if !line.text.is_empty() => eprintln!("{}", line.text),
+            // The builder's text is shown as it is only once no control
+            // character in it can rewrite the user's screen.
+            (_, Event::Log(line)) if !line.text.is_empty() => {
+                eprintln!("{}", strip_controls(&line.text))
+            }
             (_, Event::Queued(queued)) => {
                 eprintln!("drv-thru: queued, position {}", queued.position)
             }
@@ -321,7 +325,9 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
             };
             let outputs = match outcome? {
                 Outcome::Built(outputs) => outputs,
-                Outcome::Failed(message) => return Err(Failure::BuildFailed(message)),
+                Outcome::Failed(message) => {
+                    return Err(Failure::BuildFailed(strip_controls(&message)));
+                }
             };
             if let Some(signal) = signalled {
                 return Err(anyhow!(
