@@ -420,6 +420,13 @@ impl CacheFiles for Upstream {
                 );
                 respond(StatusCode::BAD_GATEWAY, "narinfo for another path")
             }
+            Ok(narinfo) if !narinfo.has_plain_nar_url() => {
+                warn!(
+                    "builder named {:?} as the NAR of {}, not a file under nar/",
+                    narinfo.url, narinfo.store_path
+                );
+                respond(StatusCode::BAD_GATEWAY, "narinfo URL is not under nar/")
+            }
             Ok(narinfo)
                 if self
                     .key

@@ -125,6 +125,21 @@ pub struct NarInfo {
 }
 
 impl NarInfo {
+    /// Whether [`Self::url`] is a plain file under the cache's `nar/`: no
+    /// scheme, no absolute path, no `..`, no query. Signatures do not cover
+    /// the URL, so a cache that passes narinfos on to a more privileged Nix
+    /// must refuse any other, which could point that Nix at a local file or
+    /// another server.
+    pub fn has_plain_nar_url(&self) -> bool {
+        self.url.strip_prefix("nar/").is_some_and(|name| {
+            !name.is_empty()
+                && !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
+        })
+    }
+
     /// What signatures sign: `1;<path>;<nar hash>;<nar size>;<comma-separated reference paths>`.
     pub fn fingerprint(&self) -> String {
         let references: Vec<String> = self.references.iter().map(ToString::to_string).collect();
@@ -439,6 +454,30 @@ X-Future: kept as is
             format!("{NIX_NARINFO}{fields}7: again\n").parse::<NarInfo>(),
             Err(NarInfoParseError::Duplicate(key)) if key == "7"
         ));
+    }
+
+    #[test]
+    fn only_a_plain_file_under_nar_is_a_plain_nar_url() {
+        let mut info: NarInfo = NIX_NARINFO.parse().unwrap();
+        for plain in ["nar/1abc.nar", "nar/x.nar.zst", "nar/a+b-c_d.nar.xz"] {
+            info.url = plain.to_owned();
+            assert!(info.has_plain_nar_url(), "{plain}");
+        }
+        for other in [
+            "file:///etc/shadow",
+            "http://127.0.0.1:1/nar/x.nar",
+            "/nar/x.nar",
+            "nar/../x.nar",
+            "nar/..",
+            "nar/",
+            "nar/x/y.nar",
+            "nar/x.nar?y",
+            "./nar/x.nar",
+            "x.nar",
+        ] {
+            info.url = other.to_owned();
+            assert!(!info.has_plain_nar_url(), "{other}");
+        }
     }
 
     #[test]
