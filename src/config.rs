@@ -9,7 +9,7 @@ use std::{
 };
 
 use iroh::EndpointId;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
     endpoint::RelayChoice,
@@ -104,10 +104,22 @@ impl Default for Limits {
 #[serde(deny_unknown_fields)]
 pub struct TrustedClient {
     /// The client's Iroh endpoint id (`drv-thru key show`).
+    #[serde(deserialize_with = "endpoint_id")]
     pub public_key: EndpointId,
     /// Its per-session limits.
     #[serde(flatten)]
     pub limits: Limits,
+}
+
+/// An endpoint id, refused with what one looks like: iroh's own error says
+/// only "invalid length" or the like.
+fn endpoint_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EndpointId, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid endpoint id {text:?}: expected 64 hexadecimal characters, as `drv-thru key show` prints them"
+        ))
+    })
 }
 
 /// `drv-thru serve --config FILE`: everything the server needs, in one JSON
@@ -457,7 +469,7 @@ mod tests {
             (r#"{"listen": "7000"}"#.to_owned(), "invalid socket address"),
             (
                 r#"{"trusted_clients": {"a": {"public_key": "nope"}}}"#.to_owned(),
-                "invalid",
+                r#"invalid endpoint id "nope": expected 64 hexadecimal characters"#,
             ),
             (
                 format!(
