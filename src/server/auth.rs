@@ -338,6 +338,7 @@ mod tests {
             uid,
             gid,
             pid: None,
+            groups: vec![7],
         };
         assert!(policy.allows(&peer(0, 0)));
         assert!(policy.allows(&peer(500, 500)));
