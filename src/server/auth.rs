@@ -16,17 +16,13 @@ use tracing::{debug, warn};
 use super::ticket_store::{TicketRecord, TicketRefusal, TicketStore};
 use crate::{
     config::Limits,
-    proto,
+    proto::{self, REFUSAL_METADATA},
     ticket::BearerSecret,
     transport::{
         IrohPeer, UnixPeer,
         authorize::{AuthorizeLayer, Policy},
     },
 };
-
-/// Response metadata naming why a call was refused, in a stable
-/// machine-readable form for third-party clients.
-pub const REFUSAL_METADATA: &str = "drvthru-refusal";
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
