@@ -14,13 +14,7 @@ pub mod ticket_store;
 pub mod tickets;
 pub mod upload;
 
-use std::{
-    fs,
-    os::{fd::AsRawFd, unix::fs::PermissionsExt},
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{fs, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
@@ -65,9 +59,7 @@ impl InstanceLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        if !locked {
+        if file.try_lock().is_err() {
             bail!(
                 "another drv-thru server is already using {}; stop it first or pass a different --data-dir",
                 data_dir.display()
