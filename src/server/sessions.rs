@@ -165,9 +165,12 @@ impl Session {
             ));
         }
         if let Some(first) = state.missing.iter().next() {
+            let missing = match state.missing.len() {
+                1 => "1 input is".to_owned(),
+                n => format!("{n} inputs are"),
+            };
             return Err(ServerError::FailedPrecondition(format!(
-                "{} inputs are still missing on the builder (e.g. {first}); upload them first",
-                state.missing.len()
+                "{missing} still missing on the builder (e.g. {first}); upload them first"
             )));
         }
         state.build = BuildState::Running;
