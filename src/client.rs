@@ -75,6 +75,12 @@ pub enum Target {
 }
 
 impl Target {
+    /// The builder called `name` in the builders files (`--builder NAME`).
+    pub fn named_builder(name: &str) -> anyhow::Result<Self> {
+        let builder = config::find_builder(&config::builders_files(), name)?;
+        Ok(Self::Named(Box::new(builder)))
+    }
+
     /// The address to dial.
     pub fn addr(&self) -> anyhow::Result<EndpointAddr> {
         Ok(match self {
@@ -223,12 +229,6 @@ pub async fn dial(endpoint: &Endpoint, target: &Target) -> anyhow::Result<Connec
         link,
         credentials,
     })
-}
-
-/// Resolves `--builder NAME` against the builders files.
-pub fn named(name: &str) -> anyhow::Result<Target> {
-    let builder = config::find_builder(&config::builders_files(), name)?;
-    Ok(Target::Named(Box::new(builder)))
 }
 
 /// Connects to the admin socket of the server using `data_dir`.

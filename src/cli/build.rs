@@ -22,7 +22,7 @@ use tokio::{
 use super::Failure;
 use crate::{
     client::{
-        self, Target,
+        Target,
         remote_build::{self, BuildOptions, Observer, Outcome, RemoteBuild},
     },
     endpoint::RelayChoice,
@@ -107,7 +107,7 @@ impl Args {
         Ok(if let Some(ticket) = &self.ticket {
             Some(Target::Ticket(Box::new(ticket.clone())))
         } else if let Some(name) = &self.builder {
-            Some(client::named(name)?)
+            Some(Target::named_builder(name)?)
         } else {
             self.server.map(|endpoint_id| Target::Direct {
                 endpoint_id,

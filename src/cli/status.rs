@@ -42,7 +42,7 @@ pub(super) struct Args {
 
 pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
     let remote = match (&args.builder, args.server) {
-        (Some(name), _) => Some(client::named(name)?),
+        (Some(name), _) => Some(Target::named_builder(name)?),
         (None, Some(endpoint_id)) => Some(Target::Direct {
             endpoint_id,
             relay_url: None,
