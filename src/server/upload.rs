@@ -176,7 +176,11 @@ impl Upload {
             .iter()
             .map(|path| session.inputs[path].clone())
             .collect();
-        let total = inputs.iter().map(|input| input.nar_size).sum();
+        // Saturating: sizes are the peer's word, and a sum past u64 is
+        // simply over any budget.
+        let total = inputs
+            .iter()
+            .fold(0u64, |total, input| total.saturating_add(input.nar_size));
         // Refused before anything is staged: the announced sizes are exact.
         session.check_upload_room(total)?;
         let (uploads_dir, id) = (uploads_dir.to_owned(), session.id.clone());
@@ -444,7 +448,11 @@ async fn receive_parts(
         session.count_upload(len)?;
         bytes += len;
         let at = *offset;
-        *offset += len;
+        *offset = at.checked_add(len).ok_or_else(|| {
+            ServerError::InvalidArgument(format!(
+                "a part of {path} at offset {at} would end past any NAR"
+            ))
+        })?;
         let staged = staged.clone();
         let (complete, crowded) = tokio::task::spawn_blocking(move || {
             let mut staged = staged.lock().unwrap_or_else(|p| p.into_inner());
@@ -542,7 +550,16 @@ mod tests {
 
     /// A session missing only `input`.
     fn session_of(input: DeclaredInput) -> Session {
-        let path = input.path.clone();
+        session_missing([input])
+    }
+
+    /// A session missing `inputs`.
+    fn session_missing(inputs: impl IntoIterator<Item = DeclaredInput>) -> Session {
+        let inputs: BTreeMap<StorePath, DeclaredInput> = inputs
+            .into_iter()
+            .map(|input| (input.path.clone(), input))
+            .collect();
+        let missing = inputs.keys().cloned().collect();
         Session::new(
             "s".into(),
             iroh::SecretKey::from_bytes(&[1; 32]).public(),
@@ -555,8 +572,8 @@ mod tests {
             "/nix/store/00000000000000000000000000000000-x.drv"
                 .parse()
                 .unwrap(),
-            BTreeMap::from([(path.clone(), input)]),
-            BTreeSet::from([path]),
+            inputs,
+            missing,
         )
     }
 
@@ -599,6 +616,41 @@ mod tests {
         let refused = refused.expect("the upload was stopped");
         assert!(
             refused.to_string().contains("could not run its Nix"),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn announced_sizes_past_u64_are_over_budget_not_a_panic() {
+        let work = tempfile::tempdir().unwrap();
+        let huge = |contents: &[u8]| {
+            let (mut input, _) = source(contents, work.path());
+            input.nar_size = 1 << 63;
+            input
+        };
+        let (a, b) = (huge(b"a"), huge(b"b"));
+        let path = a.path.clone();
+        let session = session_missing([a, b]);
+        let uploads_of = Uploads::new(Nix::new(), work.path().join("uploads"));
+        let call = tokio_stream::iter([Ok(part(&path, 0, b"x"))]);
+        let refused = uploads_of.receive(&session, call).await.unwrap_err();
+        assert!(
+            matches!(refused, ServerError::ResourceExhausted(_)),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_offset_past_u64_is_refused_not_a_panic() {
+        let work = tempfile::tempdir().unwrap();
+        let (input, _) = source(b"small", work.path());
+        let path = input.path.clone();
+        let session = session_of(input);
+        let uploads_of = Uploads::new(Nix::new(), work.path().join("uploads"));
+        let call = tokio_stream::iter([Ok(part(&path, usize::MAX - 1, b"four"))]);
+        let refused = uploads_of.receive(&session, call).await.unwrap_err();
+        assert!(
+            matches!(&refused, ServerError::InvalidArgument(message) if message.contains("past any NAR")),
             "{refused:?}"
         );
     }
