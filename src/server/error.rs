@@ -14,6 +14,32 @@ use tonic::{Code, Status, metadata::MetadataValue};
 use super::ticket_store::TicketRefusal;
 use crate::proto::REFUSAL_METADATA;
 
+/// A budget a peer can use up. Each is refused with `RESOURCE_EXHAUSTED`
+/// and its own public reason, so a client can tell which limit it met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Sessions one client (endpoint id) may hold open at once.
+    SessionsPerClient,
+    /// Sessions one ticket may have open at once.
+    SessionsPerTicket,
+    /// Sessions the builder holds open at once, all clients together.
+    Sessions,
+    /// Input bytes one session may upload (`max_upload_bytes`).
+    UploadBytes,
+}
+
+impl Budget {
+    /// The `drvthru-refusal` reason it is refused with.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::SessionsPerClient => "too-many-sessions-for-client",
+            Self::SessionsPerTicket => "too-many-sessions-for-ticket",
+            Self::Sessions => "too-many-sessions",
+            Self::UploadBytes => "upload-too-large",
+        }
+    }
+}
+
 /// Everything the server refuses or fails with.
 #[derive(Debug, Clone, Error)]
 pub enum ServerError {
@@ -51,9 +77,9 @@ pub enum ServerError {
     /// The request does not fit the state it finds.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// A limit would be exceeded.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    /// A budget would be exceeded; the message says which and what to do.
+    #[error("{1}")]
+    OverBudget(Budget, String),
     /// A byte range past the end.
     #[error("{0}")]
     OutOfRange(String),
@@ -107,7 +133,7 @@ impl ServerError {
             Self::InvalidArgument(_) => (Code::InvalidArgument, None),
             Self::NotFound(_) => (Code::NotFound, None),
             Self::FailedPrecondition(_) => (Code::FailedPrecondition, None),
-            Self::ResourceExhausted(_) => (Code::ResourceExhausted, None),
+            Self::OverBudget(budget, _) => (Code::ResourceExhausted, Some(budget.reason())),
             Self::OutOfRange(_) => (Code::OutOfRange, None),
             Self::Aborted(_) => (Code::Aborted, None),
             Self::Cancelled(_) => (Code::Cancelled, None),
@@ -151,6 +177,16 @@ mod tests {
         assert_eq!(
             status.metadata().get(REFUSAL_METADATA).unwrap(),
             "ticket-unknown"
+        );
+    }
+
+    #[test]
+    fn an_exhausted_budget_is_named() {
+        let status = Status::from(ServerError::OverBudget(Budget::Sessions, "too many".into()));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.metadata().get(REFUSAL_METADATA).unwrap(),
+            "too-many-sessions"
         );
     }
 

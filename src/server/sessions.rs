@@ -12,7 +12,11 @@ use std::{
 use iroh::EndpointId;
 use tokio_util::sync::CancellationToken;
 
-use super::{declared_input::DeclaredInput, error::ServerError, status::ClientLabel};
+use super::{
+    declared_input::DeclaredInput,
+    error::{Budget, ServerError},
+    status::ClientLabel,
+};
 use crate::{
     config::Limits,
     nix::{
@@ -28,6 +32,13 @@ pub const MAX_INPUTS: usize = 50_000;
 /// Sessions one client may hold open at once, so an unlimited ticket cannot
 /// pile up work.
 pub const MAX_SESSIONS_PER_CLIENT: usize = 8;
+
+/// Sessions one ticket may have open at once: client keys are free to make,
+/// so a per-client cap alone does not bound an unlimited ticket.
+pub const MAX_SESSIONS_PER_TICKET: usize = 8;
+
+/// Sessions the builder holds open at once, all clients together.
+pub const MAX_SESSIONS: usize = 64;
 
 /// Where a session's build is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,12 +159,15 @@ impl Session {
     }
 
     fn upload_too_large(&self) -> ServerError {
-        ServerError::ResourceExhausted(format!(
-            "upload exceeds this session's max_upload_bytes of {} ({} bytes); \
+        ServerError::OverBudget(
+            Budget::UploadBytes,
+            format!(
+                "upload exceeds this session's max_upload_bytes of {} ({} bytes); \
              ask the builder's admin for a larger limit",
-            self.limits.max_upload_bytes,
-            self.limits.max_upload_bytes.get()
-        ))
+                self.limits.max_upload_bytes,
+                self.limits.max_upload_bytes.get()
+            ),
+        )
     }
 
     /// Moves the session from not started to running; a session builds once.
@@ -225,43 +239,133 @@ impl Session {
     }
 }
 
-/// All live sessions.
+/// Who holds a session slot, admitted or still being admitted.
+#[derive(Debug, Clone)]
+struct Holder {
+    owner: EndpointId,
+    ticket: Option<String>,
+    admitted: bool,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    sessions: HashMap<String, Arc<Session>>,
+    /// Every slot by session id, the sessions' and those being admitted.
+    holders: HashMap<String, Holder>,
+}
+
+/// All live sessions, and the slots of those being admitted.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<Session>>>,
+    table: Mutex<Table>,
 }
 
 impl Sessions {
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
-        self.map
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Refuses a new session for `peer` when it already holds the maximum.
-    pub fn ensure_capacity(&self, peer: EndpointId) -> Result<(), ServerError> {
-        let open = self
-            .map()
-            .values()
-            .filter(|session| session.owner == peer)
-            .count();
-        if open >= MAX_SESSIONS_PER_CLIENT {
-            return Err(ServerError::ResourceExhausted(format!(
-                "this client already has {open} open sessions, the most one client may hold; finish one first"
-            )));
+    /// Reserves the slot of session `id` for `owner`, admitted with `ticket`
+    /// if any, against the per-client and overall caps at once. Admission
+    /// takes this before its first await, so racing calls cannot all pass
+    /// a check made before any of them is counted. The slot is given back
+    /// when the reservation is dropped unfulfilled.
+    pub fn reserve(
+        self: &Arc<Self>,
+        id: String,
+        owner: EndpointId,
+        ticket: Option<String>,
+    ) -> Result<Reservation, ServerError> {
+        let mut table = self.table();
+        if table.holders.len() >= MAX_SESSIONS {
+            return Err(ServerError::OverBudget(
+                Budget::Sessions,
+                format!(
+                    "the builder already holds {MAX_SESSIONS} sessions, the most it takes at once; \
+                     try again later"
+                ),
+            ));
         }
-        Ok(())
+        let open = table.holders.values().filter(|h| h.owner == owner).count();
+        if open >= MAX_SESSIONS_PER_CLIENT {
+            return Err(ServerError::OverBudget(
+                Budget::SessionsPerClient,
+                format!(
+                    "this client already has {open} open sessions, the most one client may hold; \
+                     finish one first"
+                ),
+            ));
+        }
+        let holder = Holder {
+            owner,
+            ticket,
+            admitted: false,
+        };
+        table.holders.insert(id.clone(), holder);
+        Ok(Reservation {
+            sessions: self.clone(),
+            id: Some(id),
+        })
     }
 
-    /// Registers a session.
-    pub fn insert(&self, session: Arc<Session>) {
-        self.map().insert(session.id.clone(), session);
+    /// Admits the session `make` returns into `reservation`'s slot, unless
+    /// its ticket already has [`MAX_SESSIONS_PER_TICKET`] sessions. `make`
+    /// runs under the table's lock, so the check and what it does (take a
+    /// ticket use) are one step.
+    pub fn admit(
+        &self,
+        mut reservation: Reservation,
+        make: impl FnOnce() -> Result<Arc<Session>, ServerError>,
+    ) -> Result<Arc<Session>, ServerError> {
+        let id = reservation
+            .id
+            .take()
+            .expect("a reservation is admitted once");
+        let mut table = self.table();
+        let Some(holder) = table.holders.get(&id).cloned() else {
+            return Err(ServerError::Internal(format!("session slot {id} was lost")));
+        };
+        let made = match &holder.ticket {
+            Some(ticket)
+                if table
+                    .holders
+                    .values()
+                    .filter(|h| h.admitted && h.ticket.as_ref() == Some(ticket))
+                    .count()
+                    >= MAX_SESSIONS_PER_TICKET =>
+            {
+                Err(ServerError::OverBudget(
+                    Budget::SessionsPerTicket,
+                    format!(
+                        "ticket {ticket} already has {MAX_SESSIONS_PER_TICKET} open sessions, the \
+                         most one ticket may have; finish one first"
+                    ),
+                ))
+            }
+            _ => make(),
+        };
+        match made {
+            Ok(session) => {
+                table.sessions.insert(id.clone(), session.clone());
+                if let Some(holder) = table.holders.get_mut(&id) {
+                    holder.admitted = true;
+                }
+                Ok(session)
+            }
+            Err(err) => {
+                table.holders.remove(&id);
+                Err(err)
+            }
+        }
     }
 
     /// The session `id` if `peer` owns it. Another peer's session looks
     /// exactly like a missing one, so ids reveal nothing.
     pub fn get(&self, id: &str, peer: EndpointId) -> Result<Arc<Session>, ServerError> {
-        self.map()
+        self.table()
+            .sessions
             .get(id)
             .filter(|session| session.owner == peer)
             .cloned()
@@ -274,14 +378,32 @@ impl Sessions {
 
     /// Cancels every session (at shutdown): their builds stop.
     pub fn cancel_all(&self) {
-        for session in self.map().values() {
+        for session in self.table().sessions.values() {
             session.cancelled.cancel();
         }
     }
 
-    /// Forgets session `id`.
+    /// Forgets session `id` and frees its slot.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        self.map().remove(id)
+        let mut table = self.table();
+        table.holders.remove(id);
+        table.sessions.remove(id)
+    }
+}
+
+/// A session slot being admitted; given back when dropped unless
+/// [`Sessions::admit`] took it.
+#[derive(Debug)]
+pub struct Reservation {
+    sessions: Arc<Sessions>,
+    id: Option<String>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.sessions.table().holders.remove(&id);
+        }
     }
 }
 
@@ -313,7 +435,10 @@ mod tests {
         assert_eq!(session.count_upload(6).unwrap(), 6);
         session.check_upload_room(4).unwrap();
         let early = session.check_upload_room(5).unwrap_err();
-        assert!(matches!(early, ServerError::ResourceExhausted(_)));
+        assert!(matches!(
+            early,
+            ServerError::OverBudget(Budget::UploadBytes, _)
+        ));
         let refused = tonic::Status::from(session.count_upload(5).unwrap_err());
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(
@@ -322,5 +447,98 @@ mod tests {
             refused.message()
         );
         assert_eq!(session.count_upload(4).unwrap(), 10);
+    }
+
+    fn session(id: &str, owner: EndpointId) -> Arc<Session> {
+        Arc::new(Session::new(
+            id.into(),
+            owner,
+            ClientLabel {
+                endpoint_id: String::new(),
+                label: String::new(),
+                ticket_id: None,
+            },
+            Limits::default(),
+            "/nix/store/00000000000000000000000000000000-x.drv"
+                .parse()
+                .unwrap(),
+            BTreeMap::new(),
+            BTreeSet::new(),
+        ))
+    }
+
+    fn client(n: u8) -> EndpointId {
+        iroh::SecretKey::from_bytes(&[n; 32]).public()
+    }
+
+    fn reason(err: ServerError) -> &'static str {
+        match err {
+            ServerError::OverBudget(budget, _) => budget.reason(),
+            other => panic!("not a budget refusal: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_client_reserves_its_cap_and_no_more_before_any_is_admitted() {
+        let sessions = Arc::new(Sessions::default());
+        let held: Vec<_> = (0..MAX_SESSIONS_PER_CLIENT)
+            .map(|n| sessions.reserve(format!("s{n}"), client(1), None).unwrap())
+            .collect();
+        let refused = sessions
+            .reserve("more".into(), client(1), None)
+            .unwrap_err();
+        assert_eq!(reason(refused), "too-many-sessions-for-client");
+        sessions.reserve("other".into(), client(2), None).unwrap();
+        drop(held);
+        sessions.reserve("again".into(), client(1), None).unwrap();
+    }
+
+    #[test]
+    fn the_builder_holds_at_most_its_cap_of_sessions() {
+        let sessions = Arc::new(Sessions::default());
+        let held: Vec<_> = (0..MAX_SESSIONS)
+            .map(|n| {
+                let owner = client(u8::try_from(n / MAX_SESSIONS_PER_CLIENT).unwrap());
+                sessions.reserve(format!("s{n}"), owner, None).unwrap()
+            })
+            .collect();
+        let refused = sessions
+            .reserve("more".into(), client(200), None)
+            .unwrap_err();
+        assert_eq!(reason(refused), "too-many-sessions");
+        drop(held);
+    }
+
+    #[test]
+    fn a_ticket_admits_its_cap_and_a_refused_admission_frees_its_slot() {
+        let sessions = Arc::new(Sessions::default());
+        for n in 0..MAX_SESSIONS_PER_TICKET {
+            let owner = client(u8::try_from(n).unwrap());
+            let id = format!("s{n}");
+            let slot = sessions
+                .reserve(id.clone(), owner, Some("t".into()))
+                .unwrap();
+            sessions.admit(slot, || Ok(session(&id, owner))).unwrap();
+        }
+        let late = client(100);
+        let slot = sessions
+            .reserve("late".into(), late, Some("t".into()))
+            .unwrap();
+        let mut made = false;
+        let refused = sessions
+            .admit(slot, || {
+                made = true;
+                Ok(session("late", late))
+            })
+            .unwrap_err();
+        assert_eq!(reason(refused), "too-many-sessions-for-ticket");
+        assert!(!made, "a refused admission must not take a ticket use");
+        // The slot is free again: the late client can hold its full share.
+        let _share: Vec<_> = (0..MAX_SESSIONS_PER_CLIENT)
+            .map(|n| sessions.reserve(format!("l{n}"), late, None).unwrap())
+            .collect();
+        assert!(sessions.get("s0", client(0)).is_ok());
+        sessions.remove("s0");
+        assert!(sessions.get("s0", client(0)).is_err());
     }
 }

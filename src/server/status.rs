@@ -156,6 +156,15 @@ impl StatusBoard {
         });
     }
 
+    /// Drops the row of a session that was never admitted, recording
+    /// nothing: it was no build.
+    pub fn withdraw(&self, session_id: &str) {
+        self.board.send_if_modified(|board| {
+            board.queue.retain(|id| id != session_id);
+            board.sessions.remove(session_id).is_some()
+        });
+    }
+
     /// The 1-based queue position of `session_id`, or 0 if it is not queued.
     pub fn queue_position(&self, session_id: &str) -> u32 {
         self.board

@@ -635,7 +635,10 @@ mod tests {
         let call = tokio_stream::iter([Ok(part(&path, 0, b"x"))]);
         let refused = uploads_of.receive(&session, call).await.unwrap_err();
         assert!(
-            matches!(refused, ServerError::ResourceExhausted(_)),
+            matches!(
+                refused,
+                ServerError::OverBudget(crate::server::error::Budget::UploadBytes, _)
+            ),
             "{refused:?}"
         );
     }

@@ -68,21 +68,11 @@ impl BuilderService {
         &self.build.nix
     }
 
-    /// Takes the ticket use (for ticket holders) and says who is building.
-    fn admit(&self, principal: Principal) -> Result<(ClientLabel, Limits), ServerError> {
+    /// Takes a ticket holder's use and returns the limits of `principal`'s
+    /// session.
+    fn take_use(&self, principal: &Principal) -> Result<Limits, ServerError> {
         match principal {
-            Principal::TrustedClient {
-                name,
-                endpoint_id,
-                limits,
-            } => Ok((
-                ClientLabel {
-                    endpoint_id: endpoint_id.to_string(),
-                    label: name,
-                    ticket_id: None,
-                },
-                limits,
-            )),
+            Principal::TrustedClient { limits, .. } => Ok(*limits),
             Principal::TicketHolder {
                 ticket,
                 secret,
@@ -92,7 +82,7 @@ impl BuilderService {
                 // store's lock, so racing clients cannot share the last use.
                 let ticket = self
                     .tickets
-                    .take_use(ticket.id, &secret, endpoint_id, proto::now_unix())
+                    .take_use(ticket.id, secret, *endpoint_id, proto::now_unix())
                     .map_err(|err| match err {
                         TakeUseError::Refused(refused) => refused.into(),
                         TakeUseError::Store(err) => {
@@ -102,14 +92,7 @@ impl BuilderService {
                             )
                         }
                     })?;
-                Ok((
-                    ClientLabel {
-                        endpoint_id: endpoint_id.to_string(),
-                        label: ticket.name.clone(),
-                        ticket_id: Some(ticket.id.to_string()),
-                    },
-                    ticket.limits,
-                ))
+                Ok(ticket.limits)
             }
             Principal::LocalAdmin { .. } => Err(ServerError::AdminCannotBuild),
         }
@@ -146,6 +129,61 @@ fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, ServerError> {
                 "build sessions are opened over Iroh, not the admin socket".to_owned(),
             )
         })
+}
+
+/// Who is building, for status and logs, and with which ticket.
+fn client_label(principal: &Principal) -> Result<(ClientLabel, Option<String>), ServerError> {
+    match principal {
+        Principal::TrustedClient {
+            name, endpoint_id, ..
+        } => Ok((
+            ClientLabel {
+                endpoint_id: endpoint_id.to_string(),
+                label: name.clone(),
+                ticket_id: None,
+            },
+            None,
+        )),
+        Principal::TicketHolder {
+            ticket,
+            endpoint_id,
+            ..
+        } => {
+            let id = ticket.id.to_string();
+            Ok((
+                ClientLabel {
+                    endpoint_id: endpoint_id.to_string(),
+                    label: ticket.name.clone(),
+                    ticket_id: Some(id.clone()),
+                },
+                Some(id),
+            ))
+        }
+        Principal::LocalAdmin { .. } => Err(ServerError::AdminCannotBuild),
+    }
+}
+
+/// A status row of a session being admitted, withdrawn unless the session
+/// was admitted: a call cancelled half-way leaves no row behind.
+struct AdmissionRow<'a> {
+    board: &'a StatusBoard,
+    session_id: &'a str,
+    admitted: bool,
+}
+
+impl AdmissionRow<'_> {
+    /// Keeps the row: the session was admitted.
+    fn keep(mut self) {
+        self.admitted = true;
+    }
+}
+
+impl Drop for AdmissionRow<'_> {
+    fn drop(&mut self) {
+        if !self.admitted {
+            self.board.withdraw(self.session_id);
+        }
+    }
 }
 
 fn new_session_id() -> String {
@@ -248,16 +286,25 @@ impl builder_server::Builder for BuilderService {
         }
         let inputs = declared_inputs(&drv_path, inputs)?;
         let order = import_order(&inputs)?;
-        self.sessions.ensure_capacity(peer.endpoint_id)?;
-        let (label, limits) = self.admit(principal)?;
+        let (label, ticket) = client_label(&principal)?;
         let session_id = new_session_id();
-        info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
+        // From here on the slot is held, and given back however the call
+        // ends; the ticket use is taken only with the admission itself, so
+        // a call cancelled while Nix checks the inputs costs none.
+        let reservation = self
+            .sessions
+            .reserve(session_id.clone(), peer.endpoint_id, ticket)?;
         self.board.admit(
             &session_id,
             label.clone(),
             &drv_path.to_string(),
             BuildPhase::CheckingInputs,
         );
+        let row = AdmissionRow {
+            board: &self.board,
+            session_id: &session_id,
+            admitted: false,
+        };
         let missing = match self.nix().invalid_paths(&order).await {
             Ok(invalid) => {
                 let invalid: BTreeSet<StorePath> = invalid.into_iter().collect();
@@ -276,16 +323,21 @@ impl builder_server::Builder for BuilderService {
                 .into());
             }
         };
-        let session = Arc::new(Session::new(
-            session_id.clone(),
-            peer.endpoint_id,
-            label.clone(),
-            limits,
-            drv_path,
-            inputs,
-            missing.iter().cloned().collect(),
-        ));
-        self.sessions.insert(session.clone());
+        let mut limits = Limits::default();
+        let session = self.sessions.admit(reservation, || {
+            limits = self.take_use(&principal)?;
+            Ok(Arc::new(Session::new(
+                session_id.clone(),
+                peer.endpoint_id,
+                label.clone(),
+                limits,
+                drv_path.clone(),
+                inputs,
+                missing.iter().cloned().collect(),
+            )))
+        })?;
+        row.keep();
+        info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
         self.end_with_connection(session, peer);
         Ok(Response::new(proto::OpenSessionResponse {
             session_id,
