@@ -1,5 +1,7 @@
 //! `drv-thru serve`: run a builder.
 
+mod ready;
+
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
@@ -40,6 +42,12 @@ pub(super) struct Args {
     /// Members of this group may run `ticket` and `status` commands.
     #[arg(long, value_name = "GROUP")]
     admin_group: Option<String>,
+
+    /// Once serving, print one JSON line on stdout: `endpoint_id`,
+    /// `direct_addresses`, `admin_socket` and `signing_public_key`. (With
+    /// `NOTIFY_SOCKET` set, systemd is told `READY=1` either way.)
+    #[arg(long)]
+    ready_json: bool,
 }
 
 pub(super) async fn run(args: Args, relay: Option<RelayChoice>) -> Result<(), Failure> {
@@ -71,6 +79,8 @@ pub(super) async fn run(args: Args, relay: Option<RelayChoice>) -> Result<(), Fa
             },
         );
     }
-    server::run(config).await.context("drv-thru serve")?;
+    server::run(config, |ready| ready::announce(&ready, args.ready_json))
+        .await
+        .context("drv-thru serve")?;
     Ok(())
 }
