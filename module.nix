@@ -40,6 +40,9 @@ let
   serverGroup = "drv-thru";
 
   # --- value checks, reported by assertions so a typo fails the rebuild -----
+  # The server's values are checked by the binary itself (checkedConfigFile
+  # below); these cover the client's, which no config file of the binary's
+  # holds, and what the module itself relies on.
 
   matches = regex: value: builtins.match regex value != null;
   # `drv-thru key show` and `drv-thru status` print endpoint ids as hex.
@@ -47,14 +50,10 @@ let
   # Nix's `NAME:BASE64` public key format.
   isSigningKey = matches "[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}";
   signingKeyName = key: lib.head (lib.splitString ":" key);
-  # What drv-thru's duration parser takes: "30m", "2h 30m", "1day".
-  isDuration = matches " *[0-9]+ *[A-Za-z]+( *[0-9]+ *[A-Za-z]+)* *";
-  # What drv-thru's size parser takes: "20G", "512MiB", "10gb", "4096".
-  isByteSize = matches " *[0-9]+ *([KkMmGgTt]([Ii]?[Bb])?|[Bb])? *";
   isHttpUrl = matches "https?://[^[:space:]]+";
   isRelay = value: value == "default" || value == "disabled" || isHttpUrl value;
   isSocketAddr = matches "([0-9.]+|[[][0-9A-Fa-f:.]+[]]):[0-9]+";
-  isAbsolutePath = matches "/.*";
+  isAbsolutePath = lib.hasPrefix "/";
   isStoreFile = lib.hasPrefix "${builtins.storeDir}/";
 
   # Sandboxing both services share; each adds what sets it apart.
@@ -97,10 +96,18 @@ let
     else
       "${serverCfg.listenAddress}:${toString serverCfg.listenPort}";
 
+  # A key in dataDir is the server's own, created on first start. One the
+  # admin provides (sops-nix, agenix, …) reaches the service as a systemd
+  # credential, so it can stay root's: systemd copies it into the service's
+  # credentials directory (%d), readable by the service user alone.
+  secretKeyIsCredential = !(lib.hasPrefix "${serverCfg.dataDir}/" serverCfg.secretKeyFile);
+  secretKeyCredential = "secret-key";
+
   serverSettings = lib.recursiveUpdate (
     {
       data_dir = serverCfg.dataDir;
-      secret_key_file = serverCfg.secretKeyFile;
+      # A credential's path is only known to systemd; ExecStart passes it.
+      secret_key_file = if secretKeyIsCredential then null else serverCfg.secretKeyFile;
       listen = if serverCfg.listenPort == null then null else listenAddress;
       relay = serverCfg.relay;
       admin_group = serverCfg.adminGroup;
@@ -122,6 +129,23 @@ let
   ) serverCfg.settings;
 
   serverConfigFile = jsonFormat.generate "drv-thru-server.json" serverSettings;
+
+  # The binary checks the config when the system is built, with the parser
+  # and messages it uses at start, so a value it would refuse (say a
+  # maxBuildTime of "5 parsecs") fails the rebuild instead of the service.
+  # A package built for another platform cannot run here; its config is
+  # checked when the service starts.
+  checkedConfigFile =
+    if pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform then
+      pkgs.runCommand "drv-thru-server.json" { } ''
+        ${cfg.package}/bin/drv-thru serve --check-config ${serverConfigFile} ${lib.escapeShellArgs serverCfg.extraArgs} || {
+          echo "services.drv-thru.server: drv-thru refuses the config generated from these options (the file above, merged with settings and extraArgs)" >&2
+          exit 1
+        }
+        cp ${serverConfigFile} $out
+      ''
+    else
+      serverConfigFile;
 
   # --- client ---------------------------------------------------------------
 
@@ -194,15 +218,19 @@ let
         type = types.str;
         default = "30m";
         example = "2h";
-        description = "Wall-clock limit of one build by this client, e.g. `30m`, `2h`.";
+        description = ''
+          Wall-clock limit of one build by this client: numbers with units,
+          e.g. `90s`, `30m`, `2h 30m`, `7days`.
+        '';
       };
       maxUploadBytes = lib.mkOption {
         type = types.str;
         default = "20G";
         example = "50G";
         description = ''
-          Input bytes (NAR size) one build session of this client may upload;
-          `20G` means 20 GiB, `20GB` means 20·10⁹ bytes.
+          Input bytes (NAR size) one build session of this client may upload:
+          a number of bytes, optionally with a unit; `20G` and `20GiB` mean
+          20 GiB, `20GB` means 20·10⁹ bytes.
         '';
       };
     };
@@ -309,9 +337,10 @@ in
         description = ''
           The builder's Iroh secret key (its identity, i.e. its endpoint id).
           Created on first start when it does not exist inside `dataDir`. A
-          file elsewhere (e.g. from sops-nix or agenix) must already exist, be
-          owned by the `drv-thru` user and be readable by it alone (drv-thru
-          refuses group- or world-readable secrets). Never a Nix store path.
+          file elsewhere (e.g. from sops-nix or agenix) must already exist;
+          systemd hands it to the service as a credential (`LoadCredential`),
+          so it may stay owned by root and readable by root alone. Never a
+          Nix store path.
         '';
       };
 
@@ -397,9 +426,9 @@ in
         default = null;
         example = "50G";
         description = ''
-          Size limit of the signed output cache in `dataDir/cache`; the least
-          recently used entries are pruned beyond it. `null` keeps it
-          unbounded.
+          Size limit of the signed output cache in `dataDir/cache`, written
+          like `trustedClients.<name>.maxUploadBytes`; the least recently
+          used entries are pruned beyond it. `null` keeps it unbounded.
         '';
       };
 
@@ -429,8 +458,10 @@ in
         };
         description = ''
           Raw entries merged over the JSON config the module generates, for
-          settings without an option. drv-thru rejects unknown keys, so a
-          typo stops the service instead of being ignored.
+          settings without an option. The system build runs
+          `drv-thru serve --check-config` on the result, which rejects
+          unknown keys and bad values, so a typo fails the rebuild instead
+          of being ignored.
         '';
       };
 
@@ -548,53 +579,24 @@ in
     })
 
     (lib.mkIf serverCfg.enable {
-      assertions =
-        [
-          {
-            assertion = isAbsolutePath serverCfg.dataDir && !(lib.hasSuffix "/" serverCfg.dataDir);
-            message = "services.drv-thru.server.dataDir must be an absolute path without a trailing slash, not \"${serverCfg.dataDir}\".";
-          }
-          {
-            assertion = isAbsolutePath serverCfg.secretKeyFile && !(isStoreFile serverCfg.secretKeyFile);
-            message = "services.drv-thru.server.secretKeyFile must be an absolute path outside the world-readable Nix store, not \"${serverCfg.secretKeyFile}\".";
-          }
-          {
-            assertion = serverCfg.openFirewall -> serverCfg.listenPort != null;
-            message = "services.drv-thru.server.openFirewall needs a fixed services.drv-thru.server.listenPort.";
-          }
-          {
-            assertion = isRelay serverCfg.relay;
-            message = "services.drv-thru.server.relay must be \"default\", \"disabled\" or an http(s) relay URL, not \"${serverCfg.relay}\".";
-          }
-          {
-            assertion = serverCfg.cacheMaxSize == null || isByteSize serverCfg.cacheMaxSize;
-            message = "services.drv-thru.server.cacheMaxSize must be a size such as \"50G\", not \"${toString serverCfg.cacheMaxSize}\".";
-          }
-          {
-            assertion =
-              let
-                keys = lib.mapAttrsToList (_: client: lib.toLower client.publicKey) serverCfg.trustedClients;
-              in
-              lib.length keys == lib.length (lib.unique keys);
-            message = "services.drv-thru.server.trustedClients: two clients have the same publicKey; give each client its own entry.";
-          }
-        ]
-        ++ lib.concatLists (
-          lib.mapAttrsToList (name: client: [
-            {
-              assertion = isEndpointId client.publicKey;
-              message = "services.drv-thru.server.trustedClients.${name}.publicKey must be the client's endpoint id (64 hexadecimal characters, printed by `drv-thru key show` on the client), not \"${client.publicKey}\".";
-            }
-            {
-              assertion = isDuration client.maxBuildTime;
-              message = "services.drv-thru.server.trustedClients.${name}.maxBuildTime must be a duration such as \"30m\" or \"2h\", not \"${client.maxBuildTime}\".";
-            }
-            {
-              assertion = isByteSize client.maxUploadBytes;
-              message = "services.drv-thru.server.trustedClients.${name}.maxUploadBytes must be a size such as \"20G\", not \"${client.maxUploadBytes}\".";
-            }
-          ]) serverCfg.trustedClients
-        );
+      # The binary checks the values (checkedConfigFile); these are the
+      # module's own rules: dataDir names the StateDirectory and decides
+      # whether secretKeyFile is a credential, which systemd loads by
+      # absolute path.
+      assertions = [
+        {
+          assertion = isAbsolutePath serverCfg.dataDir && !(lib.hasSuffix "/" serverCfg.dataDir);
+          message = "services.drv-thru.server.dataDir must be an absolute path without a trailing slash, not \"${serverCfg.dataDir}\".";
+        }
+        {
+          assertion = isAbsolutePath serverCfg.secretKeyFile && !(isStoreFile serverCfg.secretKeyFile);
+          message = "services.drv-thru.server.secretKeyFile must be an absolute path outside the world-readable Nix store, not \"${serverCfg.secretKeyFile}\".";
+        }
+        {
+          assertion = serverCfg.openFirewall -> serverCfg.listenPort != null;
+          message = "services.drv-thru.server.openFirewall needs a fixed services.drv-thru.server.listenPort.";
+        }
+      ];
 
       warnings =
         lib.optional (lib.elem serverUser (config.nix.settings.trusted-users or [ ]))
@@ -647,14 +649,19 @@ in
         };
         serviceConfig = commonHardening // {
           Type = "simple";
-          ExecStart = utils.escapeSystemdExecArgs (
+          ExecStart = lib.concatStringsSep " " (
             [
-              "${cfg.package}/bin/drv-thru"
-              "serve"
-              "--config"
-              "${serverConfigFile}"
+              (utils.escapeSystemdExecArgs [
+                "${cfg.package}/bin/drv-thru"
+                "serve"
+                "--config"
+                "${checkedConfigFile}"
+              ])
             ]
-            ++ serverCfg.extraArgs
+            # Unescaped: %d is systemd's specifier for the credentials
+            # directory, which escaping would turn into a literal "%d".
+            ++ lib.optional secretKeyIsCredential "--secret-key-file %d/${secretKeyCredential}"
+            ++ lib.optional (serverCfg.extraArgs != [ ]) (utils.escapeSystemdExecArgs serverCfg.extraArgs)
           );
           User = serverUser;
           Group = serverGroup;
@@ -689,6 +696,9 @@ in
             "AF_INET6"
             "AF_NETLINK"
           ];
+        }
+        // lib.optionalAttrs secretKeyIsCredential {
+          LoadCredential = "${secretKeyCredential}:${serverCfg.secretKeyFile}";
         }
         // (
           if dataDirIsStateDirectory then

@@ -115,7 +115,7 @@ fn init_logging(verbose: u8, default: &str) {
 /// allocated on one runtime or blocking-pool thread and freed on another,
 /// so freed memory piles up in many arenas: the builder's peak RSS for a
 /// 1 GiB upload after the download cases fell from 73.7 to 59.2 MiB with
-/// two, at the same speed (README, "Two malloc arenas").
+/// two, at the same speed (docs/performance.md, "Two malloc arenas").
 fn limit_malloc_arenas() {
     #[cfg(target_env = "gnu")]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

@@ -1,10 +1,22 @@
-//! Reaching a builder: over Iroh as a ticket holder or trusted client, or
-//! over the local admin socket. Turns transport and status errors into
-//! messages that say what to do.
+//! The client side of drv-thru: reaching a builder (over Iroh as a ticket
+//! holder or trusted client, or over the local admin socket) and running a
+//! remote build there. Turns transport and status errors into messages that
+//! say what to do.
+//!
+//! - [`remote_build`]: one build from an evaluated derivation to its outputs
+//!   in the local store, reported through an [`remote_build::Observer`].
+//! - [`trust`]: which route the outputs take into the local store, decided
+//!   before anything is uploaded.
+//! - [`session`]: the `Builder` calls of one session: admission, upload,
+//!   build events.
+//! - [`cache_proxy`] and [`spool`]: the builder's signed outputs served to
+//!   the local Nix, over loopback HTTP or from files.
 
 pub mod cache_proxy;
+pub mod remote_build;
 pub mod session;
 pub mod spool;
+pub mod trust;
 
 use std::{net::SocketAddr, path::Path};
 

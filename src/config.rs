@@ -9,7 +9,7 @@ use std::{
 };
 
 use iroh::EndpointId;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
     endpoint::RelayChoice,
@@ -36,12 +36,15 @@ pub enum ConfigError {
         source: io::Error,
     },
     /// The file is not valid JSON of the expected shape.
-    #[error("{path} is invalid: {source}")]
+    ///
+    /// The message carries serde's explanation, so it is not also a source:
+    /// the one-line report would print it twice.
+    #[error("{path} is invalid: {error}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// serde's explanation, with line and column.
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// A value that parsed but makes no sense.
     #[error("{path}: {message}")]
@@ -58,9 +61,9 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError
         path: path.to_owned(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+    serde_json::from_str(&text).map_err(|error| ConfigError::Parse {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -101,10 +104,22 @@ impl Default for Limits {
 #[serde(deny_unknown_fields)]
 pub struct TrustedClient {
     /// The client's Iroh endpoint id (`drv-thru key show`).
+    #[serde(deserialize_with = "endpoint_id")]
     pub public_key: EndpointId,
     /// Its per-session limits.
     #[serde(flatten)]
     pub limits: Limits,
+}
+
+/// An endpoint id, refused with what one looks like: iroh's own error says
+/// only "invalid length" or the like.
+fn endpoint_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EndpointId, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid endpoint id {text:?}: expected 64 hexadecimal characters, as `drv-thru key show` prints them"
+        ))
+    })
 }
 
 /// `drv-thru serve --config FILE`: everything the server needs, in one JSON
@@ -435,8 +450,26 @@ mod tests {
                 "invalid duration",
             ),
             (
+                format!(
+                    r#"{{"trusted_clients": {{"a": {{"public_key": "{ID_A}", "max_build_time": "5 parsecs"}}}}}}"#
+                ),
+                r#"invalid duration "5 parsecs""#,
+            ),
+            (
+                format!(
+                    r#"{{"trusted_clients": {{"a": {{"public_key": "{ID_A}", "max_upload_bytes": "20 lightyears"}}}}}}"#
+                ),
+                r#"invalid size "20 lightyears""#,
+            ),
+            (
+                r#"{"cache_max_size": "50 gigs"}"#.to_owned(),
+                "invalid size",
+            ),
+            (r#"{"relay": "sometimes"}"#.to_owned(), "invalid relay"),
+            (r#"{"listen": "7000"}"#.to_owned(), "invalid socket address"),
+            (
                 r#"{"trusted_clients": {"a": {"public_key": "nope"}}}"#.to_owned(),
-                "invalid",
+                r#"invalid endpoint id "nope": expected 64 hexadecimal characters"#,
             ),
             (
                 format!(

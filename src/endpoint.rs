@@ -8,10 +8,7 @@ use iroh::{
     endpoint::{PortmapperConfig, QuicTransportConfig, VarInt, presets},
 };
 
-/// The ALPN of drv-thru's gRPC protocol. Every QUIC bidirectional stream on a
-/// connection with this ALPN carries one HTTP/2 (gRPC) connection. The
-/// version is the proto package's (`drvthru.v1`).
-pub const ALPN: &[u8] = b"drv-thru/grpc/1";
+use crate::proto::ALPN;
 
 /// Connections that stay silent this long are closed, which is also how a
 /// vanished peer is noticed. Long builds are not silent: both sides send

@@ -17,6 +17,10 @@
 //!   `http://[::1]:PORT`, and every path an exact store path, at most
 //!   [`MAX_PATHS`] of them.
 //!
+//! Nix then reads through `filter`, the helper's own loopback cache in front
+//! of the caller's: it passes only narinfos whose NAR is a plain file under
+//! `nar/`, and follows no redirect, since signatures do not cover the URL.
+//!
 //! Refusals and failures map to gRPC codes in [`error`](mod@error) only.
 //! [`client`] is the CLI's side of the protocol.
 
@@ -24,8 +28,9 @@ pub mod allowlist;
 mod auth;
 pub mod client;
 pub mod error;
+mod filter;
 pub mod request;
-mod service;
+pub(crate) mod service;
 
 use std::{
     path::{Path, PathBuf},

@@ -50,7 +50,7 @@ use crate::nix::signing::PublicKey;
 use crate::nix::store_path::StorePath;
 
 pub use dump::NarDump;
-pub use log::{BuildEvent, Level, LogParser};
+pub use log::{BuildEvent, Level, LogParser, strip_controls};
 pub use parse::{Evaluated, PathInfo};
 pub use realise::{KillHandle, LogRecord, RealiseOutcome, RealiseRun};
 pub use trust::{TrustBasis, TrustInfo};

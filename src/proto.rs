@@ -1,11 +1,24 @@
 //! The generated `drvthru.v1` code, fenced off from hand-written code, plus
 //! conversions between its messages and our domain types.
 
-#![allow(missing_docs, clippy::all, clippy::pedantic)]
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-tonic::include_proto!("drvthru.v1");
+mod generated {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+    tonic::include_proto!("drvthru.v1");
+}
+
+pub use generated::*;
+
+/// The ALPN of drv-thru's gRPC protocol. Every QUIC bidirectional stream on a
+/// connection with this ALPN carries one HTTP/2 (gRPC) connection. The
+/// version is the proto package's (`drvthru.v1`).
+pub const ALPN: &[u8] = b"drv-thru/grpc/1";
+
+/// Response metadata naming why a call was refused, in a stable
+/// machine-readable form for third-party clients.
+pub const REFUSAL_METADATA: &str = "drvthru-refusal";
 
 /// URLs `Cache/GetNars` takes in one call, as `cache.proto` says.
 pub const MAX_NARS_PER_CALL: usize = 1024;

@@ -2,25 +2,40 @@
 //!
 //! The same router (behind the same [`auth`] layer) is served twice: over
 //! Iroh for clients, and over `DATA_DIR/admin.sock` for local admins.
+//!
+//! - [`service`]: the gRPC services; they authorize, parse, call the state
+//!   below and report its [`error`]s as statuses.
+//! - [`auth`]: who the caller is and which methods it may call.
+//! - [`error`]: every refusal and failure, and its one mapping to a status.
+//! - [`sessions`]: the admitted sessions, their limits and what they may read.
+//! - [`declared_input`]: the inputs a client announces, checked.
+//! - [`upload`]: receiving a session's inputs and importing them.
+//! - [`build_queue`]: the build slots and running one session's build.
+//! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
+//! - [`nar_file`]: a NAR file read by range while it is still written.
+//! - [`status`]: the live status board.
+//! - [`ticket_store`]: the tickets and their state file.
+//!
+//! The Nix store is changed and queried only through [`crate::nixcmd`] (by
+//! `upload`, `build_queue`, `cache` and the builder service's input check);
+//! `cache` also reads store paths, read-only, through [`crate::store_nar`].
+//! Secrets are loaded only through [`crate::keys`] (here, at startup);
+//! `ticket_store` derives bearer secrets with its [`crate::keys::TicketKey`]
+//! and `cache` signs with the key it is given.
 
 pub mod auth;
-pub mod build;
-pub mod builder;
+pub mod build_queue;
 pub mod cache;
+pub mod declared_input;
+pub mod error;
 pub mod nar_file;
-pub mod session;
+pub mod service;
+pub mod sessions;
 pub mod status;
 pub mod ticket_store;
-pub mod tickets;
 pub mod upload;
 
-use std::{
-    fs,
-    os::{fd::AsRawFd, unix::fs::PermissionsExt},
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{fs, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
@@ -29,13 +44,13 @@ use tracing::info;
 
 use self::{
     auth::{AdminPolicy, AuthLayer, AuthPolicy},
-    build::BuildContext,
-    builder::BuilderService,
-    cache::{CacheService, SignedCache},
-    session::Sessions,
+    build_queue::BuildContext,
+    cache::SignedCache,
+    service::{builder::BuilderService, cache::CacheService, tickets::TicketsService},
+    sessions::Sessions,
     status::{ServerFacts, StatusBoard},
     ticket_store::TicketStore,
-    tickets::TicketsService,
+    upload::Uploads,
 };
 use crate::{
     config::{ServerConfig, admin_socket_path},
@@ -65,9 +80,7 @@ impl InstanceLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        if !locked {
+        if file.try_lock().is_err() {
             bail!(
                 "another drv-thru server is already using {}; stop it first or pass a different --data-dir",
                 data_dir.display()
@@ -204,7 +217,7 @@ pub async fn run(
             tickets.clone(),
             sessions.clone(),
             public_key.to_string(),
-            uploads_dir,
+            Uploads::new(build.nix.clone(), uploads_dir),
             build,
         )),
         tickets: Arc::new(TicketsService::new(tickets, endpoint.clone(), public_key)),

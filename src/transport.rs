@@ -16,7 +16,7 @@ pub use self::{iroh::IrohPeer, unix::UnixPeer};
 /// HTTP/2 tuning shared by both ends: 1 MiB frames and 8/16 MiB stream and
 /// connection windows measured best for bulk transfers over Iroh. 2/4 MiB
 /// windows cut the builder's peak RSS on an upload by 9 MiB but uploads
-/// over a 50 ms link by an eighth (README, "Two malloc arenas").
+/// over a 50 ms link by an eighth (docs/performance.md, "Two malloc arenas").
 pub mod http2 {
     /// Largest HTTP/2 frame we send or accept.
     pub const MAX_FRAME_SIZE: u32 = 1 << 20;

@@ -202,9 +202,22 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// A count with its noun agreeing: `1 input`, `2 inputs`, `0 inputs`.
+pub fn plural(count: impl Into<u64>, one: &str, many: &str) -> String {
+    let count = count.into();
+    format!("{count} {}", if count == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(plural(1u32, "input", "inputs"), "1 input");
+        assert_eq!(plural(0u32, "input", "inputs"), "0 inputs");
+        assert_eq!(plural(2u64, "path", "paths"), "2 paths");
+    }
 
     #[test]
     fn parses_durations_people_write() {

@@ -269,6 +269,147 @@ fn extraction_follows_the_convention() {
     );
 }
 
+/// The text of the `let` binding `name` in `source`: from its line to the
+/// next blank line.
+fn binding<'a>(source: &'a str, name: &str) -> &'a str {
+    let start = source
+        .find(&format!("\n  {name} ="))
+        .unwrap_or_else(|| panic!("module.nix binds no {name}"));
+    let rest = &source[start + 1..];
+    &rest[..rest.find("\n\n").unwrap_or(rest.len())]
+}
+
+/// The server's part of the module's `config`: from its `lib.mkIf` to the
+/// next one.
+fn server_config_section(source: &str) -> &str {
+    let start = source
+        .find("(lib.mkIf serverCfg.enable {")
+        .expect("module.nix has no server config section");
+    let rest = &source[start + 1..];
+    &rest[..rest.find("(lib.mkIf ").unwrap_or(rest.len())]
+}
+
+#[test]
+fn server_values_are_checked_by_the_binary_not_by_regexes() {
+    let module = read("module.nix");
+    // The module's top-level `let` bindings (indented by two spaces) that
+    // match a regex, directly or through another such binding.
+    let bindings = &module[..module
+        .find("\nin\n")
+        .expect("module.nix has no top-level let")];
+    let mut regex_helpers: Vec<&str> = Vec::new();
+    for line in bindings.lines() {
+        let Some((name, definition)) = line
+            .strip_prefix("  ")
+            .and_then(|line| line.split_once(" = "))
+        else {
+            continue;
+        };
+        if name.chars().all(is_identifier_char)
+            && (definition.contains("builtins.match")
+                || regex_helpers
+                    .iter()
+                    .any(|helper| !word_positions(definition, helper).is_empty()))
+        {
+            regex_helpers.push(name);
+        }
+    }
+    assert!(
+        regex_helpers.contains(&"matches"),
+        "the regex helpers moved: {regex_helpers:?}"
+    );
+    let server = server_config_section(&module);
+    let used: Vec<_> = regex_helpers
+        .iter()
+        .filter(|helper| !word_positions(server, helper).is_empty())
+        .collect();
+    assert!(
+        used.is_empty(),
+        "the server section checks values with regexes {used:?}; \
+         leave them to `drv-thru serve --check-config` (checkedConfigFile)"
+    );
+}
+
+#[test]
+fn the_service_runs_the_config_the_binary_checked() {
+    let module = read("module.nix");
+    let checked = binding(&module, "checkedConfigFile");
+    assert!(
+        checked.contains("/bin/drv-thru serve --check-config ${serverConfigFile}"),
+        "checkedConfigFile must run the check on the generated file:\n{checked}"
+    );
+    let unchecked_uses = module
+        .replace(checked, "")
+        .replace(binding(&module, "serverConfigFile"), "")
+        .contains("serverConfigFile");
+    assert!(
+        !unchecked_uses,
+        "only checkedConfigFile may use the unchecked serverConfigFile"
+    );
+    assert!(
+        server_config_section(&module).contains("\"${checkedConfigFile}\""),
+        "the service must start with checkedConfigFile"
+    );
+}
+
+/// Every `--flag` the module passes or mentions outside comments.
+fn module_flags(source: &str) -> BTreeSet<&str> {
+    source
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .flat_map(|line| line.match_indices("--").map(move |(at, _)| &line[at..]))
+        .map(|flag| {
+            let end = flag[2..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+                .map_or(flag.len(), |end| end + 2);
+            &flag[..end]
+        })
+        .filter(|flag| flag.len() > 2)
+        .collect()
+}
+
+#[test]
+fn the_flags_the_module_uses_exist() {
+    let module = read("module.nix");
+    let flags = module_flags(&module);
+    for expected in ["--config", "--check-config", "--secret-key-file"] {
+        assert!(
+            flags.contains(expected),
+            "module.nix no longer uses {expected}"
+        );
+    }
+    let help: String = ["serve", "import-helper", "build"]
+        .iter()
+        .map(|command| {
+            let output = Command::new(env!("CARGO_BIN_EXE_drv-thru"))
+                .args([command, "--help"])
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "drv-thru {command} --help failed");
+            String::from_utf8(output.stdout).unwrap()
+        })
+        .collect();
+    let unknown: Vec<_> = flags
+        .iter()
+        .filter(|flag| word_positions(&help, flag).is_empty())
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "module.nix uses flags the binary does not have: {unknown:?}"
+    );
+}
+
+#[test]
+fn an_admin_provided_secret_key_is_a_systemd_credential() {
+    let module = read("module.nix");
+    let server = server_config_section(&module);
+    assert!(
+        server.contains("LoadCredential = \"${secretKeyCredential}:${serverCfg.secretKeyFile}\"")
+            && server.contains("--secret-key-file %d/${secretKeyCredential}"),
+        "the service must load secretKeyFile with LoadCredential and read it from %d"
+    );
+}
+
 #[test]
 fn nix_files_parse() {
     for file in ["module.nix", "flake.nix", "tests/nixos/default.nix"] {

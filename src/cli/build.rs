@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::{
@@ -21,19 +21,17 @@ use tokio::{
 
 use super::Failure;
 use crate::{
-    client::{self, Target, cache_proxy::CacheProxy, session::Session},
+    client::{
+        self, Target,
+        remote_build::{self, BuildOptions, Observer, Outcome, RemoteBuild},
+    },
     endpoint::RelayChoice,
-    helper::{self, client::HelperClient},
-    nix::{signing::PublicKey, store_path::StorePath},
-    nixcmd::{EvalFlags, Nix},
-    proto::{self, BuildResult, build_response::Event},
+    nix::store_path::StorePath,
+    nixcmd::{EvalFlags, Evaluated, Nix, strip_controls},
+    proto::{self, build_response::Event},
     ticket::Ticket,
-    units::format_bytes,
+    units::{format_bytes, plural},
 };
-
-/// Parallel streams on a long path, unless `--nar-fetches` says: four
-/// 1.25 MB QUIC windows in flight carry about 100 MiB/s at 50 ms round trip.
-const LONG_PATH_STREAMS: usize = 4;
 
 #[derive(Debug, clap::Args)]
 pub(super) struct Args {
@@ -253,7 +251,11 @@ impl LogSink {
                     let _ = stdin.write_all(line.as_bytes()).await;
                 }
             }
-            (_, Event::Log(line)) if !line.text.is_empty() => eprintln!("{}", line.text),
+            // The builder's text is shown as it is only once no control
+            // character in it can rewrite the user's screen.
+            (_, Event::Log(line)) if !line.text.is_empty() => {
+                eprintln!("{}", strip_controls(&line.text))
+            }
             (_, Event::Queued(queued)) => {
                 eprintln!("drv-thru: queued, position {}", queued.position)
             }
@@ -273,12 +275,12 @@ impl LogSink {
 pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
     // From the start: a signal that found no handler would end drv-thru
     // without its Nix processes, and one handled only later is swallowed.
-    let mut signals = Signals::install();
+    let mut interrupts = Interrupts::install();
     let nix = Nix::new();
     // Bound only once a builder is to be contacted, and kept here so that
     // whatever ends the preparation closes it rather than drops it.
     let endpoint = OnceCell::new();
-    let prepared = signals
+    let prepared = interrupts
         .unless(
             prepare(&args, &nix, relay, &endpoint),
             "nothing was sent to a builder",
@@ -293,37 +295,39 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
     };
     let (drv, outputs) = match prepared {
         Prepared::Valid(evaluated) => (evaluated.drv_path, evaluated.outputs),
-        Prepared::Remote(ready) => {
-            let Ready {
-                import,
-                connection,
-                plan,
-            } = *ready;
-            let mut progress = Progress::new();
-            // Dropping `remote` kills its Nix processes and removes its files.
-            let outcome = signals
+        Prepared::Remote(mut build) => {
+            let mut display = Display::new(args.no_nom);
+            let options = BuildOptions {
+                rebuild: args.rebuild,
+                bulk_streams: args.nar_fetches.map(usize::from),
+            };
+            // Dropping the run kills its Nix processes and removes its files.
+            let outcome = interrupts
                 .unless(
-                    remote(&args, &nix, import, &connection, &plan, &mut progress),
+                    build.run(&nix, options, &mut display),
                     "the builder cancels the session, and nothing was imported that Nix had not \
                      checked",
                 )
                 .await;
-            progress.finish();
+            display.progress.finish();
+            let drv = build.plan().drv.clone();
             // A signal is noted but does not cut the close short: QUIC ends
             // it within a few probe timeouts whatever the builder does, and
             // iroh complains about an endpoint dropped unclosed.
-            let close = connection.close();
+            let close = build.close();
             tokio::pin!(close);
             let signalled = tokio::select! {
                 () = &mut close => None,
-                signal = signals.recv() => {
+                signal = interrupts.recv() => {
                     close.await;
                     Some(signal)
                 }
             };
             let outputs = match outcome? {
-                Remote::Built(outputs) => outputs,
-                Remote::Failed(message) => return Err(Failure::BuildFailed(message)),
+                Outcome::Built(outputs) => outputs,
+                Outcome::Failed(message) => {
+                    return Err(Failure::BuildFailed(strip_controls(&message)));
+                }
             };
             if let Some(signal) = signalled {
                 return Err(anyhow!(
@@ -332,10 +336,10 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
                 )
                 .into());
             }
-            (plan.drv, outputs)
+            (drv, outputs)
         }
     };
-    signals
+    interrupts
         .unless(
             finish(&args, &nix, &drv, &outputs),
             "the outputs are in the local store, but result links may be missing",
@@ -346,83 +350,45 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
 /// Where the build will happen, once evaluated.
 enum Prepared {
     /// The outputs are valid locally already.
-    Valid(crate::nixcmd::Evaluated),
+    Valid(Evaluated),
     /// On a builder.
-    Remote(Box<Ready>),
-}
-
-/// A build ready to be sent to the builder at the other end of `connection`.
-struct Ready {
-    import: Import,
-    connection: client::Connection,
-    plan: Plan,
+    Remote(Box<RemoteBuild>),
 }
 
 /// Evaluates `args.installable` and, unless its outputs are valid here,
-/// connects to the builder from `endpoint` (bound here) and gets everything
-/// ready that may still refuse the build before a session is opened. The
-/// caller closes `endpoint` if this fails.
+/// gets a remote build ready from `endpoint` (bound here). The caller closes
+/// `endpoint` if this fails.
 async fn prepare(
     args: &Args,
     nix: &Nix,
     relay: RelayChoice,
     endpoint: &OnceCell<iroh::Endpoint>,
 ) -> Result<Prepared, Failure> {
-    let evaluated = nix
-        .evaluate(&args.installable, &args.eval_flags())
-        .await
-        .context("evaluating locally")?;
-    let [evaluated] = <[_; 1]>::try_from(evaluated).map_err(|all| {
-        anyhow!(
-            "{} evaluates to {} derivations; name one",
-            args.installable,
-            all.len()
-        )
-    })?;
-    let outputs: Vec<StorePath> = evaluated.outputs.values().cloned().collect();
-
-    if !args.rebuild && nix.invalid_paths(&outputs).await?.is_empty() {
+    let evaluated = remote_build::evaluate(nix, &args.installable, &args.eval_flags()).await?;
+    if !args.rebuild && remote_build::outputs_valid(nix, &evaluated).await? {
         tracing::info!("outputs already valid locally; not contacting a builder");
         return Ok(Prepared::Valid(evaluated));
     }
     let target = args.target()?.ok_or_else(|| {
         anyhow!("say where to build: --ticket TICKET, --builder NAME or --server ENDPOINT_ID")
     })?;
-
-    // The trust decision, the closure and the connection are independent,
-    // so they run together. Whether the outputs will be importable is
-    // settled before the session is opened: a refusal costs no ticket use
-    // and no upload.
-    let inputs = async {
-        anyhow::Ok(
-            nix.closure_infos(std::slice::from_ref(&evaluated.drv_path))
-                .await?,
-        )
-    };
-    let connection = async {
-        let endpoint = endpoint
-            .get_or_try_init(|| client::bind(relay, args.key_file.as_deref()))
-            .await?;
-        client::dial(endpoint, &target).await
-    };
-    let (import, inputs, connection) = tokio::join!(import_trust(nix, &target), inputs, connection);
-    let (import, inputs, connection) = (import?, inputs?, connection?);
-    Ok(Prepared::Remote(Box::new(Ready {
-        import,
-        connection,
-        plan: Plan {
-            inputs,
-            drv: evaluated.drv_path,
-            outputs: evaluated.outputs,
-        },
-    })))
+    let build = RemoteBuild::prepare(
+        nix,
+        evaluated,
+        &target,
+        endpoint,
+        relay,
+        args.key_file.as_deref(),
+    )
+    .await?;
+    Ok(Prepared::Remote(Box::new(build)))
 }
 
 /// SIGINT and SIGTERM, which end a build with a message saying what was
 /// left in which state, instead of ending the process on the spot.
-struct Signals(Vec<(Signal, &'static str)>);
+struct Interrupts(Vec<(Signal, &'static str)>);
 
-impl Signals {
+impl Interrupts {
     /// Handles SIGINT and SIGTERM from now on; one whose handler cannot be
     /// installed keeps its default action.
     fn install() -> Self {
@@ -467,225 +433,59 @@ impl Signals {
     }
 }
 
-/// What to build: the derivation, the outputs asked for, and the
-/// derivation's closure as the local store describes it.
-struct Plan {
-    drv: StorePath,
-    outputs: std::collections::BTreeMap<String, StorePath>,
-    inputs: Vec<crate::nixcmd::PathInfo>,
+/// What the user sees of a remote build: progress on stderr and the
+/// build's log.
+struct Display {
+    progress: Progress,
+    no_nom: bool,
+    log: Option<LogSink>,
 }
 
-enum Remote {
-    Built(std::collections::BTreeMap<String, StorePath>),
-    Failed(String),
-}
-
-/// Streams for bulk transfers: as `--nar-fetches` says, or by the path's
-/// round-trip time.
-async fn bulk_width(args: &Args, connection: &client::Connection) -> usize {
-    match args.nar_fetches {
-        Some(n) => n.into(),
-        None => connection.bulk_width(LONG_PATH_STREAMS).await,
-    }
-}
-
-async fn remote(
-    args: &Args,
-    nix: &Nix,
-    import: Import,
-    connection: &client::Connection,
-    plan: &Plan,
-    progress: &mut Progress,
-) -> anyhow::Result<Remote> {
-    let infos = &plan.inputs;
-    let requested = &plan.outputs;
-    let mut session = Session::open(
-        connection.channel.clone(),
-        &plan.drv,
-        client::session::inputs(infos),
-    )
-    .await?;
-    if let Import::NixTrusted(trust) = &import {
-        let trusted = session
-            .announced_key
-            .parse::<PublicKey>()
-            .is_ok_and(|announced| trust.trusts_key(&announced));
-        if !trusted {
-            bail!(
-                "the builder signs with {:?}, which your Nix does not trust, and no key is configured \
-                 for it here; build with a ticket, give the builder a builders.json entry with \
-                 \"public_key\", or add the key to nix.settings.trusted-public-keys",
-                session.announced_key
-            );
+impl Display {
+    fn new(no_nom: bool) -> Self {
+        Self {
+            progress: Progress::new(),
+            no_nom,
+            log: None,
         }
     }
-    // The same streams carry the upload and, after the build, the outputs.
-    let width = bulk_width(args, connection).await;
-    let bulk = connection.bulk_channels(width);
-    if !session.missing.is_empty() {
-        let total: u64 = infos
-            .iter()
-            .filter(|info| session.missing.contains(&info.path))
-            .map(|info| info.nar_size)
-            .sum();
-        progress.note(&format!(
-            "drv-thru: uploading {} inputs ({})",
-            session.missing.len(),
-            format_bytes(total)
+}
+
+impl Observer for Display {
+    fn uploading(&mut self, count: usize, bytes: u64) -> impl Fn(u64) + Send + 'static {
+        self.progress.note(&format!(
+            "drv-thru: uploading {} ({})",
+            plural(count as u64, "input", "inputs"),
+            format_bytes(bytes)
         ));
-        let report = progress.bytes("uploading", total);
-        session.upload(nix, bulk.clone(), report).await?;
-        progress.finish();
+        self.progress.bytes("uploading", bytes)
     }
-    let mut sink = LogSink::new(args.no_nom);
-    let mut events = session.build(args.rebuild).await?;
-    let finished = loop {
-        match events.next().await {
-            Ok(Event::Finished(finished)) => break Ok(finished),
-            Ok(event) => sink.event(event).await,
-            Err(err) => break Err(err),
-        }
-    };
-    sink.close().await;
-    let finished = finished?;
-    if finished.result() != BuildResult::Succeeded {
-        return Ok(Remote::Failed(finished.message));
-    }
-    // Import only what was asked for, even if the derivation has more outputs.
-    let outputs: std::collections::BTreeMap<String, StorePath> =
-        client::session::outputs(&finished)?
-            .into_iter()
-            .filter(|(name, _)| requested.contains_key(name))
-            .collect();
-    if let Some(name) = requested.keys().find(|name| !outputs.contains_key(*name)) {
-        bail!("the builder did not report the requested output {name:?}");
-    }
-    let proxy = CacheProxy::start(
-        bulk,
-        width,
-        session.id.clone(),
-        import.key().cloned(),
-        nix.clone(),
-    )
-    .context("starting the loopback cache")?;
-    let paths: Vec<StorePath> = outputs.values().cloned().collect();
-    match import {
-        Import::NixTrusted(_) | Import::Direct(_) => {
-            let key = import.key();
-            if !import_spooled(nix, &proxy, &paths, key).await {
-                nix.copy_from(&proxy.url(), &paths, key, true)
-                    .await
-                    .context("importing the outputs into the local store")?;
-            }
-        }
-        Import::Helper(mut helper, key) => {
-            let report = progress.paths("importing through the import helper");
-            helper
-                .import(&key, &proxy.url(), &paths, |step| {
-                    report(
-                        step.paths_done.into(),
-                        step.paths_total.into(),
-                        proxy.bytes_received(),
-                    )
-                })
-                .await
-                .context("importing the outputs through the import helper")?;
-            progress.finish();
-        }
-    }
-    tracing::info!(bytes = proxy.bytes_received(), "outputs imported");
-    Ok(Remote::Built(outputs))
-}
 
-/// Imports the small outputs the proxy spools, if it does; whether that
-/// imported all of `paths`. Whatever goes wrong here is left to the HTTP
-/// cache, which can serve every path.
-async fn import_spooled(
-    nix: &Nix,
-    proxy: &CacheProxy,
-    paths: &[StorePath],
-    key: Option<&PublicKey>,
-) -> bool {
-    let spool = match proxy.spool().await {
-        Ok(Some(spool)) => spool,
-        Ok(None) => return false,
-        Err(err) => {
-            tracing::debug!("small outputs not spooled: {err}");
-            return false;
-        }
-    };
-    match nix.copy_from(spool.url(), spool.roots(), key, true).await {
-        Ok(()) => spool.holds_all(paths),
-        Err(err) => {
-            tracing::warn!(
-                "importing the small outputs from files failed, so all go over HTTP: {err}"
-            );
-            false
+    fn uploaded(&mut self) {
+        self.progress.finish();
+    }
+
+    async fn build_event(&mut self, event: Event) {
+        let no_nom = self.no_nom;
+        self.log
+            .get_or_insert_with(|| LogSink::new(no_nom))
+            .event(event)
+            .await;
+    }
+
+    async fn build_ended(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.close().await;
         }
     }
-}
 
-/// How the outputs get into the local store.
-enum Import {
-    /// `nix copy` as this user, trusting this key for the copy (or nothing
-    /// more when Nix already trusts the builder's key).
-    Direct(Option<PublicKey>),
-    /// Through the root import helper, which has this key on its allowlist.
-    Helper(Box<HelperClient>, PublicKey),
-    /// No key is configured for the builder (`--server`): plain `nix copy`,
-    /// provided the key the builder announces is one Nix trusts already.
-    NixTrusted(crate::nixcmd::TrustInfo),
-}
+    fn importing_through_helper(&mut self) -> impl Fn(u64, u64, u64) + Send + 'static {
+        self.progress.paths("importing through the import helper")
+    }
 
-impl Import {
-    /// The key the outputs must be signed with, if Nix is not to decide.
-    fn key(&self) -> Option<&PublicKey> {
-        match self {
-            Self::Direct(key) => key.as_ref(),
-            Self::Helper(_, key) => Some(key),
-            Self::NixTrusted(_) => None,
-        }
+    fn imported_through_helper(&mut self) {
+        self.progress.finish();
     }
-}
-
-/// Decides, before anything is uploaded, how the outputs will be imported:
-/// directly when Nix trusts the builder's key or the user, otherwise through
-/// the import helper, which must be reachable and have the key allowlisted.
-async fn import_trust(nix: &Nix, target: &Target) -> anyhow::Result<Import> {
-    let trust = nix.trust().await.context("asking Nix whom it trusts")?;
-    let Some(key) = target.trusted_signing_key() else {
-        // Only Nix's own trusted keys can vouch for this builder; whether
-        // they include its key is checked once the session is open, still
-        // before anything is uploaded.
-        return Ok(Import::NixTrusted(trust));
-    };
-    if trust.trusts_key(key) {
-        return Ok(Import::Direct(None));
-    }
-    if trust.trusted_user {
-        return Ok(Import::Direct(Some(key.clone())));
-    }
-    let untrusted = format!(
-        "your Nix does not trust the builder's key {key} and you are not a trusted Nix user, so \
-         the outputs can only be imported through the drv-thru import helper"
-    );
-    let socket = helper::client::socket_path();
-    let mut helper = HelperClient::connect(&socket)
-        .await
-        .with_context(|| untrusted.clone())?;
-    if !helper
-        .check_key(key)
-        .await
-        .with_context(|| untrusted.clone())?
-    {
-        bail!(
-            "{untrusted}, but the key is not on its allowlist; add it to \
-             services.drv-thru.client.ticketHelper.trustedBuilderPublicKeys (or \
-             nix.settings.trusted-public-keys) on this machine"
-        );
-    }
-    tracing::debug!(socket = %socket.display(), "outputs will be imported through the import helper");
-    Ok(Import::Helper(Box::new(helper), key.clone()))
 }
 
 async fn finish(

@@ -18,6 +18,7 @@ use crate::{
     config::DEFAULT_DATA_DIR,
     endpoint::RelayChoice,
     proto::{self, BuildPhase, BuildResult, builder_client::BuilderClient},
+    units::plural,
 };
 
 #[derive(Debug, clap::Args)]
@@ -198,14 +199,9 @@ fn render(status: &proto::BuilderStatus) -> String {
     let _ = writeln!(out, "signing   {}", status.signing_public_key);
     let _ = writeln!(
         out,
-        "capacity  [{bar}] {busy}/{slots} building, {} queued, {} connection{}",
+        "capacity  [{bar}] {busy}/{slots} building, {} queued, {}",
         status.queued.len(),
-        status.open_connections,
-        if status.open_connections == 1 {
-            ""
-        } else {
-            "s"
-        }
+        plural(status.open_connections, "connection", "connections")
     );
     if status.active.is_empty() && status.queued.is_empty() {
         let _ = writeln!(out, "idle");

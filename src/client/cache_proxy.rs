@@ -66,6 +66,11 @@ const AHEAD_BUDGET: u64 = 32 << 20;
 /// HTTP its start-up (some 20 ms) overlaps the transfer.
 const SPOOL_MIN: usize = 32;
 
+/// Narinfos a listing may hold. It is kept in memory for the whole import,
+/// so a builder must not grow it without bound; a closure larger than this
+/// (some hundred MB of narinfos) is asked for one path at a time instead.
+const MAX_LISTED: usize = 100_000;
+
 /// `GetNars` calls for small NARs in flight at once.
 const AHEAD_SLOTS: usize = 8;
 
@@ -420,6 +425,13 @@ impl CacheFiles for Upstream {
                 );
                 respond(StatusCode::BAD_GATEWAY, "narinfo for another path")
             }
+            Ok(narinfo) if !narinfo.has_plain_nar_url() => {
+                warn!(
+                    "builder named {:?} as the NAR of {}, not a file under nar/",
+                    narinfo.url, narinfo.store_path
+                );
+                respond(StatusCode::BAD_GATEWAY, "narinfo URL is not under nar/")
+            }
             Ok(narinfo)
                 if self
                     .key
@@ -561,6 +573,11 @@ impl Upstream {
                 .into_inner();
             let (mut listed, mut narinfos) = (Listed::new(), Vec::new());
             while let Some(item) = unstalled(STALL, stream.message()).await? {
+                if narinfos.len() == MAX_LISTED {
+                    return Err(tonic::Status::resource_exhausted(format!(
+                        "the builder listed more than {MAX_LISTED} narinfos"
+                    )));
+                }
                 match item.narinfo.parse::<NarInfo>() {
                     Ok(narinfo) => {
                         listed.insert(*narinfo.store_path.hash_part(), item.narinfo);

@@ -1,6 +1,6 @@
-//! One remote build, driven over the generated Builder stubs: open a
-//! session with the derivation's closure, upload what the builder lacks,
-//! build while streaming events.
+//! One session's calls on the generated Builder stubs: open it with the
+//! derivation's closure, upload what the builder lacks, build while
+//! streaming events. [`super::remote_build`] decides what to call when.
 
 use std::{collections::BTreeMap, pin::Pin};
 
@@ -83,9 +83,9 @@ fn nar_chunks(
     Ok(Box::pin(ReaderStream::with_capacity(nar, http2::CHUNK)))
 }
 
-/// An admitted session.
+/// A session the builder admitted, seen from the client.
 #[derive(Debug)]
-pub struct Session {
+pub struct RemoteSession {
     /// Its id.
     pub id: String,
     /// Inputs the builder lacks.
@@ -116,7 +116,7 @@ pub fn inputs(infos: &[PathInfo]) -> Vec<proto::InputPath> {
         .collect()
 }
 
-impl Session {
+impl RemoteSession {
     /// Opens a session for `drv` with its closure `inputs` (admission: a
     /// ticket's use is taken here).
     pub async fn open(

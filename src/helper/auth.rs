@@ -101,6 +101,7 @@ mod tests {
                 uid,
                 gid,
                 pid: None,
+                groups: vec![7],
             })
         };
         assert!(policy.check(&request(peer(0, 0))).is_ok());

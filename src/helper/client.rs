@@ -8,8 +8,9 @@ use tonic::{Code, Status, transport::Channel};
 use super::{DEFAULT_SOCKET, SOCKET_ENV, error::CALLER_NOT_ALLOWED};
 use crate::{
     nix::{signing::PublicKey, store_path::StorePath},
-    proto::{CheckKeyRequest, ImportRequest, ImportResponse, import_helper_client},
-    server::auth::REFUSAL_METADATA,
+    proto::{
+        CheckKeyRequest, ImportRequest, ImportResponse, REFUSAL_METADATA, import_helper_client,
+    },
     transport,
 };
 

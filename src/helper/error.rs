@@ -5,7 +5,7 @@ use thiserror::Error;
 use tonic::{Code, Status, metadata::MetadataValue};
 
 use super::MAX_PATHS;
-use crate::{nixcmd::NixCmdError, server::auth::REFUSAL_METADATA};
+use crate::{nixcmd::NixCmdError, proto::REFUSAL_METADATA};
 
 /// Longest piece of caller input quoted back in a message.
 const SHOWN_INPUT: usize = 120;

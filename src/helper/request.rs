@@ -108,6 +108,16 @@ impl LoopbackUrl {
     pub fn port(&self) -> u16 {
         self.port.get()
     }
+
+    /// The address to connect to.
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        let ip: std::net::IpAddr = if self.ipv6 {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        };
+        (ip, self.port.get()).into()
+    }
 }
 
 impl std::str::FromStr for LoopbackUrl {

@@ -10,9 +10,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::{
     HelperError,
     allowlist::SharedAllowlist,
+    filter::NarinfoFilter,
     request::{ValidImport, exact_key},
 };
 use crate::{
+    loopback_cache::LoopbackCache,
     nix::store_path::StorePath,
     nixcmd::Nix,
     proto::{
@@ -112,7 +114,17 @@ async fn run(nix: &Nix, job: &ValidImport, tx: &mpsc::Sender<Result<ImportRespon
     if tx.send(Ok(report(0, 0))).await.is_err() {
         return;
     }
-    let url = job.url.to_string();
+    // Root's Nix reads only through the filter, never the caller's cache.
+    let filter = match LoopbackCache::start(NarinfoFilter::new(job.url)) {
+        Ok(filter) => filter,
+        Err(err) => {
+            let err = HelperError::ImportFailed(format!("starting the narinfo filter: {err}"));
+            warn!("{err}");
+            let _ = tx.send(Err(err.to_status())).await;
+            return;
+        }
+    };
+    let url = filter.url();
     let (mut done, mut bytes) = (0, 0);
     for batch in job.paths.chunks(total.div_ceil(PROGRESS_STEPS)) {
         match copy(nix, &url, job, batch).await {

@@ -585,6 +585,36 @@ fn shorten(token: &[u8]) -> String {
     }
 }
 
+/// The contents of a NAR that serialises a single regular file (as a `.drv`
+/// file's NAR does), or `None` for any other NAR.
+///
+/// The caller validates the NAR first; this only picks the file out of it.
+pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
+    fn string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = usize::try_from(u64::from_le_bytes(input.get(..8)?.try_into().ok()?)).ok()?;
+        let padded = len.checked_add(7)? / 8 * 8;
+        let bytes = input.get(8..8 + len)?;
+        *input = input.get(8 + padded..)?;
+        Some(bytes)
+    }
+    let mut input = nar;
+    for expected in [MAGIC, b"(", b"type", b"regular"] {
+        if string(&mut input)? != expected {
+            return None;
+        }
+    }
+    let mut keyword = string(&mut input)?;
+    if keyword == b"executable" {
+        string(&mut input)?;
+        keyword = string(&mut input)?;
+    }
+    if keyword != b"contents" {
+        return None;
+    }
+    let contents = string(&mut input)?;
+    (string(&mut input)? == b")" && input.is_empty()).then_some(contents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -948,41 +978,6 @@ mod tests {
             assert_eq!(validate(&nar), Ok(nar.len() as u64), "{}", path.display());
         }
     }
-}
-
-/// The contents of a NAR that serialises a single regular file (as a `.drv`
-/// file's NAR does), or `None` for any other NAR.
-///
-/// The caller validates the NAR first; this only picks the file out of it.
-pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
-    fn string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
-        let len = usize::try_from(u64::from_le_bytes(input.get(..8)?.try_into().ok()?)).ok()?;
-        let padded = len.checked_add(7)? / 8 * 8;
-        let bytes = input.get(8..8 + len)?;
-        *input = input.get(8 + padded..)?;
-        Some(bytes)
-    }
-    let mut input = nar;
-    for expected in [MAGIC, b"(", b"type", b"regular"] {
-        if string(&mut input)? != expected {
-            return None;
-        }
-    }
-    let mut keyword = string(&mut input)?;
-    if keyword == b"executable" {
-        string(&mut input)?;
-        keyword = string(&mut input)?;
-    }
-    if keyword != b"contents" {
-        return None;
-    }
-    let contents = string(&mut input)?;
-    (string(&mut input)? == b")" && input.is_empty()).then_some(contents)
-}
-
-#[cfg(test)]
-mod single_file_tests {
-    use super::*;
 
     fn nar_string(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());

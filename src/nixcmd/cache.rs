@@ -45,11 +45,7 @@ fn check(path: &StorePath, info: &NarInfo) -> Result<(), String> {
     if info.store_path != *path {
         return Err(format!("the narinfo describes {}", info.store_path));
     }
-    let url_ok = info.url.starts_with("nar/")
-        && !info.url.contains("..")
-        && !info.url.contains("//")
-        && !info.url.contains(['?', '#', '\\']);
-    if !url_ok {
+    if !info.has_plain_nar_url() {
         return Err(format!("NAR url {:?} is not a file under nar/", info.url));
     }
     let Some(ca) = &info.ca else {

@@ -241,7 +241,7 @@ impl LogParser {
                 let text = object
                     .get("text")
                     .and_then(Value::as_str)
-                    .map(strip_ansi)
+                    .map(strip_controls)
                     .unwrap_or_default();
                 if kind == activity::BUILD {
                     let drv = fields
@@ -327,7 +327,7 @@ impl LogParser {
                 match (level, msg) {
                     (Some(level), Some(msg)) => BuildEvent::Message {
                         level: Level::from_number(level),
-                        text: strip_ansi(msg),
+                        text: strip_controls(msg),
                     },
                     _ => other(),
                 }
@@ -337,43 +337,54 @@ impl LogParser {
     }
 }
 
-/// Removes ANSI escape sequences (colours, cursor movement) from a message.
-pub fn strip_ansi(s: &str) -> String {
+/// A builder's message made safe to print on the client's terminal: ANSI
+/// escape sequences (colours, cursor movement, hyperlinks) go, and so does
+/// every other control character but newline and tab, C1 controls, carriage
+/// return and backspace included, which could otherwise overwrite what the
+/// user reads.
+pub fn strip_controls(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        match chars.peek() {
-            // CSI: ESC [ parameters/intermediates, then one final byte in @..~.
-            Some('[') => {
-                chars.next();
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
+        // Whether a sequence starts here, and if so whether it is a CSI
+        // (ESC [ or its C1 form) rather than an OSC (ESC ] or its C1 form).
+        let csi = match c {
+            '\u{1b}' => match chars.next() {
+                Some('[') => true,
+                Some(']') => false,
+                // Any other two-character escape, or a lone ESC at the end.
+                _ => continue,
+            },
+            '\u{9b}' => true,
+            '\u{9d}' => false,
+            '\n' | '\t' => {
+                out.push(c);
+                continue;
+            }
+            c if c.is_control() => continue,
+            c => {
+                out.push(c);
+                continue;
+            }
+        };
+        if csi {
+            // Parameters and intermediates, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
                 }
             }
-            // OSC: ESC ] … terminated by BEL or ESC \.
-            Some(']') => {
-                chars.next();
-                while let Some(c) = chars.next() {
-                    if c == '\u{7}' {
-                        break;
-                    }
-                    if c == '\u{1b}' && chars.peek() == Some(&'\\') {
-                        chars.next();
-                        break;
-                    }
+        } else {
+            // Up to BEL, ST or ESC \.
+            while let Some(c) = chars.next() {
+                if c == '\u{7}' || c == '\u{9c}' {
+                    break;
+                }
+                if c == '\u{1b}' && chars.peek() == Some(&'\\') {
+                    chars.next();
+                    break;
                 }
             }
-            // Any other two-character escape.
-            Some(_) => {
-                chars.next();
-            }
-            None => {}
         }
     }
     out
@@ -607,15 +618,25 @@ mod tests {
     #[test]
     fn strips_colour_codes() {
         assert_eq!(
-            strip_ansi("\u{1b}[31;1merror:\u{1b}[0m builder for '\u{1b}[35;1mx\u{1b}[0m'"),
+            strip_controls("\u{1b}[31;1merror:\u{1b}[0m builder for '\u{1b}[35;1mx\u{1b}[0m'"),
             "error: builder for 'x'"
         );
         assert_eq!(
-            strip_ansi("a\u{1b}]8;;http://x\u{7}b\u{1b}]8;;\u{1b}\\c"),
+            strip_controls("a\u{1b}]8;;http://x\u{7}b\u{1b}]8;;\u{1b}\\c"),
             "abc"
         );
-        assert_eq!(strip_ansi("trailing \u{1b}"), "trailing ");
-        assert_eq!(strip_ansi("plain ü"), "plain ü");
+        assert_eq!(strip_controls("trailing \u{1b}"), "trailing ");
+        assert_eq!(strip_controls("plain ü"), "plain ü");
+    }
+
+    #[test]
+    fn strips_every_control_a_terminal_would_act_on() {
+        assert_eq!(strip_controls("ok\rFAKE"), "okFAKE");
+        assert_eq!(strip_controls("secret\u{8}\u{8}\u{8}"), "secret");
+        assert_eq!(strip_controls("a\u{9b}2Jb"), "ab");
+        assert_eq!(strip_controls("a\u{9d}0;title\u{9c}b"), "ab");
+        assert_eq!(strip_controls("a\u{85}\u{7f}\u{0}b"), "ab");
+        assert_eq!(strip_controls("two\nlines\tkept"), "two\nlines\tkept");
     }
 
     #[test]

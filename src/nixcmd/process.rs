@@ -154,7 +154,7 @@ pub(super) struct Tail {
 
 impl Tail {
     pub(super) fn push(&mut self, line: &str) {
-        let line = super::log::strip_ansi(line.trim_end());
+        let line = super::log::strip_controls(line.trim_end());
         let line = truncate(&line, STDERR_LINE_BYTES);
         if self.lines.len() == STDERR_TAIL_LINES {
             self.lines.pop_front();

@@ -10,10 +10,13 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use iroh::EndpointId;
-use tonic::{Status, body::Body, metadata::MetadataMap};
+use tonic::{Status, body::Body};
 use tracing::{debug, warn};
 
-use super::ticket_store::{TicketRecord, TicketRefusal, TicketStore};
+use super::{
+    error::ServerError,
+    ticket_store::{TicketRecord, TicketStore},
+};
 use crate::{
     config::Limits,
     proto,
@@ -23,10 +26,6 @@ use crate::{
         authorize::{AuthorizeLayer, Policy},
     },
 };
-
-/// Response metadata naming why a call was refused, in a stable
-/// machine-readable form for third-party clients.
-pub const REFUSAL_METADATA: &str = "drvthru-refusal";
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -138,7 +137,7 @@ impl AuthPolicy {
         }
     }
 
-    fn authorize(&self, request: &http::Request<Body>) -> Result<Option<Principal>, Status> {
+    fn authorize(&self, request: &http::Request<Body>) -> Result<Option<Principal>, ServerError> {
         let access = access_for(request.uri().path());
         if access == Access::Public {
             return Ok(None);
@@ -148,22 +147,14 @@ impl AuthPolicy {
                 Ok(Some(Principal::LocalAdmin { uid: peer.uid }))
             } else {
                 warn!(uid = peer.uid, pid = ?peer.pid, "refused admin socket caller");
-                let group = self
-                    .admin_group_name
-                    .as_deref()
-                    .map(|group| format!(", the server's user, or a member of group {group:?}"))
-                    .unwrap_or_else(|| " or the server's user".to_owned());
-                Err(refusal(
-                    Status::permission_denied(format!(
-                        "managing this builder requires root{group}"
-                    )),
-                    "not-admin",
-                ))
+                Err(ServerError::NotAdmin {
+                    admin_group: self.admin_group_name.clone(),
+                })
             };
         }
         let Some(peer) = request.extensions().get::<IrohPeer>() else {
-            return Err(Status::internal(
-                "request arrived without transport identity",
+            return Err(ServerError::Internal(
+                "request arrived without transport identity".to_owned(),
             ));
         };
         let principal = self.authenticate_peer(peer.endpoint_id, request.headers(), access)?;
@@ -179,25 +170,15 @@ impl AuthPolicy {
             return Ok(principal);
         }
         Err(match principal {
-            None => refusal(
-                Status::unauthenticated(format!(
-                    "client {} is not trusted by this builder and presented no ticket; \
-                     use --ticket, or ask the builder's admin to add this key to trustedClients",
-                    peer.endpoint_id
-                )),
-                "client-not-trusted",
-            ),
-            Some(_) => refusal(
-                Status::permission_denied(match access {
-                    Access::Admin => {
-                        "only the builder's local admin may do this (on the builder, through its admin socket)"
-                    }
-                    _ => {
-                        "ticket holders may build but not watch the builder; trusted clients may watch it"
-                    }
-                }),
-                "not-allowed",
-            ),
+            None => ServerError::ClientNotTrusted(peer.endpoint_id),
+            Some(_) => ServerError::NotAllowed(match access {
+                Access::Admin => {
+                    "only the builder's local admin may do this (on the builder, through its admin socket)"
+                }
+                _ => {
+                    "ticket holders may build but not watch the builder; trusted clients may watch it"
+                }
+            }),
         })
     }
 
@@ -206,7 +187,7 @@ impl AuthPolicy {
         endpoint_id: EndpointId,
         headers: &http::HeaderMap,
         access: Access,
-    ) -> Result<Option<Principal>, Status> {
+    ) -> Result<Option<Principal>, ServerError> {
         if let Some((name, limits)) = self.trusted.get(&endpoint_id) {
             return Ok(Some(Principal::TrustedClient {
                 name: name.clone(),
@@ -221,14 +202,7 @@ impl AuthPolicy {
             .to_str()
             .ok()
             .and_then(BearerSecret::from_authorization)
-            .ok_or_else(|| {
-                refusal(
-                    Status::unauthenticated(
-                        "malformed ticket credentials in the authorization metadata",
-                    ),
-                    "ticket-unknown",
-                )
-            })?;
+            .ok_or(ServerError::MalformedCredentials)?;
         let checked = if access == Access::Session {
             self.tickets.authenticate_session(id, &secret, endpoint_id)
         } else {
@@ -243,42 +217,17 @@ impl AuthPolicy {
             })),
             Err(refused) => {
                 debug!(peer = %endpoint_id.fmt_short(), ticket = %id, %refused, "ticket refused");
-                Err(ticket_refusal_status(&refused))
+                Err(refused.into())
             }
         }
     }
-}
-
-/// The status (and refusal reason) a ticket refusal is reported with.
-pub fn ticket_refusal_status(refused: &TicketRefusal) -> Status {
-    let message = refused.to_string();
-    let (status, reason) = match refused {
-        TicketRefusal::Unknown => (Status::unauthenticated(message), "ticket-unknown"),
-        TicketRefusal::Revoked(_) => (Status::permission_denied(message), "ticket-revoked"),
-        TicketRefusal::Expired { .. } => (Status::permission_denied(message), "ticket-expired"),
-        TicketRefusal::UsedUp { .. } => (Status::resource_exhausted(message), "ticket-used-up"),
-        TicketRefusal::BoundElsewhere { .. } => (
-            Status::permission_denied(message),
-            "ticket-bound-to-other-client",
-        ),
-    };
-    refusal(status, reason)
-}
-
-fn refusal(status: Status, reason: &'static str) -> Status {
-    let mut metadata = MetadataMap::new();
-    metadata.insert(
-        REFUSAL_METADATA,
-        reason.parse().expect("refusal reasons are ASCII"),
-    );
-    Status::with_metadata(status.code(), status.message(), metadata)
 }
 
 impl Policy for AuthPolicy {
     type Grant = Principal;
 
     fn authorize(&self, request: &http::Request<Body>) -> Result<Option<Principal>, Status> {
-        AuthPolicy::authorize(self, request)
+        AuthPolicy::authorize(self, request).map_err(Status::from)
     }
 }
 
@@ -289,11 +238,10 @@ pub type AuthLayer = AuthorizeLayer<AuthPolicy>;
 ///
 /// Handlers call this only for methods the layer guards, so a missing
 /// principal is a wiring bug, reported as `INTERNAL`.
-pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, Status> {
-    request
-        .extensions()
-        .get::<Principal>()
-        .ok_or_else(|| Status::internal("request reached a handler without authorization"))
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, ServerError> {
+    request.extensions().get::<Principal>().ok_or_else(|| {
+        ServerError::Internal("request reached a handler without authorization".to_owned())
+    })
 }
 
 #[cfg(test)]
@@ -338,6 +286,7 @@ mod tests {
             uid,
             gid,
             pid: None,
+            groups: vec![7],
         };
         assert!(policy.allows(&peer(0, 0)));
         assert!(policy.allows(&peer(500, 500)));
@@ -349,16 +298,6 @@ mod tests {
                 admin_gid: None
             }
             .allows(&peer(1000, 10))
-        );
-    }
-
-    #[test]
-    fn refusals_carry_a_reason_code() {
-        let status = ticket_refusal_status(&TicketRefusal::Unknown);
-        assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert_eq!(
-            status.metadata().get(REFUSAL_METADATA).unwrap(),
-            "ticket-unknown"
         );
     }
 }

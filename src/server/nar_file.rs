@@ -20,8 +20,8 @@ use std::{
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
-use tonic::Status;
 
+use super::error::ServerError;
 use crate::transport::http2::CHUNK;
 
 /// Bytes read from the file at a time, sent on in [`CHUNK`]s: fewer trips
@@ -272,13 +272,14 @@ impl NarFile {
         &self,
         offset: u64,
         length: u64,
-    ) -> Result<mpsc::Receiver<Result<Bytes, Status>>, Status> {
+    ) -> Result<mpsc::Receiver<Result<Bytes, ServerError>>, ServerError> {
         let end = range_end(offset, length, self.size)?;
         if let Some(handoff) = &self.handoff {
             let mut handoff = lock(handoff);
             if handoff.lossy {
-                return Err(Status::failed_precondition(
-                    "this NAR was handed to its reader from memory and is not kept for another",
+                return Err(ServerError::FailedPrecondition(
+                    "this NAR was handed to its reader from memory and is not kept for another"
+                        .to_owned(),
                 ));
             }
             handoff.started += 1;
@@ -299,7 +300,9 @@ impl NarFile {
                 Ok(file) => file,
                 Err(err) => {
                     let _ = tx
-                        .send(Err(Status::internal(format!("opening a NAR file: {err}"))))
+                        .send(Err(ServerError::Internal(format!(
+                            "opening a NAR file: {err}"
+                        ))))
                         .await;
                     return;
                 }
@@ -317,8 +320,8 @@ impl NarFile {
                     Ok(Written {
                         done: Some(Err(why)),
                         ..
-                    }) => Err(Status::internal(why.to_string())),
-                    _ => Err(Status::internal(ABANDONED)),
+                    }) => Err(ServerError::Internal(why.to_string())),
+                    _ => Err(ServerError::Internal(ABANDONED.to_owned())),
                 };
                 let block = match available {
                     Ok(available) => {
@@ -343,12 +346,12 @@ impl NarFile {
                                 .await
                                 .map(|block| vec![Bytes::from(block)])
                                 .map_err(|err| {
-                                    Status::internal(format!("reading a NAR file: {err}"))
+                                    ServerError::Internal(format!("reading a NAR file: {err}"))
                                 })
                             }
                         }
                     }
-                    Err(status) => Err(status),
+                    Err(err) => Err(err),
                 };
                 match block {
                     Ok(block) => {
@@ -362,8 +365,8 @@ impl NarFile {
                             }
                         }
                     }
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                    Err(err) => {
+                        let _ = tx.send(Err(err)).await;
                         return;
                     }
                 }
@@ -375,9 +378,9 @@ impl NarFile {
 
 /// Where a read of `length` bytes from `offset` (0: to the end) of a file of
 /// `size` bytes ends; an error if `offset` is past the end.
-pub fn range_end(offset: u64, length: u64, size: u64) -> Result<u64, Status> {
+pub fn range_end(offset: u64, length: u64, size: u64) -> Result<u64, ServerError> {
     if offset > size || (offset == size && size > 0) {
-        return Err(Status::out_of_range(format!(
+        return Err(ServerError::OutOfRange(format!(
             "offset {offset} is past the end of the file ({size} bytes)"
         )));
     }
@@ -510,7 +513,9 @@ mod tests {
 
     use super::*;
 
-    async fn collect(mut rx: mpsc::Receiver<Result<Bytes, Status>>) -> Result<Vec<u8>, Status> {
+    async fn collect(
+        mut rx: mpsc::Receiver<Result<Bytes, ServerError>>,
+    ) -> Result<Vec<u8>, ServerError> {
         let mut out = Vec::new();
         while let Some(chunk) = rx.recv().await {
             out.extend_from_slice(&chunk?);
@@ -539,7 +544,7 @@ mod tests {
             .unwrap();
         assert_eq!(tail, &bytes[bytes.len() - 5..]);
         let err = nar.read_range(bytes.len() as u64, 0).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::OutOfRange);
+        assert!(matches!(err, ServerError::OutOfRange(_)), "{err:?}");
     }
 
     #[tokio::test]
@@ -681,7 +686,7 @@ mod tests {
         writer.advance(100);
         writer.abandon("the NAR does not match");
         let err = collect(reader).await.unwrap_err();
-        assert!(err.message().contains("does not match"), "{err:?}");
+        assert!(err.to_string().contains("does not match"), "{err:?}");
         let dropped = {
             let (nar, writer) = NarFile::growing(tempfile::tempfile().unwrap(), 10);
             let reader = nar.read_range(0, 0).unwrap();

@@ -22,8 +22,9 @@ pub struct ClientLabel {
     pub ticket_id: Option<String>,
 }
 
+/// One open session, as the board shows it.
 #[derive(Debug, Clone)]
-struct Session {
+struct SessionRow {
     client: ClientLabel,
     drv_path: String,
     phase: BuildPhase,
@@ -47,7 +48,7 @@ struct Finished {
 #[derive(Debug, Clone, Default)]
 pub struct Board {
     open_connections: u32,
-    sessions: BTreeMap<String, Session>,
+    sessions: BTreeMap<String, SessionRow>,
     queue: VecDeque<String>,
     recent: VecDeque<Finished>,
 }
@@ -102,7 +103,7 @@ impl StatusBoard {
         self.board.send_modify(|board| {
             board.sessions.insert(
                 session_id.to_owned(),
-                Session {
+                SessionRow {
                     client,
                     drv_path: drv_path.to_owned(),
                     phase,
@@ -183,7 +184,7 @@ impl StatusBoard {
             label: label.label.clone(),
             ticket_id: label.ticket_id.clone().unwrap_or_default(),
         };
-        let mut active: Vec<(&String, &Session)> = board
+        let mut active: Vec<(&String, &SessionRow)> = board
             .sessions
             .iter()
             .filter(|(_, session)| session.phase != BuildPhase::Queued)

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, server::Connected};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::endpoint::ALPN;
+use crate::proto::ALPN;
 
 /// Time allowed for a QUIC handshake to complete.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

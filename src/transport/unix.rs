@@ -17,37 +17,65 @@ use tokio_stream::{Stream, StreamExt, wrappers::UnixListenerStream};
 use tonic::transport::{Channel, server::Connected};
 
 /// The kernel-reported credentials of a unix-socket caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnixPeer {
     /// User id.
     pub uid: u32,
     /// Primary group id.
     pub gid: u32,
-    /// Process id, when the kernel reports one.
+    /// Process id, when the kernel reports one (for logs only: the process
+    /// may be gone, and its id reused, by the time anyone looks).
     pub pid: Option<i32>,
+    /// Supplementary groups of the connecting process when it connected.
+    pub groups: Vec<u32>,
 }
 
 impl UnixPeer {
-    /// Whether the caller belongs to group `gid`: as its primary group, or
-    /// among the supplementary groups of its process (read from
-    /// `/proc/PID/status`, as the kernel reports only the primary group).
-    ///
-    /// The supplementary groups are those of the process at the time of the
-    /// call; a caller whose process has gone is judged by its primary group.
+    /// Whether the caller belonged to group `gid` when it connected: as its
+    /// primary group or among its supplementary groups, both as the kernel
+    /// recorded them on the socket.
     pub fn is_member_of(&self, gid: u32) -> bool {
-        self.gid == gid || self.pid.is_some_and(|pid| process_in_group(pid, gid))
+        self.gid == gid || self.groups.contains(&gid)
     }
 }
 
-/// Whether process `pid` has `gid` among its supplementary groups.
-fn process_in_group(pid: i32, gid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Groups:"))
-        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+/// `SO_PEERGROUPS` (Linux 4.13+) as asm-generic numbers it, for x86_64 and
+/// aarch64; the libc crate does not export it.
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// The supplementary groups the kernel recorded for the process at the other
+/// end of `stream` when it connected. Unlike the process's current groups,
+/// they cannot change, and they belong to that connection, not to whatever
+/// process has its id later.
+fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(std::mem::size_of_val(groups.as_slice()))
+            .map_err(io::Error::other)?;
+        // SAFETY: the buffer holds `len` bytes, and the kernel writes at
+        // most that many and says how many in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        // ERANGE: too small, and `len` says what it takes.
+        if err.raw_os_error() != Some(libc::ERANGE) || count <= groups.len() {
+            return Err(err);
+        }
+        groups.resize(count, 0);
+    }
 }
 
 /// The id of the group named `name`, if there is one.
@@ -108,7 +136,7 @@ impl Connected for UnixConnection {
     type ConnectInfo = UnixPeer;
 
     fn connect_info(&self) -> UnixPeer {
-        self.peer
+        self.peer.clone()
     }
 }
 
@@ -131,34 +159,33 @@ impl Drop for SocketFile {
 /// group `gid` when given, replacing a stale socket file left by a dead
 /// process.
 ///
-/// The socket is bound under a temporary name and renamed into place only
-/// once its mode and group are set, so it is never connectable with the
-/// umask's looser permissions. The caller must hold whatever lock makes it
-/// the only live server for this path, or it would steal a running
-/// server's socket.
+/// The socket is bound in a fresh directory of our own (mode 0700, beside
+/// `path`) and renamed into place only once its mode and group are set: it
+/// is never connectable with the umask's looser permissions, and nobody
+/// else can swap it for a symlink that the mode and group would then be set
+/// on. The caller must hold whatever lock makes it the only live server for
+/// this path, or it would steal a running server's socket.
 pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<(UnixListener, SocketFile)> {
     let dir = path
         .parent()
         .filter(|dir| !dir.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|name| name.to_string_lossy())
-        .unwrap_or_default();
-    let staging = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    match std::fs::remove_file(&staging) {
-        Ok(()) => {}
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(err),
-    }
-    let listener = UnixListener::bind(&staging)?;
-    let staged = SocketFile(staging.clone());
-    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a socket path needs a file name",
+        )
+    })?;
+    let staging = tempfile::Builder::new()
+        .prefix(".socket-")
+        .tempdir_in(dir)?;
+    let staged = staging.path().join(name);
+    let listener = UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(&staging, None, Some(gid))?;
+        std::os::unix::fs::chown(&staged, None, Some(gid))?;
     }
-    std::fs::rename(&staging, path)?;
-    std::mem::forget(staged);
+    std::fs::rename(&staged, path)?;
     Ok((listener, SocketFile(path.to_owned())))
 }
 
@@ -171,11 +198,13 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UnixCon
             Err(err) => return Some(Err(err)),
         };
         let cred = stream.peer_cred().ok()?;
+        let groups = peer_groups(&stream).ok()?;
         Some(Ok(UnixConnection {
             peer: UnixPeer {
                 uid: cred.uid(),
                 gid: cred.gid(),
                 pid: cred.pid(),
+                groups,
             },
             stream,
         }))
@@ -205,28 +234,48 @@ pub async fn connect(path: &Path) -> io::Result<Channel> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn membership_counts_primary_and_supplementary_groups() {
-        let peer = |gid, pid| UnixPeer {
-            uid: 1000,
-            gid,
-            pid,
-        };
-        assert!(peer(10, None).is_member_of(10));
-        assert!(!peer(10, None).is_member_of(11));
+    #[tokio::test]
+    async fn membership_counts_the_groups_recorded_at_connect_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, _file) = bind(&dir.path().join("s.sock"), 0o600, None).unwrap();
+        let mut accepted = Box::pin(incoming(listener));
+        let _client = UnixStream::connect(dir.path().join("s.sock"))
+            .await
+            .unwrap();
+        let peer = accepted.next().await.unwrap().unwrap().peer;
 
-        // This process's supplementary groups come from /proc.
         let mut groups = vec![0 as libc::gid_t; 256];
         // SAFETY: the buffer holds `groups.len()` gids.
         let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
         groups.truncate(usize::try_from(n).unwrap());
-        let me = Some(std::process::id() as i32);
-        for gid in groups {
-            assert!(peer(u32::MAX - 1, me).is_member_of(gid), "{gid}");
+        // SAFETY: getegid cannot fail and touches no memory.
+        let primary = unsafe { libc::getegid() };
+        assert_eq!(peer.gid, primary);
+        for gid in groups.iter().copied().chain([primary]) {
+            assert!(peer.is_member_of(gid), "{gid}");
         }
-        assert!(!peer(u32::MAX - 1, me).is_member_of(u32::MAX - 2));
-        // A process that is gone has only its primary group.
-        assert!(!peer(u32::MAX - 1, Some(i32::MAX)).is_member_of(0));
+        assert!(!peer.is_member_of(u32::MAX - 2));
+    }
+
+    #[tokio::test]
+    async fn binds_with_its_mode_and_leaves_nothing_else_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        std::fs::write(&path, "stale").unwrap();
+        let (_listener, file) = bind(&path, 0o660, None).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660);
+        UnixStream::connect(&path).await.unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["admin.sock"]);
+        drop(file);
+        assert!(!path.exists());
     }
 
     #[test]

@@ -73,12 +73,11 @@ pkgs.testers.runNixOSTest {
 
     # The endpoint id must be known when the client is configured: use
     # secretKeyFile with a fixed key, and seed the signing key the server would
-    # otherwise generate on first start.
+    # otherwise generate on first start. The key stays root's: the service
+    # gets it as a systemd credential.
     environment.etc."drv-thru-test/iroh.key" = {
       text = builderIrohSecret;
       mode = "0400";
-      user = "drv-thru";
-      group = "drv-thru";
     };
     systemd.tmpfiles.rules = [
       "d /var/lib/drv-thru 0711 drv-thru drv-thru - -"
@@ -161,6 +160,8 @@ pkgs.testers.runNixOSTest {
               builder.succeed(f"test \"$(stat -c %a:%U /var/lib/drv-thru/{secret})\" = 600:drv-thru")
           builder.fail(as_user("admin", "cat /var/lib/drv-thru/signing-secret.key"))
           builder.succeed("grep -qxF ${lib.escapeShellArg builderSigningPublic} /var/lib/drv-thru/signing-public.key")
+          builder.succeed("test \"$(stat -c %a:%U /etc/drv-thru-test/iroh.key)\" = 400:root")
+          builder.succeed(as_user("admin", "drv-thru status") + " | grep -q ${builderEndpointId}")
           builder.fail("grep -E '^trusted-users.*drv-thru' /etc/nix/nix.conf")
 
       with subtest("the admin group manages the builder, other users do not"):

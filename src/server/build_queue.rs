@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
-use tonic::Status;
 use tracing::{info, warn};
 
-use super::{cache::SignedCache, session::Session, status::StatusBoard};
+use super::{cache::SignedCache, sessions::Session, status::StatusBoard};
 use crate::{
     nix::{drv::Derivation, store_path::StorePath},
     nixcmd::{BuildEvent, LogRecord, Nix},
@@ -31,7 +30,7 @@ pub struct BuildContext {
     pub cache: Arc<SignedCache>,
 }
 
-type Events = mpsc::Sender<Result<proto::BuildResponse, Status>>;
+type Events = mpsc::Sender<proto::BuildResponse>;
 
 /// How a build ended, for the client, the status board and the log.
 struct Ending {
@@ -52,7 +51,7 @@ impl Ending {
 
 async fn send(events: &Events, event: Event) -> bool {
     events
-        .send(Ok(proto::BuildResponse { event: Some(event) }))
+        .send(proto::BuildResponse { event: Some(event) })
         .await
         .is_ok()
 }

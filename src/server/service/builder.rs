@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
     pin::Pin,
     sync::Arc,
 };
@@ -15,19 +14,21 @@ use tokio_stream::{
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{error, info};
 
-use super::{
-    auth::{Principal, principal, ticket_refusal_status},
-    build::{self, BuildContext},
-    session::{DeclaredInput, MAX_INPUTS, Session, Sessions},
-    status::{ClientLabel, StatusBoard},
-    ticket_store::{TakeUseError, TicketStore},
-    upload,
-};
 use crate::{
     config::Limits,
     nix::{import_order::import_groups, store_path::StorePath},
     nixcmd::Nix,
     proto::{self, BuildPhase, BuildResult, builder_server},
+    server::{
+        auth::{Principal, principal},
+        build_queue::{self, BuildContext},
+        declared_input::DeclaredInput,
+        error::ServerError,
+        sessions::{BuildState, MAX_INPUTS, Session, Sessions},
+        status::{ClientLabel, StatusBoard},
+        ticket_store::{TakeUseError, TicketStore},
+        upload::Uploads,
+    },
     transport::IrohPeer,
 };
 
@@ -38,19 +39,19 @@ pub struct BuilderService {
     tickets: Arc<TicketStore>,
     sessions: Arc<Sessions>,
     signing_key: String,
-    uploads_dir: PathBuf,
+    uploads: Arc<Uploads>,
     build: BuildContext,
 }
 
 impl BuilderService {
     /// A service reporting to `board`, admitting with `tickets`, keeping
-    /// `sessions`, staging uploads in `uploads_dir` and building with `build`.
+    /// `sessions` and their `uploads`, and building with `build`.
     pub fn new(
         board: Arc<StatusBoard>,
         tickets: Arc<TicketStore>,
         sessions: Arc<Sessions>,
         signing_key: String,
-        uploads_dir: PathBuf,
+        uploads: Uploads,
         build: BuildContext,
     ) -> Self {
         Self {
@@ -58,7 +59,7 @@ impl BuilderService {
             tickets,
             sessions,
             signing_key,
-            uploads_dir,
+            uploads: Arc::new(uploads),
             build,
         }
     }
@@ -68,7 +69,7 @@ impl BuilderService {
     }
 
     /// Takes the ticket use (for ticket holders) and says who is building.
-    fn admit(&self, principal: Principal) -> Result<(ClientLabel, Limits), Status> {
+    fn admit(&self, principal: Principal) -> Result<(ClientLabel, Limits), ServerError> {
         match principal {
             Principal::TrustedClient {
                 name,
@@ -93,11 +94,11 @@ impl BuilderService {
                     .tickets
                     .take_use(ticket.id, &secret, endpoint_id, proto::now_unix())
                     .map_err(|err| match err {
-                        TakeUseError::Refused(refused) => ticket_refusal_status(&refused),
+                        TakeUseError::Refused(refused) => refused.into(),
                         TakeUseError::Store(err) => {
                             error!("{err:#}");
-                            Status::unavailable(
-                                "the builder could not record the ticket use; try again",
+                            ServerError::Unavailable(
+                                "the builder could not record the ticket use; try again".to_owned(),
                             )
                         }
                     })?;
@@ -110,20 +111,20 @@ impl BuilderService {
                     ticket.limits,
                 ))
             }
-            Principal::LocalAdmin { .. } => Err(Status::permission_denied(
-                "the local admin does not build through the admin socket",
-            )),
+            Principal::LocalAdmin { .. } => Err(ServerError::AdminCannotBuild),
         }
     }
 
-    /// Ends `session` when its connection closes: stops its build, frees
-    /// its slot and records how it ended.
+    /// Ends `session` when its connection closes: stops its build, drops
+    /// its upload, frees its slot and records how it ended.
     fn end_with_connection(&self, session: Arc<Session>, peer: IrohPeer) {
         let board = self.board.clone();
         let sessions = self.sessions.clone();
+        let uploads = self.uploads.clone();
         tokio::spawn(async move {
             let reason = peer.connection.closed().await;
             session.cancelled.cancel();
+            uploads.remove(&session.id);
             if sessions.remove(&session.id).is_some() {
                 let (result, message) = session
                     .outcome()
@@ -135,13 +136,15 @@ impl BuilderService {
     }
 }
 
-fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, Status> {
+fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, ServerError> {
     request
         .extensions()
         .get::<IrohPeer>()
         .cloned()
         .ok_or_else(|| {
-            Status::failed_precondition("build sessions are opened over Iroh, not the admin socket")
+            ServerError::FailedPrecondition(
+                "build sessions are opened over Iroh, not the admin socket".to_owned(),
+            )
         })
 }
 
@@ -154,26 +157,26 @@ fn new_session_id() -> String {
 fn declared_inputs(
     drv_path: &StorePath,
     inputs: Vec<proto::InputPath>,
-) -> Result<BTreeMap<StorePath, DeclaredInput>, Status> {
+) -> Result<BTreeMap<StorePath, DeclaredInput>, ServerError> {
     if inputs.len() > MAX_INPUTS {
-        return Err(Status::invalid_argument(format!(
+        return Err(ServerError::InvalidArgument(format!(
             "{} inputs announced; a derivation closure has at most {MAX_INPUTS}",
             inputs.len()
         )));
     }
     let mut declared = BTreeMap::new();
     for input in inputs {
-        let input = DeclaredInput::from_proto(input).map_err(Status::invalid_argument)?;
+        let input = DeclaredInput::from_proto(input)?;
         declared.insert(input.path.clone(), input);
     }
     if !declared.contains_key(drv_path) {
-        return Err(Status::invalid_argument(format!(
+        return Err(ServerError::InvalidArgument(format!(
             "the inputs must include the derivation {drv_path} itself"
         )));
     }
     for input in declared.values() {
         if let Some(outside) = input.references.iter().find(|r| !declared.contains_key(*r)) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServerError::InvalidArgument(format!(
                 "input {} refers to {outside}, which is not among the inputs (send the whole closure)",
                 input.path
             )));
@@ -185,13 +188,15 @@ fn declared_inputs(
 /// The inputs in the order the builder's Nix adds them, references first.
 /// Clients are asked to send missing inputs in this order, so an import that
 /// reads inputs while they arrive never waits for one that comes last.
-fn import_order(inputs: &BTreeMap<StorePath, DeclaredInput>) -> Result<Vec<StorePath>, Status> {
+fn import_order(
+    inputs: &BTreeMap<StorePath, DeclaredInput>,
+) -> Result<Vec<StorePath>, ServerError> {
     let references = inputs
         .iter()
         .map(|(path, input)| (path.clone(), input.references.clone()))
         .collect();
     let groups = import_groups(&references).map_err(|cycle| {
-        Status::invalid_argument(format!("{cycle}; a store closure has no cycles"))
+        ServerError::InvalidArgument(format!("{cycle}; a store closure has no cycles"))
     })?;
     Ok(groups.into_iter().flat_map(|group| group.paths).collect())
 }
@@ -234,11 +239,12 @@ impl builder_server::Builder for BuilderService {
         let proto::OpenSessionRequest { drv_path, inputs } = request.into_inner();
         let drv_path: StorePath = drv_path
             .parse()
-            .map_err(|err| Status::invalid_argument(format!("drv_path: {err}")))?;
+            .map_err(|err| ServerError::InvalidArgument(format!("drv_path: {err}")))?;
         if !drv_path.is_derivation() {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServerError::InvalidArgument(format!(
                 "drv_path {drv_path} is not a derivation (.drv)"
-            )));
+            ))
+            .into());
         }
         let inputs = declared_inputs(&drv_path, inputs)?;
         let order = import_order(&inputs)?;
@@ -264,9 +270,10 @@ impl builder_server::Builder for BuilderService {
                 error!(session = %session_id, "checking inputs: {err}");
                 self.board
                     .finish(&session_id, BuildResult::Error, "could not check inputs");
-                return Err(Status::internal(
-                    "the builder could not check which inputs it has; see its log",
-                ));
+                return Err(ServerError::Internal(
+                    "the builder could not check which inputs it has; see its log".to_owned(),
+                )
+                .into());
             }
         };
         let session = Arc::new(Session::new(
@@ -298,19 +305,20 @@ impl builder_server::Builder for BuilderService {
         let first = stream
             .message()
             .await?
-            .ok_or_else(|| Status::invalid_argument("empty upload"))?;
+            .ok_or_else(|| ServerError::InvalidArgument("empty upload".to_owned()))?;
         let session = self.sessions.get(&first.session_id, peer.endpoint_id)?;
-        if session.build_state() != super::session::BuildState::NotStarted {
-            return Err(Status::failed_precondition(
-                "inputs can only be uploaded before the build starts",
-            ));
+        if session.build_state() != BuildState::NotStarted {
+            return Err(ServerError::FailedPrecondition(
+                "inputs can only be uploaded before the build starts".to_owned(),
+            )
+            .into());
         }
         self.board.set_phase(&session.id, BuildPhase::Uploading);
         let messages = tokio_stream::once(Ok(first)).chain(stream);
-        let result = upload::receive(&session, self.nix(), &self.uploads_dir, messages).await;
+        let result = self.uploads.receive(&session, messages).await;
         self.board
             .set_phase(&session.id, BuildPhase::CheckingInputs);
-        result.map(Response::new)
+        Ok(Response::new(result?))
     }
 
     type BuildStream = BuildStream;
@@ -329,7 +337,7 @@ impl builder_server::Builder for BuilderService {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         self.build
             .tasks
-            .spawn(build::run(self.build.clone(), session, rebuild, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            .spawn(build_queue::run(self.build.clone(), session, rebuild, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
 }

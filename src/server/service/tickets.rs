@@ -6,13 +6,16 @@ use iroh::{Endpoint, EndpointAddr};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use super::ticket_store::{NewTicket, StoreError, TicketRecord, TicketStore};
 use crate::{
     config::Limits,
     endpoint::direct_addresses,
     nix::signing,
     proto::{self, tickets_server},
-    ticket::{Ticket, TicketId},
+    server::{
+        error::ServerError,
+        ticket_store::{NewTicket, StoreError, TicketRecord, TicketStore},
+    },
+    ticket::{Ticket, TicketId, TicketParseError},
     units::{ByteSize, HumanDuration},
 };
 
@@ -59,36 +62,40 @@ impl TicketsService {
         .to_string()
     }
 
-    fn find(&self, id: &str) -> Result<TicketRecord, Status> {
-        let id: TicketId = id.parse().map_err(|err: crate::ticket::TicketParseError| {
-            Status::invalid_argument(err.to_string())
-        })?;
+    fn find(&self, id: &str) -> Result<TicketRecord, ServerError> {
+        let id: TicketId = id.parse().map_err(invalid_ticket)?;
         self.store.get(id).ok_or_else(|| {
-            Status::not_found(format!(
+            ServerError::NotFound(format!(
                 "no ticket with id {id} (see `drv-thru ticket list --all`)"
             ))
         })
     }
 }
 
-fn store_status(err: StoreError) -> Status {
-    tracing::error!("{err:#}");
-    Status::internal("the builder could not record the ticket change; see its log")
+fn invalid_ticket(err: TicketParseError) -> ServerError {
+    ServerError::InvalidArgument(err.to_string())
 }
 
-fn new_ticket(request: proto::CreateTicketRequest) -> Result<NewTicket, Status> {
+fn store_failed(err: StoreError) -> ServerError {
+    tracing::error!("{err:#}");
+    ServerError::Internal("the builder could not record the ticket change; see its log".to_owned())
+}
+
+fn new_ticket(request: proto::CreateTicketRequest) -> Result<NewTicket, ServerError> {
     let lifetime_secs = match request.expires_in {
         None => DEFAULT_LIFETIME_SECS,
         Some(expires_in) => proto::std_duration(&expires_in)
             .map(|d| d.as_secs())
             .filter(|secs| *secs > 0)
-            .ok_or_else(|| Status::invalid_argument("expires_in must be a positive duration"))?,
+            .ok_or_else(|| {
+                ServerError::InvalidArgument("expires_in must be a positive duration".to_owned())
+            })?,
     };
     let uses = match (request.unlimited_uses, request.uses) {
         (true, 0) => None,
         (true, _) => {
-            return Err(Status::invalid_argument(
-                "give either a number of uses or unlimited uses, not both",
+            return Err(ServerError::InvalidArgument(
+                "give either a number of uses or unlimited uses, not both".to_owned(),
             ));
         }
         (false, 0) => Some(1),
@@ -103,7 +110,9 @@ fn new_ticket(request: proto::CreateTicketRequest) -> Result<NewTicket, Status> 
                 Some(duration) => proto::std_duration(&duration)
                     .and_then(|d| HumanDuration::try_from(d).ok())
                     .ok_or_else(|| {
-                        Status::invalid_argument("max_build_time must be a positive duration")
+                        ServerError::InvalidArgument(
+                            "max_build_time must be a positive duration".to_owned(),
+                        )
                     })?,
             },
             max_upload_bytes: match limits.max_upload_bytes {
@@ -115,7 +124,7 @@ fn new_ticket(request: proto::CreateTicketRequest) -> Result<NewTicket, Status> 
     let bound_client = match request.bind_client.trim() {
         "" => None,
         id => Some(id.parse().map_err(|_| {
-            Status::invalid_argument(format!(
+            ServerError::InvalidArgument(format!(
                 "bind_client {id:?} is not an endpoint id (64 hex characters, as `drv-thru key show` prints)"
             ))
         })?),
@@ -137,7 +146,7 @@ impl tickets_server::Tickets for TicketsService {
     ) -> Result<Response<proto::CreateTicketResponse>, Status> {
         let new = new_ticket(request.into_inner())?;
         let now = proto::now_unix();
-        let (record, _) = self.store.create(new, now).map_err(store_status)?;
+        let (record, _) = self.store.create(new, now).map_err(store_failed)?;
         info!(ticket = %record.id, name = %record.name, "ticket created");
         Ok(Response::new(proto::CreateTicketResponse {
             ticket_string: self.ticket_string(&record),
@@ -149,17 +158,19 @@ impl tickets_server::Tickets for TicketsService {
         &self,
         request: Request<proto::InspectTicketRequest>,
     ) -> Result<Response<proto::InspectTicketResponse>, Status> {
-        let ticket: Ticket = request.into_inner().ticket_string.parse().map_err(
-            |err: crate::ticket::TicketParseError| Status::invalid_argument(err.to_string()),
-        )?;
+        let ticket: Ticket = request
+            .into_inner()
+            .ticket_string
+            .parse()
+            .map_err(invalid_ticket)?;
         let not_here = || {
-            Status::not_found(format!(
+            ServerError::NotFound(format!(
                 "ticket {} was not issued by this builder",
                 ticket.id()
             ))
         };
         if ticket.builder_id() != self.endpoint.id() {
-            return Err(not_here());
+            return Err(not_here().into());
         }
         let record = self
             .store
@@ -208,8 +219,8 @@ impl tickets_server::Tickets for TicketsService {
         let record = self
             .store
             .revoke(id, now)
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("no ticket with id {id}")))?;
+            .map_err(store_failed)?
+            .ok_or_else(|| ServerError::NotFound(format!("no ticket with id {id}")))?;
         info!(ticket = %id, "ticket revoked");
         Ok(Response::new(proto::RevokeTicketResponse {
             ticket: Some(record.to_proto(now)),
@@ -237,10 +248,10 @@ mod tests {
             unlimited_uses: true,
             ..Default::default()
         };
-        assert_eq!(
-            new_ticket(both).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
+        assert!(matches!(
+            new_ticket(both).unwrap_err(),
+            ServerError::InvalidArgument(_)
+        ));
         let bad_bind = proto::CreateTicketRequest {
             bind_client: "alex".into(),
             ..Default::default()
@@ -248,7 +259,7 @@ mod tests {
         assert!(
             new_ticket(bad_bind)
                 .unwrap_err()
-                .message()
+                .to_string()
                 .contains("key show")
         );
         let unlimited = proto::CreateTicketRequest {

@@ -11,14 +11,11 @@ use std::{
 
 use iroh::EndpointId;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
-use super::status::ClientLabel;
+use super::{declared_input::DeclaredInput, error::ServerError, status::ClientLabel};
 use crate::{
     config::Limits,
     nix::{
-        content_address::ContentAddress,
-        hash::Sha256Hash,
         narinfo::NarInfo,
         store_path::{StorePath, StorePathHash},
     },
@@ -31,79 +28,6 @@ pub const MAX_INPUTS: usize = 50_000;
 /// Sessions one client may hold open at once, so an unlimited ticket cannot
 /// pile up work.
 pub const MAX_SESSIONS_PER_CLIENT: usize = 8;
-
-/// An input path as the client announced it, already checked to be
-/// content-addressed as its store path claims.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeclaredInput {
-    /// The store path.
-    pub path: StorePath,
-    /// Its references, without itself.
-    pub references: BTreeSet<StorePath>,
-    /// Its content address.
-    pub ca: ContentAddress,
-    /// SHA-256 of its NAR.
-    pub nar_hash: Sha256Hash,
-    /// Size of its NAR.
-    pub nar_size: u64,
-}
-
-impl DeclaredInput {
-    /// Parses and checks an announced input: its store path must be exactly
-    /// what its content address and references make it. Input-addressed
-    /// paths (outputs of other derivations) are refused: nobody can check
-    /// them, so the builder builds or substitutes them itself.
-    pub fn from_proto(input: proto::InputPath) -> Result<Self, String> {
-        let path: StorePath = input
-            .store_path
-            .parse()
-            .map_err(|err| format!("input {:?}: {err}", input.store_path))?;
-        let mut references = BTreeSet::new();
-        let mut self_reference = false;
-        for reference in &input.references {
-            let reference: StorePath = reference
-                .parse()
-                .map_err(|err| format!("input {path}: reference {reference:?}: {err}"))?;
-            if reference == path {
-                self_reference = true;
-            } else {
-                references.insert(reference);
-            }
-        }
-        if input.content_address.is_empty() {
-            return Err(format!(
-                "input {path} is not content-addressed: only .drv files and sources can be uploaded, \
-                 outputs of other derivations are built or substituted by the builder"
-            ));
-        }
-        let ca: ContentAddress = input
-            .content_address
-            .parse()
-            .map_err(|err| format!("input {path}: {err}"))?;
-        let computed = ca
-            .store_path(path.name(), &references, self_reference)
-            .map_err(|err| format!("input {path}: {err}"))?;
-        if computed != path {
-            return Err(format!(
-                "input {path} does not match its content address {ca} (it would be {computed})"
-            ));
-        }
-        let nar_hash: Sha256Hash = input
-            .nar_hash
-            .parse()
-            .map_err(|err| format!("input {path}: nar_hash: {err}"))?;
-        if input.nar_size == 0 {
-            return Err(format!("input {path}: nar_size is zero"));
-        }
-        Ok(Self {
-            path,
-            references,
-            ca,
-            nar_hash,
-            nar_size: input.nar_size,
-        })
-    }
-}
 
 /// Where a session's build is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,8 +71,6 @@ pub struct Session {
     pub inputs: BTreeMap<StorePath, DeclaredInput>,
     /// Cancelled when the owner's connection closes.
     pub cancelled: CancellationToken,
-    /// The input upload in progress, shared by its concurrent calls.
-    pub upload: super::upload::Slot,
     uploaded: AtomicU64,
     state: Mutex<SessionState>,
 }
@@ -172,7 +94,6 @@ impl Session {
             drv,
             inputs,
             cancelled: CancellationToken::new(),
-            upload: Default::default(),
             uploaded: AtomicU64::new(0),
             state: Mutex::new(SessionState {
                 missing,
@@ -205,20 +126,20 @@ impl Session {
 
     /// Counts `bytes` more of upload against the limit; refuses (without
     /// counting) once the limit would be exceeded.
-    pub fn count_upload(&self, bytes: u64) -> Result<u64, Status> {
+    pub fn count_upload(&self, bytes: u64) -> Result<u64, ServerError> {
         let limit = self.limits.max_upload_bytes.get();
-        let total = self
+        let before = self
             .uploaded
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |so_far| {
                 so_far.checked_add(bytes).filter(|total| *total <= limit)
             })
             .map_err(|_| self.upload_too_large())?;
-        Ok(total + bytes)
+        Ok(before + bytes)
     }
 
     /// Refuses, without counting anything, if `bytes` more would exceed
     /// the upload limit.
-    pub fn check_upload_room(&self, bytes: u64) -> Result<(), Status> {
+    pub fn check_upload_room(&self, bytes: u64) -> Result<(), ServerError> {
         let so_far = self.uploaded.load(Ordering::SeqCst);
         match so_far.checked_add(bytes) {
             Some(total) if total <= self.limits.max_upload_bytes.get() => Ok(()),
@@ -226,8 +147,8 @@ impl Session {
         }
     }
 
-    fn upload_too_large(&self) -> Status {
-        Status::resource_exhausted(format!(
+    fn upload_too_large(&self) -> ServerError {
+        ServerError::ResourceExhausted(format!(
             "upload exceeds this session's max_upload_bytes of {} ({} bytes); \
              ask the builder's admin for a larger limit",
             self.limits.max_upload_bytes,
@@ -236,17 +157,20 @@ impl Session {
     }
 
     /// Moves the session from not started to running; a session builds once.
-    pub fn start_build(&self) -> Result<(), Status> {
+    pub fn start_build(&self) -> Result<(), ServerError> {
         let mut state = self.state();
         if state.build != BuildState::NotStarted {
-            return Err(Status::failed_precondition(
-                "this session has already built; open a new session",
+            return Err(ServerError::FailedPrecondition(
+                "this session has already built; open a new session".to_owned(),
             ));
         }
         if let Some(first) = state.missing.iter().next() {
-            return Err(Status::failed_precondition(format!(
-                "{} inputs are still missing on the builder (e.g. {first}); upload them first",
-                state.missing.len()
+            let missing = match state.missing.len() {
+                1 => "1 input is".to_owned(),
+                n => format!("{n} inputs are"),
+            };
+            return Err(ServerError::FailedPrecondition(format!(
+                "{missing} still missing on the builder (e.g. {first}); upload them first"
             )));
         }
         state.build = BuildState::Running;
@@ -315,14 +239,14 @@ impl Sessions {
     }
 
     /// Refuses a new session for `peer` when it already holds the maximum.
-    pub fn ensure_capacity(&self, peer: EndpointId) -> Result<(), Status> {
+    pub fn ensure_capacity(&self, peer: EndpointId) -> Result<(), ServerError> {
         let open = self
             .map()
             .values()
             .filter(|session| session.owner == peer)
             .count();
         if open >= MAX_SESSIONS_PER_CLIENT {
-            return Err(Status::resource_exhausted(format!(
+            return Err(ServerError::ResourceExhausted(format!(
                 "this client already has {open} open sessions, the most one client may hold; finish one first"
             )));
         }
@@ -336,13 +260,13 @@ impl Sessions {
 
     /// The session `id` if `peer` owns it. Another peer's session looks
     /// exactly like a missing one, so ids reveal nothing.
-    pub fn get(&self, id: &str, peer: EndpointId) -> Result<Arc<Session>, Status> {
+    pub fn get(&self, id: &str, peer: EndpointId) -> Result<Arc<Session>, ServerError> {
         self.map()
             .get(id)
             .filter(|session| session.owner == peer)
             .cloned()
             .ok_or_else(|| {
-                Status::not_found(format!(
+                ServerError::NotFound(format!(
                     "no session {id:?} on this connection; open a new session"
                 ))
             })
@@ -364,55 +288,6 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // A real .drv path with its references and content address, from Nix 2.8.
-    fn text_input() -> proto::InputPath {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nix");
-        let drv = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .find(|name| name.ends_with("-t.drv"))
-            .expect("fixture t.drv");
-        let contents = std::fs::read(dir.join(&drv)).unwrap();
-        proto::InputPath {
-            store_path: format!("/nix/store/{drv}"),
-            references: vec![],
-            content_address: format!("text:{}", Sha256Hash::digest(&contents)),
-            nar_hash: format!("{}", Sha256Hash::digest(b"not checked here")),
-            nar_size: 1,
-        }
-    }
-
-    #[test]
-    fn accepts_a_drv_whose_path_matches_its_content_address() {
-        let input = DeclaredInput::from_proto(text_input()).unwrap();
-        assert!(input.path.is_derivation());
-    }
-
-    #[test]
-    fn refuses_input_addressed_and_mismatching_paths() {
-        let mut lying = text_input();
-        lying.content_address = format!("text:{}", Sha256Hash::digest(b"other contents"));
-        assert!(
-            DeclaredInput::from_proto(lying)
-                .unwrap_err()
-                .contains("does not match")
-        );
-
-        let mut output = text_input();
-        output.content_address.clear();
-        assert!(
-            DeclaredInput::from_proto(output)
-                .unwrap_err()
-                .contains("not content-addressed")
-        );
-
-        let mut extra_reference = text_input();
-        extra_reference
-            .references
-            .push("/nix/store/00000000000000000000000000000000-x".into());
-        assert!(DeclaredInput::from_proto(extra_reference).is_err());
-    }
 
     #[test]
     fn upload_limit_is_exact_and_refusal_counts_nothing() {
@@ -438,8 +313,8 @@ mod tests {
         assert_eq!(session.count_upload(6).unwrap(), 6);
         session.check_upload_room(4).unwrap();
         let early = session.check_upload_room(5).unwrap_err();
-        assert_eq!(early.code(), tonic::Code::ResourceExhausted);
-        let refused = session.count_upload(5).unwrap_err();
+        assert!(matches!(early, ServerError::ResourceExhausted(_)));
+        let refused = tonic::Status::from(session.count_upload(5).unwrap_err());
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(
             refused.message().contains("max_upload_bytes of 10"),

@@ -1,0 +1,418 @@
+//! One input path being received, possibly in parts out of order: written
+//! to its staging file or handed to a reading Nix, and checked in order as
+//! soon as the bytes before a part are in.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Write as _,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use bytes::Bytes;
+
+use super::internal;
+use crate::{
+    nix::{
+        content_address::ContentAddress,
+        hash::Sha256Hash,
+        nar::{NarHasher, NarValidator, single_file_contents},
+        store_path::StorePath,
+    },
+    server::{
+        declared_input::DeclaredInput,
+        error::ServerError,
+        nar_file::{Crowded, NarFile, Writer},
+    },
+};
+
+/// Text-hashed inputs (`.drv` files) are checked in memory; a derivation
+/// this large is not a derivation.
+const MAX_TEXT_INPUT: u64 = 16 << 20;
+
+/// Bytes read back at a time when checking parts that arrived early.
+const READ_BACK: usize = 1 << 20;
+
+/// One path being received, possibly in parts out of order.
+#[derive(Debug)]
+pub(super) struct Staged {
+    input: DeclaredInput,
+    /// Opened for each part only: an upload may stage more paths than a
+    /// process may hold files open.
+    file: PathBuf,
+    /// Bytes checked, from the start.
+    checked: u64,
+    /// Parts written beyond `checked`, start → end; never overlapping.
+    ahead: BTreeMap<u64, u64>,
+    hasher: NarHasher,
+    validator: NarValidator,
+    text: Option<Vec<u8>>,
+    /// Tells readers how far they may read; `None` once released.
+    readers: Option<Writer>,
+    /// Bytes readers were told of.
+    published: u64,
+}
+
+impl Staged {
+    /// Creates the staging file of `input`, and the view of it its readers get.
+    pub(super) fn start(
+        input: DeclaredInput,
+        staging: &Path,
+    ) -> Result<(Self, NarFile), ServerError> {
+        let text = match input.ca {
+            ContentAddress::Text(_) if input.nar_size <= MAX_TEXT_INPUT => Some(Vec::new()),
+            ContentAddress::Text(_) => {
+                return Err(ServerError::InvalidArgument(format!(
+                    "input {} is a {}-byte text file; that is too large for a derivation",
+                    input.path, input.nar_size
+                )));
+            }
+            ContentAddress::Fixed { .. } => None,
+        };
+        let file = nar_file(staging, &input.path);
+        File::create_new(&file).map_err(internal("creating an upload file"))?;
+        let (nar, readers) = NarFile::growing_at(file.clone(), input.nar_size);
+        let staged = Self {
+            input,
+            file,
+            checked: 0,
+            ahead: BTreeMap::new(),
+            hasher: NarHasher::new(),
+            validator: NarValidator::new(),
+            text,
+            readers: Some(readers),
+            published: 0,
+        };
+        Ok((staged, nar))
+    }
+
+    /// Takes `data` at `offset` (to the file, or to a reader) and checks
+    /// whatever is now contiguous.
+    /// Returns whether the whole NAR is in and has passed every check.
+    pub(super) fn write(&mut self, offset: u64, data: Bytes) -> Result<bool, ServerError> {
+        let result = self.write_and_check(offset, data);
+        if let Err(err) = &result
+            && let Some(readers) = self.readers.take()
+        {
+            readers.abandon(&err.to_string());
+        }
+        result
+    }
+
+    fn write_and_check(&mut self, offset: u64, data: Bytes) -> Result<bool, ServerError> {
+        let path = &self.input.path;
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.input.nar_size {
+            return Err(ServerError::InvalidArgument(format!(
+                "the NAR of {path} is longer than the announced {} bytes",
+                self.input.nar_size
+            )));
+        }
+        let overlaps_before = self
+            .ahead
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, before_end)| *before_end > offset);
+        if offset < self.checked || overlaps_before {
+            return Err(ServerError::InvalidArgument(format!(
+                "bytes {offset}..{end} of {path} were sent twice"
+            )));
+        }
+        if offset == self.checked {
+            self.check(&data)?;
+            match &self.readers {
+                Some(readers) if readers.hands_off(offset) => {
+                    self.write_out(readers, readers.hand_off(offset, data))?;
+                }
+                readers => {
+                    // Bytes held for a reader that has stopped go to the file
+                    // first, where a later reader finds them.
+                    if let Some(readers) = readers {
+                        self.write_out(readers, readers.idle_held())?;
+                    }
+                    write_at(&self.open()?, &data, offset)?;
+                }
+            }
+        } else {
+            write_at(&self.open()?, &data, offset)?;
+            self.ahead.insert(offset, end);
+        }
+        if self.ahead.contains_key(&self.checked) {
+            self.read_back(&self.open()?)?;
+        }
+        // Readers never get a whole NAR before the upload is complete.
+        self.publish(self.checked.min(self.input.nar_size.saturating_sub(1)));
+        if self.checked < self.input.nar_size {
+            return Ok(false);
+        }
+        self.finish()?;
+        Ok(true)
+    }
+
+    fn open(&self) -> Result<File, ServerError> {
+        File::options()
+            .read(true)
+            .write(true)
+            .open(&self.file)
+            .map_err(internal("opening an upload file"))
+    }
+
+    /// Writes bytes that `readers` held, at their offsets, to the file, and
+    /// tells them so.
+    fn write_out(&self, readers: &Writer, held: Vec<(u64, Bytes)>) -> Result<(), ServerError> {
+        if let Some((last, bytes)) = held.last() {
+            let file = self.open()?;
+            for (at, bytes) in &held {
+                write_at(&file, bytes, *at)?;
+            }
+            readers.written_out(last + bytes.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Checks the parts written ahead that are now contiguous, reading them
+    /// back from `file`.
+    fn read_back(&mut self, file: &File) -> Result<(), ServerError> {
+        let mut buffer = vec![0; READ_BACK];
+        while let Some(ahead_end) = self.ahead.remove(&self.checked) {
+            while self.checked < ahead_end {
+                let n = (ahead_end - self.checked).min(READ_BACK as u64) as usize;
+                file.read_exact_at(&mut buffer[..n], self.checked)
+                    .map_err(internal("reading an upload file back"))?;
+                self.check(&buffer[..n])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The held bytes a reader has yet to take, if they crowd memory.
+    pub(super) fn crowded(&self) -> Option<Crowded> {
+        self.readers.as_ref()?.crowded()
+    }
+
+    fn publish(&mut self, upto: u64) {
+        if let Some(readers) = &self.readers
+            && upto > self.published
+        {
+            readers.advance(upto - self.published);
+            self.published = upto;
+        }
+    }
+
+    /// Lets readers have the whole NAR, which has passed every check.
+    pub(super) fn release(&mut self) {
+        self.publish(self.input.nar_size);
+        if let Some(readers) = self.readers.take() {
+            readers.finish();
+        }
+    }
+
+    fn check(&mut self, data: &[u8]) -> Result<(), ServerError> {
+        self.validator.push(data).map_err(|err| {
+            ServerError::InvalidArgument(format!(
+                "the NAR of {} is malformed: {err}",
+                self.input.path
+            ))
+        })?;
+        self.hasher
+            .write_all(data)
+            .expect("hashing into memory cannot fail");
+        if let Some(text) = &mut self.text {
+            text.extend_from_slice(data);
+        }
+        self.checked += data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks the complete NAR against what was announced.
+    fn finish(&mut self) -> Result<(), ServerError> {
+        let path = &self.input.path;
+        std::mem::take(&mut self.validator)
+            .finish()
+            .map_err(|err| {
+                ServerError::InvalidArgument(format!(
+                    "the NAR of {path} is incomplete or malformed: {err}"
+                ))
+            })?;
+        let (hash, size) = std::mem::take(&mut self.hasher).finish();
+        if size != self.input.nar_size || hash != self.input.nar_hash {
+            return Err(ServerError::InvalidArgument(format!(
+                "the NAR of {path} does not match its announced hash and size ({hash}, {size} bytes)"
+            )));
+        }
+        // Fixed-output paths need no more: the builder's Nix recomputes the
+        // store path from the contents when importing.
+        if let (ContentAddress::Text(expected), Some(nar)) = (&self.input.ca, &self.text) {
+            let contents = single_file_contents(nar).ok_or_else(|| {
+                ServerError::InvalidArgument(format!(
+                    "{path} is text-addressed but its NAR is not a single regular file"
+                ))
+            })?;
+            if Sha256Hash::digest(contents) != *expected {
+                return Err(ServerError::InvalidArgument(format!(
+                    "the contents of {path} do not match its content address"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a loopback cache serves the NAR of `path`.
+pub(super) fn nar_url(path: &StorePath) -> String {
+    format!("nar/{}.nar", path.hash_part())
+}
+
+/// The staging file of `path`'s NAR under `staging`.
+fn nar_file(staging: &Path, path: &StorePath) -> PathBuf {
+    staging.join(nar_url(path))
+}
+
+fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), ServerError> {
+    file.write_all_at(data, offset)
+        .map_err(internal("writing an upload file"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::upload::tests::source;
+
+    async fn read_all(nar: &NarFile) -> Result<Vec<u8>, ServerError> {
+        collect(nar.read_range(0, 0)?).await
+    }
+
+    async fn collect(
+        mut chunks: tokio::sync::mpsc::Receiver<Result<Bytes, ServerError>>,
+    ) -> Result<Vec<u8>, ServerError> {
+        let mut out = Vec::new();
+        while let Some(chunk) = chunks.recv().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    /// `contents` as an announced source, and its staging in a new directory.
+    fn stage_source(
+        contents: &[u8],
+    ) -> (tempfile::TempDir, DeclaredInput, Vec<u8>, Staged, NarFile) {
+        let staging = tempfile::tempdir().unwrap();
+        std::fs::create_dir(staging.path().join("nar")).unwrap();
+        let (input, nar) = source(contents, staging.path());
+        let (staged, served) = Staged::start(input.clone(), staging.path()).unwrap();
+        (staging, input, nar, staged, served)
+    }
+
+    #[tokio::test]
+    async fn parts_in_any_order_make_the_nar_which_readers_get_once_released() {
+        let contents: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        let (staging, input, nar, mut staged, served) = stage_source(&contents);
+        let cuts = [0, 9_000, 20_000, 33_333, nar.len()];
+        let parts: Vec<(u64, &[u8])> = cuts
+            .windows(2)
+            .map(|w| (w[0] as u64, &nar[w[0]..w[1]]))
+            .collect();
+        for (offset, data) in [parts[2], parts[3], parts[1]] {
+            assert!(!staged.write(offset, Bytes::copy_from_slice(data)).unwrap());
+        }
+        assert!(
+            staged
+                .write(parts[0].0, Bytes::copy_from_slice(parts[0].1))
+                .unwrap()
+        );
+        // Nobody was reading: all of it is in the file.
+        let staged_file = std::fs::read(nar_file(staging.path(), &input.path)).unwrap();
+        assert_eq!(staged_file, nar);
+        // Checked in full, but held back until the whole upload is.
+        let reader = tokio::spawn(async move { read_all(&served).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!reader.is_finished());
+        staged.release();
+        assert_eq!(reader.await.unwrap().unwrap(), nar);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_keeps_up_gets_the_nar_without_a_file() {
+        let contents: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (staging, input, nar, mut staged, served) = stage_source(&contents);
+        let reader = tokio::spawn(collect(served.read_range(0, 0).unwrap()));
+        let nar = Bytes::from(nar);
+        for at in (0..nar.len()).step_by(30_000) {
+            let part = nar.slice(at..(at + 30_000).min(nar.len()));
+            staged.write(at as u64, part).unwrap();
+            tokio::task::yield_now().await;
+        }
+        // Held back until the whole upload has passed, as from a file.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!reader.is_finished());
+        staged.release();
+        assert_eq!(reader.await.unwrap().unwrap(), nar);
+        let staged_file = std::fs::read(nar_file(staging.path(), &input.path)).unwrap();
+        assert!(
+            staged_file.is_empty(),
+            "{} bytes written",
+            staged_file.len()
+        );
+        let again = served.read_range(0, 0).unwrap_err();
+        assert!(
+            matches!(again, ServerError::FailedPrecondition(_)),
+            "{again:?}"
+        );
+    }
+
+    /// A NAR in parts, cut at `cuts`.
+    fn parts(nar: &Bytes, cuts: &[usize]) -> Vec<(u64, Bytes)> {
+        cuts.windows(2)
+            .map(|w| (w[0] as u64, nar.slice(w[0]..w[1])))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reader_gets_the_nar_from_the_file_and_from_memory_alike() {
+        let contents: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let (_staging, _, nar, mut staged, served) = stage_source(&contents);
+        let nar = Bytes::from(nar);
+        let parts = parts(&nar, &[0, 40_000, 90_000, 150_000, 220_000, nar.len()]);
+        // Before anyone reads: to the file.
+        staged.write(parts[0].0, parts[0].1.clone()).unwrap();
+        let reader = tokio::spawn(collect(served.read_range(0, 0).unwrap()));
+        // Early, so to the file; then in order, held for the reader; the
+        // early part read back; in order again.
+        for i in [2, 1, 3, 4] {
+            staged.write(parts[i].0, parts[i].1.clone()).unwrap();
+            tokio::task::yield_now().await;
+        }
+        staged.release();
+        assert_eq!(reader.await.unwrap().unwrap(), nar);
+    }
+
+    #[tokio::test]
+    async fn overlapping_long_or_wrong_parts_are_refused() {
+        let (_staging, _, nar, mut staged, _) = stage_source(b"some source text");
+        staged
+            .write(40, Bytes::copy_from_slice(&nar[40..60]))
+            .unwrap();
+        let twice = staged
+            .write(50, Bytes::copy_from_slice(&nar[50..70]))
+            .unwrap_err();
+        assert!(twice.to_string().contains("sent twice"), "{twice:?}");
+        let early = staged
+            .write(30, Bytes::copy_from_slice(&nar[30..45]))
+            .unwrap_err();
+        assert!(early.to_string().contains("sent twice"), "{early:?}");
+        let long = staged
+            .write(nar.len() as u64 - 2, Bytes::from_static(b"abc"))
+            .unwrap_err();
+        assert!(long.to_string().contains("longer"), "{long:?}");
+
+        let (_staging, _, mut nar, mut staged, served) = stage_source(b"some source text");
+        let last = nar.len() - 20;
+        nar[last] ^= 1;
+        let err = staged.write(0, Bytes::from(nar)).unwrap_err();
+        assert!(matches!(err, ServerError::InvalidArgument(_)), "{err:?}");
+        // Readers learn why, and never get the bytes that failed.
+        let read = read_all(&served).await.unwrap_err();
+        assert!(read.to_string().contains("does not match"), "{read:?}");
+    }
+}
