@@ -107,8 +107,25 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the builder until SIGINT or SIGTERM.
-pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+/// What a builder reports once it accepts connections on both transports.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Ready {
+    /// The Iroh endpoint id clients dial.
+    pub endpoint_id: String,
+    /// The UDP addresses the endpoint is bound to.
+    pub direct_addresses: Vec<std::net::SocketAddr>,
+    /// The admin socket's path.
+    pub admin_socket: std::path::PathBuf,
+    /// The key outputs are signed with (`name:base64`).
+    pub signing_public_key: String,
+}
+
+/// Runs the builder until SIGINT or SIGTERM; calls `on_ready` once it
+/// accepts connections.
+pub async fn run(
+    config: ServerConfig,
+    on_ready: impl FnOnce(Ready) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     // Installed first: a signal that arrives once we report readiness must
     // stop us gracefully, not kill us with the default action.
@@ -227,6 +244,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     )
     .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
     info!(path = %admin_path.display(), "admin socket ready");
+    on_ready(Ready {
+        endpoint_id: endpoint.id().to_string(),
+        direct_addresses: addresses,
+        admin_socket: admin_path,
+        signing_public_key: signing.public.to_string(),
+    })?;
 
     let over_iroh = services.server().serve_with_incoming_shutdown(
         iroh_incoming.into_stream(),

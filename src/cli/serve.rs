@@ -1,5 +1,7 @@
 //! `drv-thru serve`: run a builder.
 
+mod ready;
+
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
@@ -54,15 +56,24 @@ pub(super) struct Args {
     /// Members of this group may run `ticket` and `status` commands.
     #[arg(long, value_name = "GROUP")]
     admin_group: Option<String>,
+
+    /// Once serving, print one JSON line on stdout: `endpoint_id`,
+    /// `direct_addresses`, `admin_socket` and `signing_public_key`. (With
+    /// `NOTIFY_SOCKET` set, systemd is told `READY=1` either way.)
+    #[arg(long)]
+    ready_json: bool,
 }
 
 pub(super) async fn run(args: Args, relay: Option<RelayChoice>) -> Result<(), Failure> {
     let only_check = args.check_config.is_some();
+    let ready_json = args.ready_json;
     let config = server_config(args, relay)?;
     if only_check {
         return Ok(());
     }
-    server::run(config).await.context("drv-thru serve")?;
+    server::run(config, |ready| ready::announce(&ready, ready_json))
+        .await
+        .context("drv-thru serve")?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 //! (`substituters =`) with `sandbox = false`, as the fixture builders are the host's `/bin/sh`.
 //!
 //! A test passes with a note on stderr, without checking anything, when `nix` is not on `PATH` or
-//! no mount namespace can be made. To run them against another Nix, run the test binary where that
+//! no mount namespace can be made, unless `CI` is set. To run them against another Nix, run the test binary where that
 //! Nix is installed, e.g. in the trixie root of `tests/nix/in-trixie.sh` (Nix 2.26).
 
 use std::collections::BTreeSet;
@@ -24,6 +24,9 @@ use super::*;
 use crate::nix::content_address::{ContentAddress, FileIngestionMethod};
 use crate::nix::narinfo::NarInfo;
 use crate::nix::signing::SecretKey;
+
+#[path = "../../tests/support/two_stores.rs"]
+mod two_stores;
 
 const FIXTURE_NIX: &str = include_str!("../../tests/data/nixcmd/fixture.nix");
 const FIXTURE_INPUT: &str = include_str!("../../tests/data/nixcmd/src/input.txt");
@@ -103,7 +106,7 @@ where
     }
 
     if !on_path("nix") || !on_path("nix-store") || !on_path("unshare") {
-        eprintln!("skipping {test}: nix, nix-store or unshare is not on PATH");
+        two_stores::skip(&format!("{test}: nix, nix-store or unshare is not on PATH"));
         return;
     }
     // SAFETY: geteuid(2) cannot fail.
@@ -119,7 +122,7 @@ where
         .stderr(Stdio::null())
         .status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("skipping {test}: cannot make a mount namespace");
+        two_stores::skip(&format!("{test}: cannot make a mount namespace"));
         return;
     }
 
@@ -159,14 +162,8 @@ where
     .unwrap();
 
     let exe = std::env::current_exe().unwrap();
-    let mut command = std::process::Command::new("unshare");
+    let mut command = two_stores::in_store(&dir.join("store"), exe);
     command
-        .args(userns)
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /nix && shift && exec "$@""#)
-        .arg("sh")
-        .arg(dir.join("store"))
-        .arg(exe)
         .args(["--exact", &full_name, "--nocapture", "--test-threads=1"])
         .env("NIXCMD_TEST_INNER", &full_name)
         .env("NIXCMD_TEST_DIR", dir)
@@ -646,11 +643,7 @@ struct Daemon {
 impl Daemon {
     async fn start(store: &Path, conf: &Path) -> Self {
         std::fs::create_dir_all(store).unwrap();
-        let child = tokio::process::Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(r#"mount --bind "$1" /nix && exec nix-daemon"#)
-            .arg("sh")
-            .arg(store)
+        let child = tokio::process::Command::from(two_stores::in_store(store, "nix-daemon"))
             .env("NIX_CONF_DIR", conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -719,7 +712,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
         "adds_content_addressed_paths_as_an_untrusted_daemon_client",
         async |env| {
             if !env.root {
-                eprintln!("skipping: needs root to run a client as another user");
+                two_stores::skip("needs root to run a client as another user");
                 return;
             }
             // Store A (ours) evaluates; store B behind a daemon receives.

@@ -12,7 +12,7 @@ use drv_thru::ticket::Ticket;
 
 use crate::{
     common::{Builder, Launcher},
-    nixenv::{Store, World, available},
+    two_stores::{Store, World, available},
 };
 
 /// A builder and a client, each with its own store.
@@ -26,7 +26,11 @@ struct Pair {
 
 impl Pair {
     fn new(salt: &str, builder_args: &[&str]) -> Self {
-        Self::with_builder(salt, Store::launcher, builder_args)
+        Self::with_builder(
+            salt,
+            |store| crate::builder::launcher_in(store, crate::builder::binary()),
+            builder_args,
+        )
     }
 
     /// A pair whose builder `launcher` starts in the builder's store.
@@ -40,7 +44,7 @@ impl Pair {
         let builder_store = world.store("builder");
         let builder = Builder::start_with(
             launcher(&builder_store),
-            world.dir.path().join("data"),
+            world.dir.join("data"),
             builder_args,
         );
         Self {
@@ -76,7 +80,7 @@ impl Pair {
         self.client
             .command(crate::common::binary())
             .args(&all)
-            .current_dir(self.world.dir.path())
+            .current_dir(&self.world.dir)
             .output()
             .unwrap()
     }
@@ -166,7 +170,7 @@ fn ticket_build_imports_signed_outputs_once() {
         .to_owned();
     let sigs = pair.client.run_ok("nix", &["path-info", "--sigs", &app]);
     assert!(sigs.contains(&format!("{key_name}:")), "{sigs}");
-    let result = pair.world.dir.path().join("result");
+    let result = pair.world.dir.join("result");
     assert_eq!(std::fs::read_link(&result).unwrap(), Path::new(&app));
     let run = pair.client.run_ok(&format!("{app}/bin/app"), &[]);
     assert!(
@@ -384,8 +388,8 @@ fn named_builder_with_direct_addresses() {
         .public();
     let builder_store = world.store("builder");
     let builder = Builder::start_with(
-        builder_store.launcher(),
-        world.dir.path().join("data"),
+        crate::builder::launcher_in(&builder_store, crate::builder::binary()),
+        world.dir.join("data"),
         &["--trusted-client", &me.to_string()],
     );
     let public_key = std::fs::read_to_string(builder.data_dir.join("signing-public.key")).unwrap();
@@ -729,12 +733,12 @@ fn multi_user_builder_needs_no_trusted_user_rights() {
     const NOBODY: &str = "65534";
     let world = Arc::new(World::new(&salt("multi-user")));
     // The builder's user must reach its data directory inside the world.
-    std::fs::set_permissions(world.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&world.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let client = world.store("client");
     let builder_store = world.store("builder");
     let _daemon = builder_store.start_daemon();
-    let home = world.dir.path().join("builder-home");
-    let data_dir = world.dir.path().join("data");
+    let home = world.dir.join("builder-home");
+    let data_dir = world.dir.join("data");
     for dir in [&home, &data_dir] {
         std::fs::create_dir_all(dir).unwrap();
         std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
@@ -789,8 +793,8 @@ fn server_by_endpoint_id_relies_on_keys_nix_trusts() {
     .public();
     let builder_store = world.store("builder");
     let builder = Builder::start_with(
-        builder_store.launcher(),
-        world.dir.path().join("data"),
+        crate::builder::launcher_in(&builder_store, crate::builder::binary()),
+        world.dir.join("data"),
         &["--trusted-client", &me.to_string()],
     );
     let key = std::fs::read_to_string(builder.data_dir.join("signing-public.key")).unwrap();

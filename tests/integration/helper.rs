@@ -24,7 +24,7 @@ use tonic::{Code, transport::Channel};
 
 use crate::{
     common::{Builder, binary, spawn_logged},
-    nixenv::{Store, World, available},
+    two_stores::{Store, World, available},
 };
 
 /// The helper's group in these tests: a bare id, so it need not exist on the
@@ -144,8 +144,8 @@ fn salt(test: &str) -> String {
 /// the flake and a home in it).
 fn open_world(test: &str) -> Arc<World> {
     let world = Arc::new(World::new(&salt(test)));
-    std::fs::set_permissions(world.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::create_dir_all(world.dir.path().join("helper")).unwrap();
+    std::fs::set_permissions(&world.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(world.dir.join("helper")).unwrap();
     world
 }
 
@@ -274,9 +274,9 @@ async fn hostile_requests_are_refused_before_nix_runs() {
     let world = open_world("helper-hostile");
     let store = world.store("client");
     let good_key = key("builder-1");
-    let allowlist = world.dir.path().join("helper/keys");
+    let allowlist = world.dir.join("helper/keys");
     write_allowlist(&allowlist, &[&good_key]);
-    let socket = world.dir.path().join("helper/import-helper.sock");
+    let socket = world.dir.join("helper/import-helper.sock");
     let mut helper = Helper::start(&store, &socket, &allowlist, false);
 
     let meta = std::fs::metadata(&socket).unwrap();
@@ -301,7 +301,7 @@ async fn hostile_requests_are_refused_before_nix_runs() {
         store_paths: paths.iter().map(ToString::to_string).collect(),
         ..good.clone()
     };
-    let link = world.dir.path().join("link-into-store");
+    let link = world.dir.join("link-into-store");
     std::os::unix::fs::symlink(ABSENT, &link).unwrap();
     let link = link.to_str().unwrap().to_owned();
     let hash_and_name = &ABSENT["/nix/store/".len()..];
@@ -640,18 +640,22 @@ fn untrusted_user_imports_through_the_helper() {
     let world = open_world("helper-e2e");
     let client = world.store("client");
     let builder_store = world.store("builder");
-    let builder = Builder::start_with(builder_store.launcher(), world.dir.path().join("data"), &[]);
+    let builder = Builder::start_with(
+        crate::builder::launcher_in(&builder_store, crate::builder::binary()),
+        world.dir.join("data"),
+        &[],
+    );
     let _daemon = client.start_daemon();
-    let home: PathBuf = world.dir.path().join("user");
+    let home: PathBuf = world.dir.join("user");
     std::fs::create_dir_all(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(USER), Some(USER)).unwrap();
 
     // One use: a refusal before upload must not spend it.
     let ticket: Ticket = builder.ticket(&[]);
     let builder_key = ticket.signing_key().clone();
-    let allowlist = world.dir.path().join("helper/keys");
+    let allowlist = world.dir.join("helper/keys");
     write_allowlist(&allowlist, &[&key("someone-else-1")]);
-    let socket = world.dir.path().join("helper/import-helper.sock");
+    let socket = world.dir.join("helper/import-helper.sock");
     let helper = Helper::start(&client, &socket, &allowlist, true);
 
     let refused = user_build(&world, &client, &home, &socket, &ticket.to_string());

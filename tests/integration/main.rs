@@ -2,12 +2,15 @@
 //! on loopback (relays and address lookup off), real gRPC, and for builds
 //! real Nix in separate stores.
 
+#[path = "../support/builder.rs"]
+mod builder;
 mod builds;
 mod cache;
 mod common;
 mod helper;
-mod nixenv;
 mod server;
 mod status;
 mod tickets;
 mod trusted;
+#[path = "../support/two_stores.rs"]
+mod two_stores;

@@ -1,11 +1,18 @@
 //! Separate Nix stores on one machine, as two machines would have: each
 //! store is a directory bind-mounted over `/nix` in a private mount
 //! namespace, so store paths are identical everywhere and an upload or an
-//! import really moves data. Needs root (or is skipped).
+//! import really moves data.
 //!
-//! By default the host's Nix (Debian 12: 2.8) runs. With
-//! `DRV_THRU_TEST_TRIXIE=DIR` every command runs inside that Debian trixie
-//! root instead (Nix 2.26, see `tests/nix/make-trixie-root.sh`).
+//! The one copy of this world, included with `#[path]` by the real-Nix unit
+//! tests (`src/nixcmd/tests.rs`), the integration tests, the transfer
+//! benchmark and the demo. It uses only std, `libc` and `tempfile`, so the
+//! library's own unit tests can include it too. By default the host's Nix
+//! (Debian 12: 2.8) runs. With `DRV_THRU_TEST_TRIXIE=DIR` every command runs
+//! inside that Debian trixie root instead (Nix 2.26, see
+//! `tests/nix/make-trixie-root.sh`).
+
+// Each includer uses a different part of this file.
+#![allow(dead_code)]
 
 use std::{
     ffi::OsStr,
@@ -16,70 +23,122 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{Launcher, binary, offline};
+/// Nix settings every store shares: offline, no sandbox (the fixtures'
+/// builders are the host's busybox or `/bin/sh`) and no build users, since
+/// every store would pick nixbld1 from its own pool and Nix kills all
+/// processes of a build user before using it.
+pub const NIX_CONF: &str = "sandbox = false\nsubstituters =\nexperimental-features = nix-command \
+                            flakes\nbuild-users-group =\nwarn-dirty = false\n";
 
-/// Whether end-to-end tests can run here; prints why not when they cannot.
+/// Reports that a test cannot run here. Under CI (`CI` set) that is a
+/// failure, so a machine that lost root or Nix cannot pass by skipping.
+pub fn skip(reason: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI is set, so this must not be skipped: {reason}"
+    );
+    eprintln!("skipping: {reason}");
+}
+
+/// Whether stores can be made here (root and Nix); reports why not through
+/// [`skip`].
 pub fn available() -> bool {
+    // SAFETY: geteuid(2) cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let nix = Command::new("nix-store").arg("--version").output().is_ok();
     if !root || !nix {
-        eprintln!("skipping: end-to-end tests need root and Nix (run tests/run.sh as root)");
+        skip("end-to-end tests need root and Nix (run tests/run.sh as root)");
     }
     root && nix
 }
 
-/// A test's Nix world: a scratch directory, a Nix configuration and the
-/// test graph, shared by its stores.
+/// `unshare` running `program` with `store` bound over `/nix` in a private
+/// mount namespace (in a user namespace of its own when not root).
+/// `program` replaces the shell, so the child's pid is the program's own.
+pub fn in_store(store: &Path, program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new("unshare");
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        command.args(["--user", "--map-root-user"]);
+    }
+    command
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /nix && shift && exec "$@""#)
+        .arg("sh")
+        .arg(store)
+        .arg(program);
+    command
+}
+
+/// Makes `command` run offline, with no inherited drv-thru settings.
+pub fn offline(mut command: Command) -> Command {
+    command
+        .env_remove("RUST_LOG")
+        .env_remove("DRV_THRU_DATA_DIR")
+        .env("DRV_THRU_RELAY", "disabled");
+    command
+}
+
+/// The stores' world: a scratch directory, a Nix configuration and a test
+/// flake, shared by its stores.
 pub struct World {
-    pub dir: tempfile::TempDir,
+    /// `stores/NAME` are the stores, `home/NAME` their users' homes.
+    pub dir: PathBuf,
+    /// The test flake (`tests/data/e2e`), when made by [`World::new`].
     pub flake: PathBuf,
     conf: PathBuf,
     trixie: Option<PathBuf>,
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl World {
-    /// A fresh world whose derivations are salted with `salt`, so no store
-    /// has them yet.
+    /// A fresh world in a temporary directory (removed when dropped) with
+    /// the test flake, its derivations salted with `salt` so no store has
+    /// them yet.
     pub fn new(salt: &str) -> Self {
-        let dir = tempfile::Builder::new()
+        let temp = tempfile::Builder::new()
             .prefix("drv-thru-e2e-")
             .tempdir_in("/tmp")
             .unwrap();
-        let conf = dir.path().join("conf");
-        std::fs::create_dir_all(&conf).unwrap();
-        std::fs::write(
-            conf.join("nix.conf"),
-            "sandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n\
-             build-users-group =\nwarn-dirty = false\n",
-        )
-        .unwrap();
+        let mut world = Self::at(temp.path().to_owned(), "");
+        world._temp = Some(temp);
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/e2e");
-        let flake = dir.path().join("flake");
-        copy_dir(&fixture, &flake);
-        std::fs::create_dir_all(flake.join("bb/bin")).unwrap();
-        std::fs::copy(busybox(), flake.join("bb/bin/busybox")).unwrap();
+        copy_dir(&fixture, &world.flake);
+        std::fs::create_dir_all(world.flake.join("bb/bin")).unwrap();
+        let busybox = busybox().expect("busybox is installed (apt-get install busybox-static)");
+        std::fs::copy(busybox, world.flake.join("bb/bin/busybox")).unwrap();
         std::fs::write(
-            flake.join("params.nix"),
+            world.flake.join("params.nix"),
             format!("{{ salt = \"{salt}\"; }}\n"),
         )
         .unwrap();
-        let trixie = std::env::var_os("DRV_THRU_TEST_TRIXIE").map(PathBuf::from);
+        world
+    }
+
+    /// A world in `dir`, which outlives it, without the test flake;
+    /// `extra_conf` is added to [`NIX_CONF`].
+    pub fn at(dir: PathBuf, extra_conf: &str) -> Self {
+        let conf = dir.join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("nix.conf"), format!("{NIX_CONF}{extra_conf}")).unwrap();
         Self {
+            flake: dir.join("flake"),
             dir,
-            flake,
             conf,
-            trixie,
+            trixie: std::env::var_os("DRV_THRU_TEST_TRIXIE").map(PathBuf::from),
+            _temp: None,
         }
     }
 
     /// A new, empty store named `name`.
     pub fn store(self: &Arc<Self>, name: &str) -> Store {
-        let dir = self.dir.path().join("stores").join(name);
+        let dir = self.dir.join("stores").join(name);
         std::fs::create_dir_all(&dir).unwrap();
         Store {
             world: self.clone(),
             dir,
-            home: self.dir.path().join("home").join(name),
+            home: self.dir.join("home").join(name),
+            netns: None,
         }
     }
 
@@ -89,11 +148,11 @@ impl World {
     }
 }
 
-fn busybox() -> &'static str {
+/// The host's static busybox, which the fixtures' builders run.
+pub fn busybox() -> Option<&'static str> {
     ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .find(|path| Path::new(path).exists())
-        .expect("busybox is installed (apt-get install busybox-static)")
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -113,11 +172,14 @@ fn copy_dir(from: &Path, to: &Path) {
 #[derive(Clone)]
 pub struct Store {
     world: Arc<World>,
+    /// The directory mounted at `/nix`.
     pub dir: PathBuf,
+    /// The machine's user's home.
     pub home: PathBuf,
+    netns: Option<String>,
 }
 
-/// Environment variables a command in a store may see.
+/// Environment variables a command in a trixie store may see.
 const PASSED: &[&str] = &[
     "NIX_CONF_DIR",
     "XDG_CACHE_HOME",
@@ -131,40 +193,45 @@ const PASSED: &[&str] = &[
 ];
 
 impl Store {
-    /// A command that runs `program` with this store mounted at `/nix`.
+    /// This store, its commands run in the network namespace `name`.
+    pub fn in_netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
+    /// A command that runs `program` with this store mounted at `/nix`,
+    /// offline.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         std::fs::create_dir_all(self.home.join(".config")).unwrap();
-        let mut command = match &self.world.trixie {
-            None => {
-                let mut command = Command::new("unshare");
-                command.args([
-                    "-m",
-                    "--propagation",
-                    "private",
-                    "sh",
-                    "-c",
-                    r#"mount --bind "$0" /nix && exec "$@""#,
-                ]);
-                command.arg(&self.dir);
+        let mut command = match (&self.world.trixie, &self.netns) {
+            (None, None) => in_store(&self.dir, program),
+            (None, Some(netns)) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]);
+                let unshare = in_store(&self.dir, program);
+                command.arg(unshare.get_program()).args(unshare.get_args());
                 command
             }
-            Some(root) => {
+            (Some(root), _) => {
                 let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/in-trixie.sh");
-                let bin_dir = Path::new(binary()).parent().unwrap();
+                // The drv-thru under test must be visible inside the root
+                // too (the library's unit tests have none).
+                let mut bind = self.world.dir.display().to_string();
+                if let Some(bin) = option_env!("CARGO_BIN_EXE_drv-thru") {
+                    let dir = Path::new(bin).parent().expect("a binary is in a directory");
+                    bind = format!("{bind} {}", dir.display());
+                }
                 let mut command = Command::new(script);
                 command
                     .arg(root)
+                    .arg(program)
                     .env("NIXDIR", &self.dir)
-                    .env(
-                        "BIND",
-                        format!("{} {}", self.world.dir.path().display(), bin_dir.display()),
-                    )
+                    .env("BIND", bind)
                     .env("PASSENV", PASSED.join(" "));
                 command
             }
         };
         command
-            .arg(program)
             .env("NIX_CONF_DIR", &self.world.conf)
             .env("XDG_CACHE_HOME", "/nix/var/xdg-cache")
             .env("XDG_CONFIG_HOME", self.home.join(".config"))
@@ -174,7 +241,11 @@ impl Store {
 
     /// Runs a command in this store and returns its output.
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
-        self.command(program).args(args).output().unwrap()
+        self.command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|err| panic!("running {program}: {err}"))
     }
 
     /// Runs a command that must succeed; returns its stdout.
@@ -182,7 +253,8 @@ impl Store {
         let output = self.run(program, args);
         assert!(
             output.status.success(),
-            "{program} {args:?} failed: {}",
+            "{program} {args:?} failed ({}): {}",
+            output.status,
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).unwrap()
@@ -202,7 +274,6 @@ impl Store {
         let conf = self
             .world
             .dir
-            .path()
             .join("daemon-conf")
             .join(self.dir.file_name().expect("a store directory has a name"));
         std::fs::create_dir_all(&conf).unwrap();
@@ -249,12 +320,6 @@ impl Store {
                     .collect()
             })
             .unwrap_or_default()
-    }
-
-    /// Launches `drv-thru` processes in this store.
-    pub fn launcher(&self) -> Launcher {
-        let store = self.clone();
-        Arc::new(move || store.command(binary()))
     }
 }
 

@@ -1,0 +1,396 @@
+//! The measured cases.
+
+use std::{
+    io::Read as _,
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    builder::Builder,
+    measure::{ConcurrentRun, Measured, timed},
+    options::Case,
+    setup::{Bench, Variant, progress},
+    stores::{Side, builder_status, clear_cache},
+};
+
+/// What to undo before each run of a method, so every run does the same work.
+#[derive(Clone, Copy)]
+pub(crate) struct Reset<'a> {
+    /// Paths to delete from the client's store.
+    pub(crate) client: &'a [String],
+    /// Paths to delete from the builder's store.
+    pub(crate) builder: &'a [String],
+    /// Whether to empty the builder's signed output cache.
+    pub(crate) cold_cache: bool,
+}
+
+impl Bench {
+    pub(crate) fn measure(
+        &self,
+        case: Case,
+        method: String,
+        bytes: u64,
+        reset: Reset<'_>,
+        server: Option<&Builder>,
+        mut command: impl FnMut() -> Command,
+    ) -> Measured {
+        let mut samples = Vec::new();
+        for run in 0..self.options.runs {
+            self.world.delete(Side::Client, reset.client);
+            self.world.delete(Side::Builder, reset.builder);
+            if reset.cold_cache {
+                for variant in &self.variants {
+                    clear_cache(&variant.server);
+                }
+            }
+            self.world.forget_narinfo_cache(Side::Client);
+            self.world.forget_narinfo_cache(Side::Builder);
+            sync();
+            let what = format!("{} / {method} (run {})", case.name(), run + 1);
+            let sample = timed(command(), &what, server);
+            progress(&format!("{what}: {:.2} s", sample.secs));
+            samples.push(sample);
+        }
+        Measured {
+            case,
+            method,
+            bytes,
+            samples,
+        }
+    }
+
+    pub(crate) fn download(&self, case: Case) -> Vec<Measured> {
+        let p = &self.paths;
+        let (drv, paths, bytes): (&str, Vec<String>, u64) = match case {
+            Case::Download => (&p.rand_drv, vec![p.rand.clone()], self.options.size),
+            Case::DownloadText => (&p.text_drv, vec![p.text.clone()], self.options.size),
+            _ => (&p.small_down_drv, self.small_down_paths(), p.small_bytes),
+        };
+        let top = match case {
+            Case::Download => p.rand.as_str(),
+            Case::DownloadText => p.text.as_str(),
+            _ => p.small_down.as_str(),
+        };
+        let warm = Reset {
+            client: &paths,
+            builder: &[],
+            cold_cache: false,
+        };
+        let cold = Reset {
+            cold_cache: true,
+            ..warm
+        };
+        let mut results = Vec::new();
+        for variant in &self.variants {
+            for (reset, which) in [(cold, "cold"), (warm, "warm")] {
+                results.push(self.measure(
+                    case,
+                    format!("{} (builder cache {which})", variant.label),
+                    bytes,
+                    reset,
+                    Some(&variant.server),
+                    || self.drv_thru_build(variant, drv),
+                ));
+            }
+        }
+        results.extend(self.baselines(case, bytes, warm, |url| {
+            self.nix_copy(Side::Client, "--from", url, &[top])
+        }));
+        results
+    }
+
+    /// The three `nix copy` baselines; `copy` makes the command for a URL.
+    pub(crate) fn baselines(
+        &self,
+        case: Case,
+        bytes: u64,
+        reset: Reset<'_>,
+        copy: impl Fn(&str) -> Command,
+    ) -> Vec<Measured> {
+        if self.wan.is_some() {
+            return Vec::new();
+        }
+        let cache = match case {
+            Case::Upload | Case::SmallUp => "cache-up",
+            _ => "cache-down",
+        };
+        let mut urls = vec![("nix copy file://", self.file_url(cache))];
+        if let Some(http) = self.http_url(cache) {
+            urls.push(("nix copy http://", http));
+        }
+        if let Ok(ssh) = &self.ssh {
+            urls.push(("nix copy ssh-ng://", ssh.url.clone()));
+        }
+        urls.into_iter()
+            .map(|(method, url)| {
+                self.measure(case, method.to_owned(), bytes, reset, None, || copy(&url))
+            })
+            .collect()
+    }
+
+    pub(crate) fn small_down_paths(&self) -> Vec<String> {
+        self.paths.small_down_closure.clone()
+    }
+
+    pub(crate) fn upload(&self, case: Case) -> Vec<Measured> {
+        let p = &self.paths;
+        let (drv, out, srcs, bytes): (&str, &str, Vec<String>, u64) = match case {
+            Case::Upload => (
+                &p.upload_drv,
+                &p.upload_out,
+                vec![p.upload_src.clone()],
+                self.options.size,
+            ),
+            _ => (
+                &p.small_up_drv,
+                &p.small_up_out,
+                p.small_srcs.clone(),
+                p.small_bytes,
+            ),
+        };
+        // What a drv-thru run leaves on the builder, so each run starts afresh.
+        let mut builder_paths = vec![out.to_owned(), drv.to_owned()];
+        builder_paths.extend(srcs.iter().cloned());
+        let src_refs: Vec<&str> = srcs.iter().map(String::as_str).collect();
+        let client_paths = [out.to_owned()];
+        let reset = Reset {
+            client: &client_paths,
+            builder: &builder_paths,
+            cold_cache: false,
+        };
+        let mut results: Vec<Measured> = self
+            .variants
+            .iter()
+            .map(|variant| {
+                self.measure(
+                    case,
+                    variant.label.clone(),
+                    bytes,
+                    reset,
+                    Some(&variant.server),
+                    || self.drv_thru_build(variant, drv),
+                )
+            })
+            .collect();
+        results.extend(self.baselines(case, bytes, reset, |url| {
+            if url.starts_with("ssh-ng:") {
+                self.nix_copy(Side::Client, "--to", url, &src_refs)
+            } else {
+                self.nix_copy(Side::Builder, "--from", url, &src_refs)
+            }
+        }));
+        results
+    }
+
+    pub(crate) fn trivial(&self) -> Vec<Measured> {
+        let run = |method: String, drvs: &[String], remote: Option<&Variant>| {
+            let mut samples = Vec::new();
+            for (i, drv) in drvs.iter().enumerate() {
+                sync();
+                let command = match remote {
+                    Some(variant) => self.drv_thru_build(variant, drv),
+                    None => {
+                        let mut command = self.world.command(Side::Client, "nix");
+                        command.args(["build", "--no-link", drv]);
+                        command
+                    }
+                };
+                let what = format!("trivial / {method} (run {})", i + 1);
+                let sample = timed(command, &what, remote.map(|v| &v.server));
+                progress(&format!("{what}: {:.3} s", sample.secs));
+                samples.push(sample);
+            }
+            Measured {
+                case: Case::Trivial,
+                method,
+                bytes: 0,
+                samples,
+            }
+        };
+        let runs = self.options.runs;
+        let mut results: Vec<Measured> = self
+            .variants
+            .iter()
+            .zip(self.paths.remote.chunks(runs))
+            .map(|(variant, drvs)| run(format!("{} build", variant.label), drvs, Some(variant)))
+            .collect();
+        results.push(run("local nix build".to_owned(), &self.paths.local, None));
+        results
+    }
+
+    pub(crate) fn concurrent(&self) -> Vec<ConcurrentRun> {
+        let clients = self.options.clients;
+        let variant = &self.variants[0];
+        let mut runs = Vec::new();
+        for (run, drvs) in self.paths.conc.chunks(clients).enumerate() {
+            let order = Arc::new(Mutex::new(QueueOrder::default()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let watcher = {
+                let order = order.clone();
+                let stop = stop.clone();
+                let data_dir = variant.server.data_dir.clone();
+                thread::spawn(move || watch_queue(&data_dir, &order, &stop))
+            };
+            // Let the watcher subscribe first.
+            thread::sleep(Duration::from_millis(300));
+            let start = Instant::now();
+            let children: Vec<_> = drvs
+                .iter()
+                .map(|drv| {
+                    let mut command = self.drv_thru_build(variant, drv);
+                    command
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped());
+                    (Instant::now(), command.spawn().expect("starting a client"))
+                })
+                .collect();
+            let mut per_build = Vec::new();
+            let mut finished = 0;
+            let handles: Vec<_> = children
+                .into_iter()
+                .map(|(started, mut child)| {
+                    thread::spawn(move || {
+                        let mut err = String::new();
+                        if let Some(mut stderr) = child.stderr.take() {
+                            let _ = stderr.read_to_string(&mut err);
+                        }
+                        let status = child.wait().expect("waiting for a client");
+                        (started.elapsed().as_secs_f64(), status.success(), err)
+                    })
+                })
+                .collect();
+            for handle in handles {
+                let (secs, ok, err) = handle.join().expect("client thread");
+                per_build.push(secs);
+                if ok {
+                    finished += 1;
+                } else {
+                    progress(&format!("a concurrent client failed:\n{err}"));
+                }
+            }
+            let total = start.elapsed().as_secs_f64();
+            // Give the builder a moment to record the last sessions' ends.
+            let mut idle_after = false;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let status = builder_status(&self.world, &variant.server);
+                let busy = status["active"].as_array().map_or(1, Vec::len)
+                    + status["queued"].as_array().map_or(1, Vec::len);
+                if busy == 0 {
+                    idle_after = true;
+                    break;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            stop.store(true, Ordering::Relaxed);
+            let _ = watcher.join();
+            let order = order.lock().unwrap();
+            let result = ConcurrentRun {
+                total,
+                per_build,
+                finished,
+                fifo: order.is_fifo(),
+                queued: order.queued.len(),
+                idle_after,
+            };
+            progress(&format!(
+                "concurrent (run {}): {:.2} s, {finished}/{clients} finished, {} queued, FIFO {}, idle after {}",
+                run + 1,
+                result.total,
+                result.queued,
+                result.fifo,
+                result.idle_after
+            ));
+            runs.push(result);
+        }
+        runs
+    }
+}
+
+pub(crate) fn sync() {
+    unsafe { libc::sync() };
+}
+
+/// The order builds entered the queue and the order they started building,
+/// from the builder's status stream.
+#[derive(Debug, Default)]
+pub(crate) struct QueueOrder {
+    pub(crate) queued: Vec<String>,
+    pub(crate) started: Vec<String>,
+}
+
+impl QueueOrder {
+    pub(crate) fn observe(&mut self, status: &drv_thru::proto::BuilderStatus) {
+        let mut queued: Vec<_> = status.queued.iter().collect();
+        queued.sort_by_key(|q| q.position);
+        for build in queued {
+            if !self.queued.contains(&build.session_id) {
+                self.queued.push(build.session_id.clone());
+            }
+        }
+        for build in &status.active {
+            let building = matches!(
+                build.phase(),
+                drv_thru::proto::BuildPhase::Building | drv_thru::proto::BuildPhase::ServingOutputs
+            );
+            if building && !self.started.contains(&build.session_id) {
+                self.started.push(build.session_id.clone());
+            }
+        }
+    }
+
+    /// Whether the builds that waited started in the order they were queued.
+    pub(crate) fn is_fifo(&self) -> bool {
+        let started: Vec<&String> = self
+            .started
+            .iter()
+            .filter(|id| self.queued.contains(id))
+            .collect();
+        let queued: Vec<&String> = self
+            .queued
+            .iter()
+            .filter(|id| started.contains(id))
+            .collect();
+        started == queued
+    }
+}
+
+pub(crate) fn watch_queue(data_dir: &Path, order: &Mutex<QueueOrder>, stop: &AtomicBool) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let Ok(channel) = drv_thru::client::admin(data_dir).await else {
+            progress("cannot watch the builder's status; FIFO not checked");
+            return;
+        };
+        let mut client = drv_thru::proto::builder_client::BuilderClient::new(channel);
+        let Ok(stream) = client
+            .watch_status(drv_thru::proto::WatchStatusRequest::default())
+            .await
+        else {
+            return;
+        };
+        let mut stream = stream.into_inner();
+        while !stop.load(Ordering::Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(100), stream.message()).await {
+                Ok(Ok(Some(message))) => {
+                    if let Some(status) = message.status {
+                        order.lock().unwrap().observe(&status);
+                    }
+                }
+                Ok(_) => return,
+                Err(_) => {}
+            }
+        }
+    });
+}
