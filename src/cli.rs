@@ -13,7 +13,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::{config::DEFAULT_DATA_DIR, endpoint::RelayChoice};
+use crate::{config::DEFAULT_DATA_DIR, transport::endpoint::RelayChoice};
 
 /// Peer-to-peer remote Nix builds over Iroh.
 ///

@@ -31,11 +31,11 @@ use tonic::{
 
 use crate::{
     config::{self, NamedBuilder},
-    endpoint::{EndpointOptions, RelayChoice},
     keys,
     nix::signing,
     ticket::Ticket,
-    transport::iroh::Link,
+    transport::endpoint::{EndpointOptions, RelayChoice},
+    transport::quic::Link,
 };
 
 /// A channel that presents a ticket with every call (or nothing).

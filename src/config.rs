@@ -12,8 +12,8 @@ use iroh::EndpointId;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
-    endpoint::RelayChoice,
     nix::signing,
+    transport::endpoint::RelayChoice,
     units::{ByteSize, HumanDuration},
 };
 

@@ -23,7 +23,6 @@
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod endpoint;
 pub mod helper;
 pub mod keys;
 pub mod loopback_cache;

@@ -54,14 +54,18 @@ use self::{
 };
 use crate::{
     config::{ServerConfig, admin_socket_path},
-    endpoint::{EndpointOptions, direct_addresses},
     keys::{self, SigningKeyFiles, TicketKey},
     nixcmd::Nix,
     proto::{
         self, builder_server::BuilderServer, cache_server::CacheServer,
         tickets_server::TicketsServer,
     },
-    transport::{self, http2, iroh::IrohIncoming},
+    transport::{
+        self,
+        endpoint::{EndpointOptions, direct_addresses},
+        http2,
+        quic::IrohIncoming,
+    },
 };
 
 /// Holds the data directory's lock for the server's lifetime, so two

@@ -1,6 +1,8 @@
 //! Carrying tonic's HTTP/2 over our two transports.
 //!
-//! - [`iroh`]: every QUIC bidirectional stream of a connection with our ALPN
+//! - [`endpoint`]: the Iroh endpoints both sides bind, from our
+//!   configuration (relay mode, listen address, QUIC limits).
+//! - [`quic`]: every QUIC bidirectional stream of a connection with our ALPN
 //!   is one HTTP/2 connection. Requests carry the peer's handshake-proven
 //!   endpoint id as an [`IrohPeer`] extension.
 //! - [`unix`]: the builder's local admin socket and the client machine's
@@ -8,10 +10,11 @@
 //!   as a [`UnixPeer`] extension.
 
 pub mod authorize;
-pub mod iroh;
+pub mod endpoint;
+pub mod quic;
 pub mod unix;
 
-pub use self::{iroh::IrohPeer, unix::UnixPeer};
+pub use self::{quic::IrohPeer, unix::UnixPeer};
 
 /// HTTP/2 tuning shared by both ends: 1 MiB frames and 8/16 MiB stream and
 /// connection windows measured best for bulk transfers over Iroh. 2/4 MiB

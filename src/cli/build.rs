@@ -25,11 +25,11 @@ use crate::{
         Target,
         remote_build::{self, BuildOptions, Observer, Outcome, RemoteBuild},
     },
-    endpoint::RelayChoice,
     nix::store_path::StorePath,
     nixcmd::{EvalFlags, Evaluated, Nix, strip_controls},
     proto::{self, build_response::Event},
     ticket::Ticket,
+    transport::endpoint::RelayChoice,
     units::{format_bytes, plural},
 };
 

@@ -10,8 +10,8 @@ use iroh::EndpointId;
 use super::Failure;
 use crate::{
     config::{Limits, ServerConfig, TrustedClient},
-    endpoint::RelayChoice,
     server,
+    transport::endpoint::RelayChoice,
 };
 
 #[derive(Debug, clap::Args)]

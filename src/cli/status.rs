@@ -16,8 +16,8 @@ use super::Failure;
 use crate::{
     client::{self, BuilderChannel, Credentials, Target},
     config::DEFAULT_DATA_DIR,
-    endpoint::RelayChoice,
     proto::{self, BuildPhase, BuildResult, builder_client::BuilderClient},
+    transport::endpoint::RelayChoice,
     units::plural,
 };
 

@@ -19,10 +19,10 @@ use super::{
     trust::OutputImport,
 };
 use crate::{
-    endpoint::RelayChoice,
     nix::{signing::PublicKey, store_path::StorePath},
     nixcmd::{EvalFlags, Evaluated, Nix, PathInfo},
     proto::{BuildResult, build_response::Event},
+    transport::endpoint::RelayChoice,
 };
 
 /// Parallel streams on a long path unless the caller says: four 1.25 MB

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use drv_thru::{
     client::{self, Connection, Target},
-    endpoint::RelayChoice,
     proto::{self, builder_client::BuilderClient},
+    transport::endpoint::RelayChoice,
 };
 use iroh::EndpointId;
 

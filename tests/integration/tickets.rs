@@ -220,7 +220,7 @@ async fn a_crash_neither_loses_nor_duplicates_uses() {
         loop {
             let Ok(client) = drv_thru::client::connect(
                 &target,
-                drv_thru::endpoint::RelayChoice::Disabled,
+                drv_thru::transport::endpoint::RelayChoice::Disabled,
                 Some(&key),
             )
             .await

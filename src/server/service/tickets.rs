@@ -8,7 +8,6 @@ use tracing::info;
 
 use crate::{
     config::Limits,
-    endpoint::direct_addresses,
     nix::signing,
     proto::{self, tickets_server},
     server::{
@@ -16,6 +15,7 @@ use crate::{
         ticket_store::{NewTicket, StoreError, TicketRecord, TicketStore},
     },
     ticket::{Ticket, TicketId, TicketParseError},
+    transport::endpoint::direct_addresses,
     units::{ByteSize, HumanDuration},
 };
 
