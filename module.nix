@@ -648,7 +648,10 @@ in
           NIX_CONFIG = "extra-experimental-features = nix-command";
         };
         serviceConfig = commonHardening // {
-          Type = "simple";
+          # The builder says READY=1 once both its Iroh endpoint and its
+          # admin socket accept, so units ordered after it (and
+          # `systemctl start`) wait for a builder that answers.
+          Type = "notify";
           ExecStart = lib.concatStringsSep " " (
             [
               (utils.escapeSystemdExecArgs [

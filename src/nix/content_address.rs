@@ -431,7 +431,7 @@ mod tests {
         let out = match result {
             Ok(out) => out,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("note: {tool} not on PATH, skipping");
+                crate::two_stores::skip(&format!("{tool} is not on PATH"));
                 return None;
             }
             Err(e) => panic!("running {tool}: {e}"),

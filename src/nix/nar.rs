@@ -934,7 +934,7 @@ mod tests {
         let out = match Command::new("nix-store").arg("--dump").arg(path).output() {
             Ok(out) => out,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                eprintln!("note: nix-store not on PATH, skipping");
+                crate::two_stores::skip("nix-store is not on PATH");
                 return None;
             }
             Err(e) => panic!("nix-store --dump: {e}"),

@@ -572,7 +572,7 @@ X-Future: kept as is
         let src = root.join("signed-src");
         std::fs::write(&src, "signed by drv-thru\n").unwrap();
         let Some(out) = nix(&["store", "add-file", src.to_str().unwrap()], root) else {
-            eprintln!("note: nix not on PATH, skipping");
+            crate::two_stores::skip("nix is not on PATH");
             return;
         };
         assert!(

@@ -25,8 +25,7 @@ use crate::nix::content_address::{ContentAddress, FileIngestionMethod};
 use crate::nix::narinfo::NarInfo;
 use crate::nix::signing::SecretKey;
 
-#[path = "../../tests/support/two_stores.rs"]
-mod two_stores;
+use crate::two_stores;
 
 const FIXTURE_NIX: &str = include_str!("../../tests/data/nixcmd/fixture.nix");
 const FIXTURE_INPUT: &str = include_str!("../../tests/data/nixcmd/src/input.txt");
