@@ -369,7 +369,9 @@ impl TicketStore {
     }
 
     /// Takes one use of ticket `id` for `peer`: checks and records it under
-    /// one lock, on disk before returning.
+    /// one lock, on disk before returning. An unbound ticket becomes bound
+    /// to `peer`: whoever copies a ticket after its first use cannot use
+    /// what is left of it.
     pub fn take_use(
         &self,
         id: TicketId,
@@ -380,6 +382,7 @@ impl TicketStore {
         let mut records = self.lock();
         let mut record = self.check(&records, id, secret, peer, now)?.clone();
         record.uses_taken += 1;
+        record.bound_client.get_or_insert(peer);
         let mut next = records.clone();
         next.insert(id, record.clone());
         self.persist(&next, now)?;
@@ -570,10 +573,10 @@ mod tests {
         let store = std::sync::Arc::new(store(dir.path()));
         let (record, secret) = store.create(new_ticket(Some(3)), NOW).unwrap();
         let handles: Vec<_> = (0..16)
-            .map(|n| {
+            .map(|_| {
                 let store = store.clone();
                 let secret = secret.clone();
-                std::thread::spawn(move || store.take_use(record.id, &secret, peer(n), NOW).is_ok())
+                std::thread::spawn(move || store.take_use(record.id, &secret, peer(1), NOW).is_ok())
             })
             .collect();
         let granted = handles
@@ -583,6 +586,34 @@ mod tests {
             .filter(|ok| *ok)
             .count();
         assert_eq!(granted, 3);
+    }
+
+    #[test]
+    fn the_first_use_binds_an_unbound_ticket_to_its_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let (record, secret) = store.create(new_ticket(Some(3)), NOW).unwrap();
+        store.authenticate(record.id, &secret, peer(2), NOW).unwrap();
+        let taken = store.take_use(record.id, &secret, peer(1), NOW).unwrap();
+        assert_eq!(taken.bound_client, Some(peer(1)));
+        assert!(matches!(
+            store.authenticate(record.id, &secret, peer(2), NOW),
+            Err(TicketRefusal::BoundElsewhere { .. })
+        ));
+        assert!(matches!(
+            store.take_use(record.id, &secret, peer(2), NOW),
+            Err(TakeUseError::Refused(TicketRefusal::BoundElsewhere { .. }))
+        ));
+        store.take_use(record.id, &secret, peer(1), NOW).unwrap();
+        assert_eq!(
+            super::TicketStore::open(dir.path(), TicketKey::from_bytes([1; 32]))
+                .unwrap()
+                .get(record.id)
+                .unwrap()
+                .bound_client,
+            Some(peer(1)),
+            "the binding is on disk"
+        );
     }
 
     #[test]
