@@ -224,7 +224,12 @@ pub async fn run(
             Uploads::new(build.nix.clone(), uploads_dir),
             build,
         )),
-        tickets: Arc::new(TicketsService::new(tickets, endpoint.clone(), public_key)),
+        tickets: Arc::new(TicketsService::new(
+            tickets,
+            sessions.clone(),
+            endpoint.clone(),
+            public_key,
+        )),
         cache: Arc::new(CacheService::new(cache, sessions.clone())),
         layer: AuthLayer::new(policy),
     };

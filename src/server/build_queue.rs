@@ -99,7 +99,10 @@ async fn queue_and_build(
         tokio::select! {
             permit = &mut acquire => break permit.expect("the build slots are never closed"),
             _ = watch.changed() => {}
-            _ = session.cancelled.cancelled() => return Ending::new(BuildResult::Cancelled, "client left while queued"),
+            _ = session.cancelled.cancelled() => return Ending::new(
+                BuildResult::Cancelled,
+                session.cancelled_because().unwrap_or("client left while queued"),
+            ),
             _ = events.closed() => return Ending::new(BuildResult::Cancelled, "client left while queued"),
         }
     };
@@ -150,7 +153,10 @@ async fn build(
                 BuildResult::LimitExceeded,
                 format!("the build exceeded this session's max_build_time of {limit} and was stopped"),
             )),
-            _ = session.cancelled.cancelled() => break Some(Ending::new(BuildResult::Cancelled, "client left during the build")),
+            _ = session.cancelled.cancelled() => break Some(Ending::new(
+                BuildResult::Cancelled,
+                session.cancelled_because().unwrap_or("client left during the build"),
+            )),
             _ = events.closed() => break Some(Ending::new(BuildResult::Cancelled, "client left during the build")),
         }
     };

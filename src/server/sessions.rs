@@ -80,8 +80,11 @@ pub struct Session {
     pub drv: StorePath,
     /// The announced inputs.
     pub inputs: BTreeMap<StorePath, DeclaredInput>,
-    /// Cancelled when the owner's connection closes.
+    /// Cancelled when the owner's connection closes, or by
+    /// [`Session::cancel_because`].
     pub cancelled: CancellationToken,
+    /// Why the session was cancelled, when it was not its client leaving.
+    cancelled_because: std::sync::OnceLock<&'static str>,
     uploaded: AtomicU64,
     state: Mutex<SessionState>,
 }
@@ -105,6 +108,7 @@ impl Session {
             drv,
             inputs,
             cancelled: CancellationToken::new(),
+            cancelled_because: std::sync::OnceLock::new(),
             uploaded: AtomicU64::new(0),
             state: Mutex::new(SessionState {
                 missing,
@@ -120,6 +124,18 @@ impl Session {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Cancels the session for a reason other than its client leaving: its
+    /// build stops, and its outcome says `why`.
+    pub fn cancel_because(&self, why: &'static str) {
+        let _ = self.cancelled_because.set(why);
+        self.cancelled.cancel();
+    }
+
+    /// Why the session was cancelled, if not because its client left.
+    pub fn cancelled_because(&self) -> Option<&'static str> {
+        self.cancelled_because.get().copied()
     }
 
     /// The inputs still missing on the builder.
@@ -383,6 +399,22 @@ impl Sessions {
         }
     }
 
+    /// Cancels every session admitted with ticket `id`, saying `why`;
+    /// returns how many there were.
+    pub fn cancel_ticket(&self, id: &str, why: &'static str) -> usize {
+        let table = self.table();
+        let admitted = table
+            .sessions
+            .values()
+            .filter(|session| session.label.ticket_id.as_deref() == Some(id));
+        let mut count = 0;
+        for session in admitted {
+            session.cancel_because(why);
+            count += 1;
+        }
+        count
+    }
+
     /// Forgets session `id` and frees its slot.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
         let mut table = self.table();
@@ -450,13 +482,17 @@ mod tests {
     }
 
     fn session(id: &str, owner: EndpointId) -> Arc<Session> {
+        session_with(id, owner, None)
+    }
+
+    fn session_with(id: &str, owner: EndpointId, ticket: Option<&str>) -> Arc<Session> {
         Arc::new(Session::new(
             id.into(),
             owner,
             ClientLabel {
                 endpoint_id: String::new(),
                 label: String::new(),
-                ticket_id: None,
+                ticket_id: ticket.map(str::to_owned),
             },
             Limits::default(),
             "/nix/store/00000000000000000000000000000000-x.drv"
@@ -540,5 +576,29 @@ mod tests {
         assert!(sessions.get("s0", client(0)).is_ok());
         sessions.remove("s0");
         assert!(sessions.get("s0", client(0)).is_err());
+    }
+
+    #[test]
+    fn revoking_a_ticket_cancels_its_sessions_and_says_why() {
+        let sessions = Arc::new(Sessions::default());
+        for (id, owner, ticket) in [("a", 1, "t"), ("b", 2, "t"), ("c", 3, "u")] {
+            let slot = sessions
+                .reserve(id.into(), client(owner), Some(ticket.into()))
+                .unwrap();
+            sessions
+                .admit(slot, || Ok(session_with(id, client(owner), Some(ticket))))
+                .unwrap();
+        }
+        assert_eq!(sessions.cancel_ticket("t", "its ticket was revoked"), 2);
+        let a = sessions.get("a", client(1)).unwrap();
+        assert!(a.cancelled.is_cancelled());
+        assert_eq!(a.cancelled_because(), Some("its ticket was revoked"));
+        assert!(
+            !sessions
+                .get("c", client(3))
+                .unwrap()
+                .cancelled
+                .is_cancelled()
+        );
     }
 }

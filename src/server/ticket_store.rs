@@ -303,7 +303,8 @@ impl TicketStore {
 
     /// Checks that `secret` opens ticket `id` for `peer`, whatever its state:
     /// a session admitted with a ticket runs to completion even after the
-    /// ticket is used up, expires or is revoked.
+    /// ticket is used up or expires. (Revoking it cancels the session
+    /// itself, in the Tickets service.)
     pub fn authenticate_session(
         &self,
         id: TicketId,
@@ -593,7 +594,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
         let (record, secret) = store.create(new_ticket(Some(3)), NOW).unwrap();
-        store.authenticate(record.id, &secret, peer(2), NOW).unwrap();
+        store
+            .authenticate(record.id, &secret, peer(2), NOW)
+            .unwrap();
         let taken = store.take_use(record.id, &secret, peer(1), NOW).unwrap();
         assert_eq!(taken.bound_client, Some(peer(1)));
         assert!(matches!(

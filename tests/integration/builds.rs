@@ -634,6 +634,26 @@ fn interrupted_client_says_so_and_leaves_nothing() {
 }
 
 #[test]
+fn revoking_the_ticket_stops_its_running_build() {
+    if !available() {
+        return;
+    }
+    let (pair, _runtime, client) = quiet_build("revoke");
+    let listing: serde_json::Value =
+        serde_json::from_str(&pair.builder.cli_ok(&["ticket", "list", "--all", "--json"])).unwrap();
+    let id = listing[0]["id"].as_str().unwrap().to_owned();
+    pair.builder.cli_ok(&["ticket", "revoke", &id]);
+    let output = client.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("its ticket was revoked"),
+        "{}",
+        stderr(&output)
+    );
+    assert_builder_cleans_up(&pair);
+}
+
+#[test]
 fn signal_during_evaluation_leaves_no_nix_behind() {
     if !available() {
         return;

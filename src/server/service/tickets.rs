@@ -12,6 +12,7 @@ use crate::{
     proto::{self, tickets_server},
     server::{
         error::ServerError,
+        sessions::Sessions,
         ticket_store::{NewTicket, StoreError, TicketRecord, TicketStore},
     },
     ticket::{Ticket, TicketId, TicketParseError},
@@ -26,19 +27,24 @@ pub const DEFAULT_LIFETIME_SECS: u64 = 2 * 3600;
 #[derive(Debug)]
 pub struct TicketsService {
     store: Arc<TicketStore>,
+    /// Live sessions, cancelled when their ticket is revoked.
+    sessions: Arc<Sessions>,
     endpoint: Endpoint,
     signing_key: signing::PublicKey,
 }
 
 impl TicketsService {
-    /// A service issuing tickets for `endpoint`, whose outputs `signing_key` signs.
+    /// A service issuing tickets for `endpoint`, whose outputs `signing_key`
+    /// signs, and revoking them along with their `sessions`.
     pub fn new(
         store: Arc<TicketStore>,
+        sessions: Arc<Sessions>,
         endpoint: Endpoint,
         signing_key: signing::PublicKey,
     ) -> Self {
         Self {
             store,
+            sessions,
             endpoint,
             signing_key,
         }
@@ -221,7 +227,10 @@ impl tickets_server::Tickets for TicketsService {
             .revoke(id, now)
             .map_err(store_failed)?
             .ok_or_else(|| ServerError::NotFound(format!("no ticket with id {id}")))?;
-        info!(ticket = %id, "ticket revoked");
+        let cancelled = self
+            .sessions
+            .cancel_ticket(&id.to_string(), "its ticket was revoked");
+        info!(ticket = %id, sessions_cancelled = cancelled, "ticket revoked");
         Ok(Response::new(proto::RevokeTicketResponse {
             ticket: Some(record.to_proto(now)),
         }))
