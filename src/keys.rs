@@ -40,6 +40,17 @@ pub enum KeyError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A secret file owned by someone else, who could change or read it.
+    #[error(
+        "secret key file {path} is owned by uid {owner}, not by this user or root; \
+         chown it to the user drv-thru runs as (and consider the key leaked)"
+    )]
+    NotOurs {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+    },
     /// The file's content is not a key of the expected kind.
     #[error("{path} does not hold a valid {kind}: {reason}")]
     Malformed {
@@ -61,15 +72,38 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> KeyE
     }
 }
 
-/// Reads a secret file after checking that only its owner can read it.
+/// Reads a secret file after checking that it is ours (or root's) and that
+/// only its owner can read it.
+///
+/// A systemd credential is exempt from the mode check: its directory is
+/// private to the service, and systemd may grant the service user read
+/// access through an ACL, which shows as group bits.
 fn read_private(path: &Path) -> Result<Option<String>, KeyError> {
+    read_private_among(path, std::env::var_os("CREDENTIALS_DIRECTORY"))
+}
+
+/// [`read_private`], with systemd's credentials directory given.
+fn read_private_among(
+    path: &Path,
+    credentials: Option<std::ffi::OsString>,
+) -> Result<Option<String>, KeyError> {
     let metadata = match fs::metadata(path) {
         Ok(metadata) => metadata,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(io_error("reading", path)(err)),
     };
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me && metadata.uid() != 0 {
+        return Err(KeyError::NotOurs {
+            path: path.to_owned(),
+            owner: metadata.uid(),
+        });
+    }
+    let credential =
+        credentials.is_some_and(|dir| Path::new(&dir).is_absolute() && path.starts_with(dir));
     let mode = metadata.mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & 0o077 != 0 && !credential {
         return Err(KeyError::TooOpen {
             path: path.to_owned(),
             mode,
@@ -303,6 +337,39 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
         let err = load_or_create_endpoint_key(&path).unwrap_err().to_string();
         assert!(err.contains("chmod 600") && err.contains("0640"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_secret_owned_by_another_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
+        load_or_create_endpoint_key(&path).unwrap();
+        if std::os::unix::fs::chown(&path, Some(65534), None).is_err() {
+            return crate::two_stores::skip("changing a file's owner needs root");
+        }
+        let err = load_or_create_endpoint_key(&path).unwrap_err();
+        assert!(
+            matches!(err, KeyError::NotOurs { owner: 65534, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_systemd_credential_may_show_group_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret-key");
+        create_file(&path, "key\n", 0o440).unwrap();
+        let credentials = Some(dir.path().as_os_str().to_owned());
+        assert_eq!(
+            read_private_among(&path, credentials).unwrap().as_deref(),
+            Some("key\n")
+        );
+        assert!(matches!(
+            read_private_among(&path, None),
+            Err(KeyError::TooOpen { mode: 0o440, .. })
+        ));
+        let elsewhere = Some(std::ffi::OsString::from("/run/credentials/other"));
+        assert!(read_private_among(&path, elsewhere).is_err());
     }
 
     #[test]
