@@ -226,7 +226,14 @@ struct Config {
     store: Option<String>,
     options: Vec<(String, String)>,
     credentials: Option<(u32, u32)>,
+    /// Turns for commands run to the end (queries, copies), shared by every
+    /// clone of the handle: peers can ask for work that runs Nix, and each
+    /// process costs far more than waiting for a turn.
+    turns: Arc<tokio::sync::Semaphore>,
 }
+
+/// Nix commands run to the end at once through one handle; more wait.
+const MAX_RUNNING: usize = 8;
 
 /// Builds a [`Nix`] handle.
 #[derive(Debug, Clone)]
@@ -322,6 +329,7 @@ impl Nix {
                 store: None,
                 options: Vec::new(),
                 credentials: None,
+                turns: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
             },
         }
     }
@@ -794,6 +802,42 @@ pub fn file_url(dir: &Path) -> Result<String, NixCmdError> {
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    #[tokio::test]
+    async fn commands_run_to_the_end_take_turns() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // A stand-in that stays a while, so overlapping runs are seen: how
+        // many real Nix queries overlap depends on the machine's speed.
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let script = dir.path().join("nix-store");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho start >> {0}\nsleep 0.2\necho end >> {0}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let nix = Nix::builder().program_dir(dir.path()).build();
+        let paths = [path("x")];
+        let queries = (0..3 * MAX_RUNNING).map(|_| nix.invalid_paths(&paths));
+        for answer in futures::future::join_all(queries).await {
+            assert!(answer.unwrap().is_empty());
+        }
+        let (mut running, mut most) = (0, 0);
+        for line in std::fs::read_to_string(&log).unwrap().lines() {
+            running = if line == "start" {
+                running + 1
+            } else {
+                running - 1
+            };
+            most = most.max(running);
+        }
+        assert!(most <= MAX_RUNNING, "{most} ran at once");
+        assert!(most > 1, "queries should still overlap");
+    }
 
     fn path(name: &str) -> StorePath {
         format!("/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-{name}")

@@ -281,8 +281,11 @@ impl Nix {
             })
     }
 
-    /// Runs a command to the end, collecting stdout (bounded) and the tail of stderr.
+    /// Runs a command to the end, collecting stdout (bounded) and the tail of stderr, once
+    /// one of the handle's turns is free.
     pub(super) async fn run(&self, line: &CommandLine) -> Result<Output, NixCmdError> {
+        // The semaphore is never closed.
+        let _turn = self.config.turns.acquire().await;
         let mut child = self.spawn(line)?;
         let io_error = |source| NixCmdError::Io {
             command: line.to_string(),

@@ -183,7 +183,7 @@ impl SignedCache {
         path: &StorePath,
         neighbours: impl FnOnce() -> Vec<StorePath>,
     ) -> Result<PathInfo, CacheError> {
-        if let Some(info) = self.take_info(path) {
+        if let Some(info) = self.known_info(path) {
             return Ok(info);
         }
         let mut batch = vec![path.clone()];
@@ -198,7 +198,7 @@ impl SignedCache {
             );
         }
         self.remember(self.nix.path_info(&batch).await?);
-        self.take_info(path)
+        self.known_info(path)
             .ok_or_else(|| CacheError::NotInStore(path.clone()))
     }
 
@@ -212,11 +212,15 @@ impl SignedCache {
         known.extend(infos.into_iter().map(|info| (info.path.clone(), info)));
     }
 
-    fn take_info(&self, path: &StorePath) -> Option<PathInfo> {
+    /// What the store records about `path`, if known. Kept, not taken: a
+    /// session asking again for the same narinfo must not make the builder
+    /// run Nix again (the map is bounded by [`MAX_KNOWN_INFOS`]).
+    fn known_info(&self, path: &StorePath) -> Option<PathInfo> {
         self.infos
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(path)
+            .get(path)
+            .cloned()
     }
 
     /// Streams `length` bytes from `offset` (0: to the end) of the NAR file
