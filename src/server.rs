@@ -260,11 +260,11 @@ pub async fn run(
         signing_public_key: signing.public.to_string(),
     })?;
 
-    let over_iroh = services.server().serve_with_incoming_shutdown(
+    let over_iroh = services.server(false).serve_with_incoming_shutdown(
         iroh_incoming.into_stream(),
         shutdown.clone().cancelled_owned(),
     );
-    let over_admin = services.server().serve_with_incoming_shutdown(
+    let over_admin = services.server(true).serve_with_incoming_shutdown(
         transport::unix::incoming(admin_listener),
         shutdown.clone().cancelled_owned(),
     );
@@ -317,6 +317,11 @@ impl Signals {
     }
 }
 
+/// Largest request the services open to anyone (health, reflection)
+/// decode: theirs are a service name or a symbol, and a peer that need not
+/// authenticate must not make the builder hold megabytes.
+const PUBLIC_MESSAGE_SIZE: usize = 16 << 10;
+
 /// The services every transport serves.
 struct Services {
     builder: Arc<BuilderService>,
@@ -326,8 +331,12 @@ struct Services {
 }
 
 impl Services {
+    /// The router for one transport; server reflection only where
+    /// `reflection` says (the admin socket): it echoes each request into
+    /// its reply, which a stranger that never reads could pile up.
     fn server(
         &self,
+        reflection: bool,
     ) -> tonic::transport::server::Router<
         tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
     > {
@@ -345,11 +354,14 @@ impl Services {
                 .set_serving::<CacheServer<CacheService>>()
                 .await;
         });
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .expect("the embedded descriptor sets are valid");
+        let reflection = reflection.then(|| {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .expect("the embedded descriptor sets are valid")
+                .max_decoding_message_size(PUBLIC_MESSAGE_SIZE)
+        });
         Server::builder()
             .initial_stream_window_size(http2::STREAM_WINDOW)
             .initial_connection_window_size(http2::CONNECTION_WINDOW)
@@ -357,8 +369,8 @@ impl Services {
             .max_concurrent_streams(64)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(self.layer.clone())
-            .add_service(health)
-            .add_service(reflection)
+            .add_service(health.max_decoding_message_size(PUBLIC_MESSAGE_SIZE))
+            .add_optional_service(reflection)
             .add_service(
                 BuilderServer::from_arc(self.builder.clone())
                     .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -112,29 +113,47 @@ fn secret_files_are_private_and_the_public_key_is_readable() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn health_and_reflection_answer_anyone() {
+async fn health_answers_anyone_and_reflection_only_the_admin_socket() {
     let dir = tempfile::tempdir().unwrap();
     let builder = Builder::start(dir.path(), &[]);
     let stranger = connect(&builder.direct_target(), &key_file(dir.path(), "stranger")).await;
-    let health = HealthClient::new(stranger.channel.clone())
+    let mut health = HealthClient::new(stranger.channel.clone());
+    let serving = health
         .check(HealthCheckRequest {
             service: "drvthru.v1.Builder".into(),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(health.status(), ServingStatus::Serving);
+    assert_eq!(serving.status(), ServingStatus::Serving);
+    // A large request is refused before it is held, let alone echoed back.
+    let oversized = health
+        .check(HealthCheckRequest {
+            service: "x".repeat(1 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(oversized.code(), Code::OutOfRange, "{oversized:?}");
+    assert!(oversized.message().len() < 1024, "{}", oversized.message());
 
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let request = ServerReflectionRequest {
+    let request = || ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut responses = ServerReflectionClient::new(stranger.channel.clone())
-        .server_reflection_info(tokio_stream::iter([request]))
+    let over_iroh = ServerReflectionClient::new(stranger.channel.clone())
+        .server_reflection_info(tokio_stream::iter([request()]))
+        .await
+        .unwrap_err();
+    assert_eq!(over_iroh.code(), Code::Unimplemented, "{over_iroh:?}");
+    stranger.close().await;
+
+    let admin = drv_thru::client::admin(&builder.data_dir).await.unwrap();
+    let mut responses = ServerReflectionClient::new(admin)
+        .server_reflection_info(tokio_stream::iter([request()]))
         .await
         .unwrap()
         .into_inner();
@@ -151,5 +170,4 @@ async fn health_and_reflection_answer_anyone() {
     ] {
         assert!(names.iter().any(|n| n == expected), "{names:?}");
     }
-    stranger.close().await;
 }
