@@ -115,6 +115,9 @@ let
       output_cache_max_parallel_fills = serverCfg.outputCacheMaxParallelFills;
       recent_builds_limit = serverCfg.recentBuildsLimit;
       max_connections = serverCfg.maxConnections;
+      max_unauthenticated_connections = serverCfg.maxUnauthenticatedConnections;
+      max_connections_per_client = serverCfg.maxConnectionsPerClient;
+      authentication_timeout = serverCfg.authenticationTimeout;
       trusted_clients = lib.mapAttrs (_: client: {
         public_key = client.publicKey;
         max_build_time = client.maxBuildTime;
@@ -403,7 +406,35 @@ in
       maxConnections = lib.mkOption {
         type = types.ints.positive;
         default = 256;
-        description = "Iroh connections served at once; further connections are refused.";
+        description = ''
+          Authenticated Iroh connections (trusted clients, and clients that
+          made an authorized call) served at once; further ones are refused.
+        '';
+      };
+
+      maxUnauthenticatedConnections = lib.mkOption {
+        type = types.ints.positive;
+        default = 32;
+        description = ''
+          Iroh connections that have not authenticated yet, served at once
+          besides `maxConnections` (and as many handshakes), so strangers
+          cannot take clients' slots.
+        '';
+      };
+
+      maxConnectionsPerClient = lib.mkOption {
+        type = types.ints.positive;
+        default = 8;
+        description = "Iroh connections one client endpoint id may hold at once.";
+      };
+
+      authenticationTimeout = lib.mkOption {
+        type = types.str;
+        default = "20s";
+        description = ''
+          How long a new connection has to make its first authorized call
+          (trusted clients need none) before it is closed, e.g. `"20s"`.
+        '';
       };
 
       outputCacheMaxParallelFills = lib.mkOption {

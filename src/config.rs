@@ -157,9 +157,21 @@ pub struct ServerConfig {
     /// Finished builds kept for `status`.
     #[serde(default = "default_recent_builds_limit")]
     pub recent_builds_limit: u32,
-    /// Iroh connections served at once; more are refused.
+    /// Iroh connections served at once once authenticated (by a first
+    /// authorized call, or as a trusted client); more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Iroh connections that have not authenticated yet, served at once
+    /// besides `max_connections`, so strangers cannot take clients' slots.
+    #[serde(default = "default_max_unauthenticated_connections")]
+    pub max_unauthenticated_connections: u32,
+    /// Iroh connections one endpoint id may hold at once.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: u32,
+    /// How long a new Iroh connection has to make its first authorized
+    /// call (trusted clients need none); it is closed after that.
+    #[serde(default = "default_authentication_timeout")]
+    pub authentication_timeout: HumanDuration,
     /// Clients that may build without a ticket, by name.
     #[serde(default)]
     pub trusted_clients: BTreeMap<String, TrustedClient>,
@@ -181,6 +193,18 @@ fn default_max_connections() -> u32 {
     256
 }
 
+fn default_max_unauthenticated_connections() -> u32 {
+    32
+}
+
+fn default_max_connections_per_client() -> u32 {
+    8
+}
+
+fn default_authentication_timeout() -> HumanDuration {
+    HumanDuration::from_secs(20)
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -194,6 +218,9 @@ impl Default for ServerConfig {
             cache_max_size: None,
             recent_builds_limit: default_recent_builds_limit(),
             max_connections: default_max_connections(),
+            max_unauthenticated_connections: default_max_unauthenticated_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            authentication_timeout: default_authentication_timeout(),
             trusted_clients: BTreeMap::new(),
         }
     }
@@ -221,6 +248,15 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".to_owned());
+        }
+        if self.max_unauthenticated_connections == 0 {
+            return Err("max_unauthenticated_connections must be at least 1".to_owned());
+        }
+        if self.max_connections_per_client == 0 {
+            return Err("max_connections_per_client must be at least 1".to_owned());
+        }
+        if self.authentication_timeout.get().is_zero() {
+            return Err("authentication_timeout must be longer than zero".to_owned());
         }
         if self.output_cache_max_parallel_fills == Some(0) {
             return Err("output_cache_max_parallel_fills must be at least 1 or null".to_owned());

@@ -64,7 +64,7 @@ use crate::{
         self,
         endpoint::{EndpointOptions, direct_addresses},
         http2,
-        quic::IrohIncoming,
+        quic::{ConnectionBudget, IrohIncoming},
     },
 };
 
@@ -234,7 +234,20 @@ pub async fn run(
         layer: AuthLayer::new(policy),
     };
 
-    let iroh_incoming = IrohIncoming::start(endpoint.clone(), config.max_connections);
+    let iroh_incoming = IrohIncoming::start(
+        endpoint.clone(),
+        ConnectionBudget {
+            max_connections: config.max_connections,
+            max_unauthenticated: config.max_unauthenticated_connections,
+            max_per_client: config.max_connections_per_client,
+            authentication_timeout: config.authentication_timeout.get(),
+            trusted: config
+                .trusted_clients
+                .values()
+                .map(|client| client.public_key)
+                .collect(),
+        },
+    );
     let mut open = iroh_incoming.open_connections();
     let board_for_connections = board.clone();
     tokio::spawn(async move {

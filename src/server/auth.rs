@@ -167,6 +167,7 @@ impl AuthPolicy {
                 )
         );
         if allowed {
+            peer.authenticated();
             return Ok(principal);
         }
         Err(match principal {

@@ -21,7 +21,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Bidirectional streams (HTTP/2 connections) a peer may hold open on one
 /// QUIC connection: enough for a control channel plus parallel bulk
 /// transfers, few enough that a peer cannot pile up server tasks.
-const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Where relays come from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! gRPC over Iroh QUIC connections.
 
 use std::{
+    collections::{HashMap, HashSet},
     io,
     pin::Pin,
     sync::Arc,
@@ -15,12 +16,13 @@ use iroh::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::{Mutex, Semaphore, mpsc, watch},
+    sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, watch},
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, server::Connected};
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::endpoint::MAX_STREAMS_PER_CONNECTION;
 use crate::proto::ALPN;
 
 /// Time allowed for a QUIC handshake to complete.
@@ -32,6 +34,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// QUIC application close code: the server is at its connection limit.
 const CLOSE_BUSY: u32 = 1;
 
+/// QUIC application close code: the connection made no authorized call in
+/// time.
+const CLOSE_UNAUTHENTICATED: u32 = 2;
+
+/// Streams a connection may have open before it authenticates: enough for
+/// a health check and a first call, too few to pile up work.
+const UNAUTHENTICATED_STREAMS: u32 = 2;
+
 /// Who is on the other end of an Iroh-carried request.
 #[derive(Debug, Clone)]
 pub struct IrohPeer {
@@ -39,6 +49,100 @@ pub struct IrohPeer {
     pub endpoint_id: EndpointId,
     /// The connection, so a handler can notice the peer leaving.
     pub connection: Connection,
+    authenticated: Arc<watch::Sender<bool>>,
+}
+
+impl IrohPeer {
+    /// The peer at the other end of `connection`, and a watch of whether it
+    /// has authenticated (`authenticated` already, or by
+    /// [`Self::authenticated`] later).
+    fn new(connection: Connection, authenticated: bool) -> (Self, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(authenticated);
+        let peer = Self {
+            endpoint_id: connection.remote_id(),
+            connection,
+            authenticated: Arc::new(tx),
+        };
+        (peer, rx)
+    }
+
+    /// Records that this connection made an authorized call: it leaves the
+    /// slots for strangers and may open as many streams as any client.
+    pub fn authenticated(&self) {
+        self.authenticated
+            .send_if_modified(|done| !std::mem::replace(done, true));
+    }
+}
+
+/// How many Iroh connections the server takes, and from whom. A stranger
+/// can make endpoint ids for free, so connections that have not shown a
+/// ticket or a trusted key get slots of their own, a few streams and a
+/// deadline, and can never take an authenticated client's place.
+#[derive(Debug, Clone)]
+pub struct ConnectionBudget {
+    /// Authenticated connections at once.
+    pub max_connections: u32,
+    /// Connections not authenticated yet (or still in their handshake) at
+    /// once, besides `max_connections`.
+    pub max_unauthenticated: u32,
+    /// Connections one endpoint id may hold.
+    pub max_per_client: u32,
+    /// Time a connection has to make its first authorized call.
+    pub authentication_timeout: Duration,
+    /// Endpoint ids that count as authenticated from the handshake on.
+    pub trusted: HashSet<EndpointId>,
+}
+
+/// The server's slots: authenticated, unauthenticated, and by endpoint id.
+struct Slots {
+    budget: ConnectionBudget,
+    /// Handshakes under way: who is calling is known only after one, so
+    /// they have slots of their own, or a stranger holding every
+    /// unauthenticated slot would keep trusted clients out too.
+    handshakes: Arc<Semaphore>,
+    authenticated: Arc<Semaphore>,
+    unauthenticated: Arc<Semaphore>,
+    per_client: std::sync::Mutex<HashMap<EndpointId, u32>>,
+}
+
+/// A connection's place in [`Slots`], given back when dropped.
+struct Place {
+    slots: Arc<Slots>,
+    client: EndpointId,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut per_client = self
+            .slots
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = per_client.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+impl Slots {
+    /// A place for `client` holding `permit`, unless it has its share.
+    fn place(self: &Arc<Self>, client: EndpointId, permit: OwnedSemaphorePermit) -> Option<Place> {
+        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per_client.entry(client).or_default();
+        if *count >= self.budget.max_per_client {
+            return None;
+        }
+        *count += 1;
+        Some(Place {
+            slots: self.clone(),
+            client,
+            _permit: permit,
+        })
+    }
 }
 
 /// One bidirectional stream as a byte pipe for HTTP/2.
@@ -100,51 +204,63 @@ pub struct IrohIncoming {
 }
 
 impl IrohIncoming {
-    /// Starts accepting connections on `endpoint`, at most `max_connections`
-    /// at once. The accept loop ends when the endpoint closes.
-    pub fn start(endpoint: Endpoint, max_connections: u32) -> Self {
+    /// Starts accepting connections on `endpoint` within `budget`. The
+    /// accept loop ends when the endpoint closes.
+    pub fn start(endpoint: Endpoint, budget: ConnectionBudget) -> Self {
         let (tx, streams) = mpsc::channel(64);
         let (open_tx, open) = watch::channel(0u32);
-        let limit = Arc::new(Semaphore::new(max_connections as usize));
+        let slots = Arc::new(Slots {
+            handshakes: Arc::new(Semaphore::new(budget.max_unauthenticated as usize)),
+            authenticated: Arc::new(Semaphore::new(budget.max_connections as usize)),
+            unauthenticated: Arc::new(Semaphore::new(budget.max_unauthenticated as usize)),
+            per_client: std::sync::Mutex::default(),
+            budget,
+        });
         let open_tx = Arc::new(open_tx);
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    warn!(remote = ?incoming.remote_addr(), "refusing connection: at max_connections");
+                let Ok(handshake) = slots.handshakes.clone().try_acquire_owned() else {
+                    warn!(remote = ?incoming.remote_addr(), "refusing connection: too many handshakes under way");
                     incoming.refuse();
                     continue;
                 };
-                let tx = tx.clone();
-                let open_tx = open_tx.clone();
+                let (tx, open_tx, slots) = (tx.clone(), open_tx.clone(), slots.clone());
                 tokio::spawn(async move {
                     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                         Ok(Ok(connection)) => connection,
                         Ok(Err(err)) => return debug!("handshake failed: {err}"),
                         Err(_) => return debug!("handshake timed out"),
                     };
+                    drop(handshake);
                     let endpoint_id = connection.remote_id();
                     let span = info_span!("conn", peer = %endpoint_id.fmt_short());
+                    let trusted = slots.budget.trusted.contains(&endpoint_id);
+                    let permit = if trusted {
+                        slots.authenticated.clone().try_acquire_owned().ok()
+                    } else {
+                        connection.set_max_concurrent_bi_streams(VarInt::from_u32(
+                            UNAUTHENTICATED_STREAMS,
+                        ));
+                        slots.unauthenticated.clone().try_acquire_owned().ok()
+                    };
+                    let Some(place) = permit.and_then(|permit| slots.place(endpoint_id, permit))
+                    else {
+                        warn!(peer = %endpoint_id.fmt_short(), "refusing connection: at the connection limit for it");
+                        connection.close(VarInt::from_u32(CLOSE_BUSY), b"too many connections");
+                        return;
+                    };
+                    let (peer, watched) = IrohPeer::new(connection.clone(), trusted);
                     async move {
-                        debug!("connection opened");
+                        debug!(trusted, "connection opened");
                         open_tx.send_modify(|n| *n += 1);
-                        let peer = IrohPeer {
-                            endpoint_id,
-                            connection: connection.clone(),
-                        };
-                        while let Ok((send, recv)) = connection.accept_bi().await {
-                            if tx
-                                .send(Ok(IrohStream::new(send, recv, peer.clone())))
-                                .await
-                                .is_err()
-                            {
-                                connection
-                                    .close(VarInt::from_u32(CLOSE_BUSY), b"server shutting down");
-                                break;
-                            }
+                        let accepting = accept_streams(&connection, &peer, &tx);
+                        let gate = guard(&slots, &connection, place, watched);
+                        tokio::select! {
+                            () = accepting => {}
+                            () = gate => {}
                         }
                         open_tx.send_modify(|n| *n -= 1);
                         debug!(reason = ?connection.close_reason(), "connection closed");
-                        drop(permit);
                     }
                     .instrument(span)
                     .await
@@ -163,6 +279,66 @@ impl IrohIncoming {
     pub fn into_stream(self) -> ReceiverStream<io::Result<IrohStream>> {
         ReceiverStream::new(self.streams)
     }
+}
+
+/// Hands every stream of `connection` to tonic until it closes.
+async fn accept_streams(
+    connection: &Connection,
+    peer: &IrohPeer,
+    tx: &mpsc::Sender<io::Result<IrohStream>>,
+) {
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        if tx
+            .send(Ok(IrohStream::new(send, recv, peer.clone())))
+            .await
+            .is_err()
+        {
+            connection.close(VarInt::from_u32(CLOSE_BUSY), b"server shutting down");
+            break;
+        }
+    }
+}
+
+/// Holds `place` for `connection` while it lives: closes it if it does not
+/// authenticate within the budget's time, and moves it to an authenticated
+/// slot when it does. Returns only once it has closed the connection.
+async fn guard(
+    slots: &Arc<Slots>,
+    connection: &Connection,
+    place: Place,
+    mut authenticated: watch::Receiver<bool>,
+) {
+    let _place = if *authenticated.borrow() {
+        place
+    } else {
+        let deadline = slots.budget.authentication_timeout;
+        if let Err(_late) =
+            tokio::time::timeout(deadline, authenticated.wait_for(|done| *done)).await
+        {
+            debug!("closing a connection that did not authenticate in time");
+            connection.close(
+                VarInt::from_u32(CLOSE_UNAUTHENTICATED),
+                b"authenticate first",
+            );
+            return;
+        }
+        let client = place.client;
+        drop(place);
+        let promoted = slots
+            .authenticated
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .and_then(|permit| slots.place(client, permit));
+        let Some(place) = promoted else {
+            warn!("closing a connection that authenticated with every slot taken");
+            connection.close(VarInt::from_u32(CLOSE_BUSY), b"too many connections");
+            return;
+        };
+        connection.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION));
+        place
+    };
+    std::future::pending().await
 }
 
 /// Why a builder could not be reached.
@@ -277,10 +453,8 @@ impl Link {
                         .map_err(io::Error::other)?;
                 }
                 let (send, recv) = connection.open_bi().await.map_err(io::Error::other)?;
-                let peer = IrohPeer {
-                    endpoint_id: connection.remote_id(),
-                    connection: connection.clone(),
-                };
+                // The builder needs no authentication from us.
+                let peer = IrohPeer::new(connection.clone(), true).0;
                 Ok::<_, io::Error>(TokioIo::new(IrohStream::new(send, recv, peer)))
             }
         })

@@ -171,3 +171,95 @@ async fn health_answers_anyone_and_reflection_only_the_admin_socket() {
         assert!(names.iter().any(|n| n == expected), "{names:?}");
     }
 }
+
+/// A stranger's bare QUIC connection to `target`, which sends nothing and
+/// never redials, with the endpoint it came from.
+async fn bare_connection(
+    target: &drv_thru::client::Target,
+    key: &std::path::Path,
+) -> (iroh::Endpoint, iroh::endpoint::Connection) {
+    let endpoint = drv_thru::client::bind(
+        drv_thru::transport::endpoint::RelayChoice::Disabled,
+        Some(key),
+    )
+    .await
+    .unwrap();
+    let connection = endpoint
+        .connect(target.addr().unwrap(), drv_thru::proto::ALPN)
+        .await
+        .unwrap();
+    (endpoint, connection)
+}
+
+/// The application close code the builder ended `connection` with, within
+/// 30 s.
+async fn closed_with(connection: &iroh::endpoint::Connection) -> u64 {
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), connection.closed())
+        .await
+        .expect("the builder closed the connection");
+    match reason {
+        iroh::endpoint::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+        other => panic!("closed otherwise: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_strangers_cannot_lock_out_clients() {
+    use drv_thru::proto::{StatusRequest, builder_client::BuilderClient};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{ "max_unauthenticated_connections": 3, "max_connections_per_client": 1,
+            "authentication_timeout": "2s" }"#,
+    )
+    .unwrap();
+    let trusted_key = key_file(dir.path(), "trusted");
+    let trusted_id = crate::common::endpoint_id_of(&trusted_key);
+    let builder = Builder::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--trusted-client",
+            &trusted_id.to_string(),
+        ],
+    );
+    let target = builder.direct_target();
+    // One client gets its one connection, not a second (close code 1).
+    let mut strangers = vec![bare_connection(&target, &key_file(dir.path(), "s0")).await];
+    let twin = bare_connection(&target, &key_file(dir.path(), "s0")).await;
+    assert_eq!(closed_with(&twin.1).await, 1);
+    // Three strangers hold every unauthenticated slot and never
+    // authenticate; a fourth is turned away at once.
+    for n in 1..3 {
+        strangers.push(bare_connection(&target, &key_file(dir.path(), &format!("s{n}"))).await);
+    }
+    let fourth = bare_connection(&target, &key_file(dir.path(), "s3")).await;
+    assert_eq!(closed_with(&fourth.1).await, 1);
+
+    // A trusted client is not among them.
+    let trusted = connect(&target, &trusted_key).await;
+    BuilderClient::new(trusted.channel.clone())
+        .status(StatusRequest {})
+        .await
+        .unwrap();
+
+    // Past the deadline the strangers are closed (close code 2), and their
+    // slots are free again.
+    for (_, connection) in &strangers {
+        assert_eq!(closed_with(connection).await, 2);
+    }
+    let newcomer = connect(&target, &key_file(dir.path(), "s4")).await;
+    HealthClient::new(newcomer.channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    trusted.close().await;
+    newcomer.close().await;
+    for (endpoint, _) in strangers.into_iter().chain([twin, fourth]) {
+        endpoint.close().await;
+    }
+}
