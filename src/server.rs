@@ -281,15 +281,27 @@ pub async fn run(
         transport::unix::incoming(admin_listener),
         shutdown.clone().cancelled_owned(),
     );
-    let signal = async {
-        signals.wait().await;
-        info!("shutting down");
-        shutdown.cancel();
+    let serving = async { tokio::join!(over_iroh, over_admin) };
+    tokio::pin!(serving);
+    let (iroh_result, admin_result) = tokio::select! {
+        results = &mut serving => results,
+        () = signals.wait() => {
+            info!("shutting down");
+            // Sessions first, so that no build or upload holds the drain
+            // open; then calls get a bounded time to end by themselves.
+            sessions.cancel_all();
+            shutdown.cancel();
+            match tokio::time::timeout(DRAIN, &mut serving).await {
+                Ok(results) => results,
+                Err(_) => {
+                    tracing::warn!("calls still open {} s after the shutdown began were cut off", DRAIN.as_secs());
+                    (Ok(()), Ok(()))
+                }
+            }
+        }
     };
-    let (iroh_result, admin_result, ()) = tokio::join!(over_iroh, over_admin, signal);
-    // Builds must not outlive the server: stop them and wait until Nix and
-    // its builders are gone.
-    sessions.cancel_all();
+    // Builds must not outlive the server: wait until Nix and its builders
+    // are gone.
     builds.close();
     if tokio::time::timeout(Duration::from_secs(15), builds.wait())
         .await
@@ -306,6 +318,10 @@ pub async fn run(
     admin_result.context("serving the admin socket")?;
     Ok(())
 }
+
+/// How long calls may take to end once a shutdown begins: long-lived
+/// streams (status watches, health watches) would otherwise hold it open.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// SIGINT and SIGTERM, both meaning "shut down gracefully".
 struct Signals {

@@ -263,3 +263,28 @@ async fn idle_strangers_cannot_lock_out_clients() {
         endpoint.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_stream_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = Builder::start(dir.path(), &[]);
+    let stranger = connect(&builder.direct_target(), &key_file(dir.path(), "stranger")).await;
+    // A health watch streams for as long as the caller keeps it.
+    let _watch = HealthClient::new(stranger.channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || builder.stop())
+        .await
+        .unwrap();
+    // The drain is 5 s; before it was bounded, one stream held it for 41 s.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    stranger.close().await;
+}
