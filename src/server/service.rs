@@ -5,3 +5,14 @@
 pub mod builder;
 pub mod cache;
 pub mod tickets;
+
+use super::sessions::Owner;
+use crate::transport::IrohPeer;
+
+/// The session owner `peer`'s connection is.
+fn owner(peer: &IrohPeer) -> Owner {
+    Owner {
+        endpoint_id: peer.endpoint_id,
+        connection: peer.connection_id(),
+    }
+}

@@ -65,13 +65,23 @@ struct SessionState {
     outcome: Option<(proto::BuildResult, String)>,
 }
 
+/// The connection a session belongs to: a client's endpoint id and which of
+/// its connections (as the transport numbers them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// The client's endpoint id.
+    pub endpoint_id: EndpointId,
+    /// The connection's number, unique among the live ones.
+    pub connection: usize,
+}
+
 /// One admitted session.
 #[derive(Debug)]
 pub struct Session {
     /// Its id.
     pub id: String,
-    /// The endpoint that opened it; no one else may use it.
-    pub owner: EndpointId,
+    /// The connection that opened it; no other may use it.
+    pub owner: Owner,
     /// Who it belongs to, for status and logs.
     pub label: ClientLabel,
     /// Its limits.
@@ -93,7 +103,7 @@ impl Session {
     /// A new session that still lacks `missing`.
     pub fn new(
         id: String,
-        owner: EndpointId,
+        owner: Owner,
         label: ClientLabel,
         limits: Limits,
         drv: StorePath,
@@ -377,13 +387,14 @@ impl Sessions {
         }
     }
 
-    /// The session `id` if `peer` owns it. Another peer's session looks
-    /// exactly like a missing one, so ids reveal nothing.
-    pub fn get(&self, id: &str, peer: EndpointId) -> Result<Arc<Session>, ServerError> {
+    /// The session `id` if `caller` (a connection) owns it. Another
+    /// connection's session, even the same client's, looks exactly like a
+    /// missing one, so ids reveal nothing.
+    pub fn get(&self, id: &str, caller: Owner) -> Result<Arc<Session>, ServerError> {
         self.table()
             .sessions
             .get(id)
-            .filter(|session| session.owner == peer)
+            .filter(|session| session.owner == caller)
             .cloned()
             .ok_or_else(|| {
                 ServerError::NotFound(format!(
@@ -447,7 +458,7 @@ mod tests {
     fn upload_limit_is_exact_and_refusal_counts_nothing() {
         let session = Session::new(
             "s".into(),
-            iroh::SecretKey::from_bytes(&[1; 32]).public(),
+            on(client(1)),
             ClientLabel {
                 endpoint_id: String::new(),
                 label: String::new(),
@@ -488,7 +499,7 @@ mod tests {
     fn session_with(id: &str, owner: EndpointId, ticket: Option<&str>) -> Arc<Session> {
         Arc::new(Session::new(
             id.into(),
-            owner,
+            on(owner),
             ClientLabel {
                 endpoint_id: String::new(),
                 label: String::new(),
@@ -505,6 +516,14 @@ mod tests {
 
     fn client(n: u8) -> EndpointId {
         iroh::SecretKey::from_bytes(&[n; 32]).public()
+    }
+
+    /// `client`'s first connection.
+    fn on(client: EndpointId) -> Owner {
+        Owner {
+            endpoint_id: client,
+            connection: 1,
+        }
     }
 
     fn reason(err: ServerError) -> &'static str {
@@ -573,9 +592,14 @@ mod tests {
         let _share: Vec<_> = (0..MAX_SESSIONS_PER_CLIENT)
             .map(|n| sessions.reserve(format!("l{n}"), late, None).unwrap())
             .collect();
-        assert!(sessions.get("s0", client(0)).is_ok());
+        assert!(sessions.get("s0", on(client(0))).is_ok());
+        let other_connection = Owner {
+            connection: 2,
+            ..on(client(0))
+        };
+        assert!(sessions.get("s0", other_connection).is_err());
         sessions.remove("s0");
-        assert!(sessions.get("s0", client(0)).is_err());
+        assert!(sessions.get("s0", on(client(0))).is_err());
     }
 
     #[test]
@@ -590,12 +614,12 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(sessions.cancel_ticket("t", "its ticket was revoked"), 2);
-        let a = sessions.get("a", client(1)).unwrap();
+        let a = sessions.get("a", on(client(1))).unwrap();
         assert!(a.cancelled.is_cancelled());
         assert_eq!(a.cancelled_because(), Some("its ticket was revoked"));
         assert!(
             !sessions
-                .get("c", client(3))
+                .get("c", on(client(3)))
                 .unwrap()
                 .cancelled
                 .is_cancelled()

@@ -562,7 +562,10 @@ mod tests {
         let missing = inputs.keys().cloned().collect();
         Session::new(
             "s".into(),
-            iroh::SecretKey::from_bytes(&[1; 32]).public(),
+            crate::server::sessions::Owner {
+                endpoint_id: iroh::SecretKey::from_bytes(&[1; 32]).public(),
+                connection: 1,
+            },
             crate::server::status::ClientLabel {
                 endpoint_id: String::new(),
                 label: String::new(),

@@ -53,6 +53,11 @@ pub struct IrohPeer {
 }
 
 impl IrohPeer {
+    /// This connection's number, unique among the endpoint's live ones.
+    pub fn connection_id(&self) -> usize {
+        self.connection.stable_id()
+    }
+
     /// The peer at the other end of `connection`, and a watch of whether it
     /// has authenticated (`authenticated` already, or by
     /// [`Self::authenticated`] later).

@@ -352,3 +352,29 @@ async fn ticket_holders_cannot_manage_or_watch_the_builder() {
     assert_eq!(create.code(), Code::PermissionDenied, "{create:?}");
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_is_useless_on_another_connection_of_the_same_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let target = Target::Ticket(Box::new(builder.ticket(&["--uses", "2"])));
+    let key = key_file(dir.path(), "a");
+    let first = connect(&target, &key).await;
+    let admitted = open_session(&first).await.unwrap();
+    let second = connect(&target, &key).await;
+    let elsewhere = BuilderClient::new(second.channel.clone())
+        .build(drv_thru::proto::BuildRequest {
+            session_id: admitted.session_id,
+            rebuild: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), Code::NotFound, "{elsewhere:?}");
+    assert!(
+        elsewhere.message().contains("on this connection"),
+        "{}",
+        elsewhere.message()
+    );
+    first.close().await;
+    second.close().await;
+}

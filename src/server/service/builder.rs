@@ -14,6 +14,7 @@ use tokio_stream::{
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{error, info};
 
+use super::owner;
 use crate::{
     config::Limits,
     nix::{import_order::import_groups, store_path::StorePath},
@@ -328,7 +329,7 @@ impl builder_server::Builder for BuilderService {
             limits = self.take_use(&principal)?;
             Ok(Arc::new(Session::new(
                 session_id.clone(),
-                peer.endpoint_id,
+                owner(&peer),
                 label.clone(),
                 limits,
                 drv_path.clone(),
@@ -358,7 +359,7 @@ impl builder_server::Builder for BuilderService {
             .message()
             .await?
             .ok_or_else(|| ServerError::InvalidArgument("empty upload".to_owned()))?;
-        let session = self.sessions.get(&first.session_id, peer.endpoint_id)?;
+        let session = self.sessions.get(&first.session_id, owner(&peer))?;
         if session.build_state() != BuildState::NotStarted {
             return Err(ServerError::FailedPrecondition(
                 "inputs can only be uploaded before the build starts".to_owned(),
@@ -384,7 +385,7 @@ impl builder_server::Builder for BuilderService {
             session_id,
             rebuild,
         } = request.into_inner();
-        let session = self.sessions.get(&session_id, peer.endpoint_id)?;
+        let session = self.sessions.get(&session_id, owner(&peer))?;
         session.start_build()?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         self.build

@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use super::owner;
 use crate::{
     nix::{
         narinfo::NarInfo,
@@ -44,7 +45,7 @@ impl CacheService {
         let peer = request.extensions().get::<IrohPeer>().ok_or_else(|| {
             ServerError::FailedPrecondition("the cache is served over Iroh".to_owned())
         })?;
-        self.sessions.get(id, peer.endpoint_id)
+        self.sessions.get(id, owner(peer))
     }
 }
 
