@@ -123,10 +123,8 @@ let
         max_build_time = client.maxBuildTime;
         max_upload_bytes = client.maxUploadBytes;
       }) serverCfg.trustedClients;
-    }
-    # Only written when set, so the config stays valid for servers that
-    # predate the field (drv-thru rejects unknown fields).
-    // lib.optionalAttrs (serverCfg.cacheMaxSize != null) {
+      # Written even when null: null means no limit, a missing field the
+      # binary's default.
       cache_max_size = serverCfg.cacheMaxSize;
     }
   ) serverCfg.settings;
@@ -454,7 +452,7 @@ in
 
       cacheMaxSize = lib.mkOption {
         type = types.nullOr types.str;
-        default = null;
+        default = "20G";
         example = "50G";
         description = ''
           Size limit of the signed output cache in `dataDir/cache`, written
@@ -683,6 +681,10 @@ in
           # admin socket accept, so units ordered after it (and
           # `systemctl start`) wait for a builder that answers.
           Type = "notify";
+          # Every connection, NAR stream, upload and cache entry holds
+          # files; systemd's default soft limit of 1024 is below what the
+          # connection budgets alone allow.
+          LimitNOFILE = 16384;
           ExecStart = lib.concatStringsSep " " (
             [
               (utils.escapeSystemdExecArgs [

@@ -151,8 +151,9 @@ pub struct ServerConfig {
     #[serde(default)]
     pub output_cache_max_parallel_fills: Option<u32>,
     /// Size limit of the signed output cache; least recently used entries
-    /// are pruned past it. `null` means no limit.
-    #[serde(default)]
+    /// are pruned past it. `null` means no limit, which is never the
+    /// default: what ticket holders build lands there.
+    #[serde(default = "default_cache_max_size")]
     pub cache_max_size: Option<ByteSize>,
     /// Finished builds kept for `status`.
     #[serde(default = "default_recent_builds_limit")]
@@ -193,6 +194,10 @@ fn default_max_connections() -> u32 {
     256
 }
 
+fn default_cache_max_size() -> Option<ByteSize> {
+    Some(ByteSize::new(20 << 30))
+}
+
 fn default_max_unauthenticated_connections() -> u32 {
     32
 }
@@ -215,7 +220,7 @@ impl Default for ServerConfig {
             admin_group: None,
             max_concurrent_builds: default_max_concurrent_builds(),
             output_cache_max_parallel_fills: None,
-            cache_max_size: None,
+            cache_max_size: default_cache_max_size(),
             recent_builds_limit: default_recent_builds_limit(),
             max_connections: default_max_connections(),
             max_unauthenticated_connections: default_max_unauthenticated_connections(),
@@ -455,6 +460,13 @@ mod tests {
             Path::new("/var/lib/drv-thru/secret.key")
         );
         assert_eq!(config.relay, RelayChoice::Default);
+        assert_eq!(config.cache_max_size, Some(ByteSize::new(20 << 30)));
+        assert_eq!(config.max_connections, 256);
+        assert_eq!(config.max_unauthenticated_connections, 32);
+        assert_eq!(config.max_connections_per_client, 8);
+        assert_eq!(config.authentication_timeout.get().as_secs(), 20);
+        let unbounded = write(dir.path(), "u.json", r#"{"cache_max_size": null}"#);
+        assert_eq!(ServerConfig::load(&unbounded).unwrap().cache_max_size, None);
     }
 
     #[test]
