@@ -36,7 +36,7 @@ mod realise;
 mod trust;
 
 #[cfg(test)]
-mod tests;
+mod real_nix_tests;
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -800,7 +800,7 @@ pub fn file_url(dir: &Path) -> Result<String, NixCmdError> {
 }
 
 #[cfg(test)]
-mod unit_tests {
+mod tests {
     use super::*;
 
     #[tokio::test]

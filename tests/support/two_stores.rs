@@ -4,7 +4,7 @@
 //! import really moves data.
 //!
 //! The one copy of this world, included with `#[path]` by the real-Nix unit
-//! tests (`src/nixcmd/tests.rs`), the integration tests, the transfer
+//! tests (`src/nixcmd/real_nix_tests.rs`), the integration tests, the transfer
 //! benchmark and the demo. It uses only std, `libc` and `tempfile`, so the
 //! library's own unit tests can include it too. By default the host's Nix
 //! (Debian 12: 2.8) runs. With `DRV_THRU_TEST_TRIXIE=DIR` every command runs
