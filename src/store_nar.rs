@@ -79,7 +79,7 @@ pub fn stream(nar: Serialiser) -> impl Stream<Item = io::Result<Step>> + Send + 
 }
 
 /// Streams `range` of the NAR of `path` (all of it: `0..u64::MAX`) in
-/// chunks of `chunk` bytes as [`stream`] does, without the serialiser at
+/// chunks of `chunk` bytes as [`stream()`] does, without the serialiser at
 /// the end.
 pub fn stream_range(
     path: PathBuf,
@@ -94,7 +94,7 @@ pub fn stream_range(
     })
 }
 
-/// What [`stream`] yields.
+/// What [`stream()`] yields.
 #[derive(Debug)]
 pub enum Step {
     /// The next bytes of the range.

@@ -213,7 +213,7 @@ impl CacheProxy {
 
     /// Writes the small NARs fetched ahead that Nix can import without the
     /// rest into a [`Spool`], once they have arrived; `None` if there are
-    /// fewer than [`SPOOL_MIN`]. They are then no longer kept for the HTTP
+    /// fewer than `SPOOL_MIN` (32). They are then no longer kept for the HTTP
     /// cache.
     pub async fn spool(&self) -> std::io::Result<Option<Spool>> {
         // Decided on the listing alone when it names too few small NARs, so

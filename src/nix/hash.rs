@@ -251,7 +251,7 @@ impl TryFrom<Hash> for Sha256Hash {
 impl FromStr for Sha256Hash {
     type Err = HashParseError;
 
-    /// Parses any form [`Hash`] accepts, as long as the algorithm is SHA-256.
+    /// Parses any form [`struct@Hash`] accepts, as long as the algorithm is SHA-256.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let hash: Hash = s.parse()?;
         if hash.algo != HashAlgo::Sha256 {

@@ -7,7 +7,7 @@
 //! one client can fetch several ranges of a large file over parallel
 //! streams, and a second client asking for the same entry joins the fill
 //! instead of starting another. The one exception is an upload's reader
-//! that keeps up with the writer (see [`Handoff`]).
+//! that keeps up with the writer (see `Handoff`).
 
 use std::{
     collections::VecDeque,
