@@ -118,6 +118,7 @@ let
       max_unauthenticated_connections = serverCfg.maxUnauthenticatedConnections;
       max_connections_per_client = serverCfg.maxConnectionsPerClient;
       authentication_timeout = serverCfg.authenticationTimeout;
+      session_idle_timeout = serverCfg.sessionIdleTimeout;
       trusted_clients = lib.mapAttrs (_: client: {
         public_key = client.publicKey;
         max_build_time = client.maxBuildTime;
@@ -424,6 +425,15 @@ in
         type = types.ints.positive;
         default = 8;
         description = "Iroh connections one client endpoint id may hold at once.";
+      };
+
+      sessionIdleTimeout = lib.mkOption {
+        type = types.str;
+        default = "5m";
+        description = ''
+          How long an admitted build session may wait without starting its
+          build or making upload progress before it is ended, e.g. `"5m"`.
+        '';
       };
 
       authenticationTimeout = lib.mkOption {

@@ -173,6 +173,10 @@ pub struct ServerConfig {
     /// call (trusted clients need none); it is closed after that.
     #[serde(default = "default_authentication_timeout")]
     pub authentication_timeout: HumanDuration,
+    /// How long an admitted session may sit idle (not building, and not
+    /// uploading or reading outputs) before it is ended.
+    #[serde(default = "default_session_idle_timeout")]
+    pub session_idle_timeout: HumanDuration,
     /// Clients that may build without a ticket, by name.
     #[serde(default)]
     pub trusted_clients: BTreeMap<String, TrustedClient>,
@@ -192,6 +196,10 @@ fn default_recent_builds_limit() -> u32 {
 
 fn default_max_connections() -> u32 {
     256
+}
+
+fn default_session_idle_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5 * 60)
 }
 
 fn default_cache_max_size() -> Option<ByteSize> {
@@ -226,6 +234,7 @@ impl Default for ServerConfig {
             max_unauthenticated_connections: default_max_unauthenticated_connections(),
             max_connections_per_client: default_max_connections_per_client(),
             authentication_timeout: default_authentication_timeout(),
+            session_idle_timeout: default_session_idle_timeout(),
             trusted_clients: BTreeMap::new(),
         }
     }
@@ -262,6 +271,9 @@ impl ServerConfig {
         }
         if self.authentication_timeout.get().is_zero() {
             return Err("authentication_timeout must be longer than zero".to_owned());
+        }
+        if self.session_idle_timeout.get().is_zero() {
+            return Err("session_idle_timeout must be longer than zero".to_owned());
         }
         if self.output_cache_max_parallel_fills == Some(0) {
             return Err("output_cache_max_parallel_fills must be at least 1 or null".to_owned());
@@ -465,6 +477,7 @@ mod tests {
         assert_eq!(config.max_unauthenticated_connections, 32);
         assert_eq!(config.max_connections_per_client, 8);
         assert_eq!(config.authentication_timeout.get().as_secs(), 20);
+        assert_eq!(config.session_idle_timeout.get().as_secs(), 300);
         let unbounded = write(dir.path(), "u.json", r#"{"cache_max_size": null}"#);
         assert_eq!(ServerConfig::load(&unbounded).unwrap().cache_max_size, None);
     }

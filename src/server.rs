@@ -223,6 +223,7 @@ pub async fn run(
             public_key.to_string(),
             Uploads::new(build.nix.clone(), uploads_dir),
             build,
+            config.session_idle_timeout.get(),
         )),
         tickets: Arc::new(TicketsService::new(
             tickets,

@@ -96,6 +96,10 @@ pub struct Session {
     /// Why the session was cancelled, when it was not its client leaving.
     cancelled_because: std::sync::OnceLock<&'static str>,
     uploaded: AtomicU64,
+    /// When the client last made progress with the session.
+    last_active: Mutex<std::time::Instant>,
+    /// Work of the builder's own for the session under way.
+    working: AtomicU64,
     state: Mutex<SessionState>,
 }
 
@@ -120,6 +124,8 @@ impl Session {
             cancelled: CancellationToken::new(),
             cancelled_because: std::sync::OnceLock::new(),
             uploaded: AtomicU64::new(0),
+            last_active: Mutex::new(std::time::Instant::now()),
+            working: AtomicU64::new(0),
             state: Mutex::new(SessionState {
                 missing,
                 build: BuildState::NotStarted,
@@ -148,6 +154,34 @@ impl Session {
         self.cancelled_because.get().copied()
     }
 
+    /// Records that the client just used the session.
+    pub fn touch(&self) {
+        *self
+            .last_active
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::time::Instant::now();
+    }
+
+    /// Marks the builder working for the session (importing its inputs)
+    /// until the guard is dropped; it is not idle meanwhile.
+    pub fn working(&self) -> Working<'_> {
+        self.working.fetch_add(1, Ordering::SeqCst);
+        Working(self)
+    }
+
+    /// How long the session has sat idle since admission or its last
+    /// upload progress, short of its build. Once built or building it never
+    /// is: its time limit bounds the build, and the connection what follows.
+    pub fn idle_for(&self) -> std::time::Duration {
+        if self.build_state() != BuildState::NotStarted || self.working.load(Ordering::SeqCst) > 0 {
+            return std::time::Duration::ZERO;
+        }
+        self.last_active
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .elapsed()
+    }
+
     /// The inputs still missing on the builder.
     pub fn missing(&self) -> BTreeSet<StorePath> {
         self.state().missing.clone()
@@ -164,6 +198,7 @@ impl Session {
     /// Counts `bytes` more of upload against the limit; refuses (without
     /// counting) once the limit would be exceeded.
     pub fn count_upload(&self, bytes: u64) -> Result<u64, ServerError> {
+        self.touch();
         let limit = self.limits.max_upload_bytes.get();
         let before = self
             .uploaded
@@ -262,6 +297,17 @@ impl Session {
     /// The narinfo served to this session that names `url`, if any.
     pub fn served_nar(&self, url: &str) -> Option<NarInfo> {
         self.state().served_nars.get(url).cloned()
+    }
+}
+
+/// The builder working for a session; see [`Session::working`].
+#[derive(Debug)]
+pub struct Working<'a>(&'a Session);
+
+impl Drop for Working<'_> {
+    fn drop(&mut self) {
+        self.0.working.fetch_sub(1, Ordering::SeqCst);
+        self.0.touch();
     }
 }
 
@@ -624,5 +670,21 @@ mod tests {
                 .cancelled
                 .is_cancelled()
         );
+    }
+
+    #[test]
+    fn a_session_is_idle_until_it_progresses_or_builds() {
+        let session = session("s", client(1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(session.idle_for() >= std::time::Duration::from_millis(20));
+        session.touch();
+        assert!(session.idle_for() < std::time::Duration::from_millis(20));
+        let working = session.working();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(session.idle_for(), std::time::Duration::ZERO);
+        drop(working);
+        session.start_build().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(session.idle_for(), std::time::Duration::ZERO);
     }
 }

@@ -393,7 +393,10 @@ async fn receive(
     // this needs no trusted-user rights and admits nothing unverifiable.
     // Should this call be dropped meanwhile, `finish` goes with it: Nix is
     // stopped and the staging removed.
+    // The builder's own work: the session is not idle while Nix imports.
+    let working = session.working();
     let imported = finish.import.complete(nix, &upload.staging, &paths).await;
+    drop(working);
     guard.disarm();
     drop(finish.dir);
     upload.end(ServerError::FailedPrecondition(

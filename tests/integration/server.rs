@@ -288,3 +288,34 @@ async fn an_open_stream_does_not_hold_up_shutdown() {
     );
     stranger.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_sits_idle_is_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{ "session_idle_timeout": "1s" }"#).unwrap();
+    let builder = Builder::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let target = drv_thru::client::Target::Ticket(Box::new(builder.ticket(&[])));
+    let client = connect(&target, &key_file(dir.path(), "idle")).await;
+    let admitted = crate::common::open_session(&client).await.unwrap();
+    // Nothing uploaded, no build: idle.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let ended = loop {
+        let recent = builder.cli_ok(&["status", "--json"]);
+        if recent.contains("session_idle_timeout") {
+            break recent;
+        }
+        assert!(std::time::Instant::now() < deadline, "{recent}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(ended.contains(&admitted.session_id), "{ended}");
+    let gone = drv_thru::proto::builder_client::BuilderClient::new(client.channel.clone())
+        .build(drv_thru::proto::BuildRequest {
+            session_id: admitted.session_id,
+            rebuild: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    client.close().await;
+}

@@ -42,11 +42,13 @@ pub struct BuilderService {
     signing_key: String,
     uploads: Arc<Uploads>,
     build: BuildContext,
+    idle_timeout: std::time::Duration,
 }
 
 impl BuilderService {
     /// A service reporting to `board`, admitting with `tickets`, keeping
-    /// `sessions` and their `uploads`, and building with `build`.
+    /// `sessions` (ended after `idle_timeout` unused) and their `uploads`,
+    /// and building with `build`.
     pub fn new(
         board: Arc<StatusBoard>,
         tickets: Arc<TicketStore>,
@@ -54,6 +56,7 @@ impl BuilderService {
         signing_key: String,
         uploads: Uploads,
         build: BuildContext,
+        idle_timeout: std::time::Duration,
     ) -> Self {
         Self {
             board,
@@ -62,6 +65,7 @@ impl BuilderService {
             signing_key,
             uploads: Arc::new(uploads),
             build,
+            idle_timeout,
         }
     }
 
@@ -105,18 +109,40 @@ impl BuilderService {
         let board = self.board.clone();
         let sessions = self.sessions.clone();
         let uploads = self.uploads.clone();
+        let idle_timeout = self.idle_timeout;
         tokio::spawn(async move {
-            let reason = peer.connection.closed().await;
+            let reason = tokio::select! {
+                reason = peer.connection.closed() => reason.to_string(),
+                () = idle(&session, idle_timeout) => {
+                    session.cancel_because(
+                        "no build started and no upload progressed for session_idle_timeout",
+                    );
+                    format!("idle for {}", humantime::format_duration(idle_timeout))
+                }
+            };
             session.cancelled.cancel();
             uploads.remove(&session.id);
             if sessions.remove(&session.id).is_some() {
+                let why = session.cancelled_because().unwrap_or("client disconnected");
                 let (result, message) = session
                     .outcome()
-                    .unwrap_or((BuildResult::Cancelled, "client disconnected".to_owned()));
+                    .unwrap_or((BuildResult::Cancelled, why.to_owned()));
                 info!(session = %session.id, %reason, ?result, "session ended");
                 board.finish(&session.id, result, &message);
             }
         });
+    }
+}
+
+/// Returns once `session` has sat idle for `timeout`: admitted, but its
+/// upload made no progress and its build did not start.
+async fn idle(session: &Session, timeout: std::time::Duration) {
+    loop {
+        let idle_for = session.idle_for();
+        if idle_for >= timeout {
+            return;
+        }
+        tokio::time::sleep(timeout - idle_for).await;
     }
 }
 
