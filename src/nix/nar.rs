@@ -618,6 +618,8 @@ pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nix::store_path::tests::Rng;
+    use std::collections::BTreeSet;
     use std::io::Write as _;
     use std::path::Path;
     use std::process::Command;
@@ -927,6 +929,54 @@ mod tests {
         v.push(&NarBuilder::default().strs(&[")"]).0).unwrap();
         // Magic 24, four keywords 64, the length 8, the contents, the closing ")" 16.
         assert_eq!(v.finish(), Ok(24 + 64 + 8 + size + 16));
+    }
+
+    /// Appends a random node: a file, a symlink, or (above `depth` 0) a directory of sorted
+    /// entries, as Nix would write them.
+    fn random_node(b: NarBuilder, rng: &mut Rng, depth: usize) -> NarBuilder {
+        match rng.below(if depth == 0 { 2 } else { 3 }) {
+            0 => {
+                let contents: Vec<u8> = (0..rng.below(40)).map(|_| rng.next() as u8).collect();
+                let b = b.strs(&["(", "type", "regular"]);
+                let b = if rng.below(2) == 0 {
+                    b.strs(&["executable", ""])
+                } else {
+                    b
+                };
+                b.strs(&["contents"]).s(&contents).strs(&[")"])
+            }
+            1 => b
+                .strs(&["(", "type", "symlink", "target"])
+                .s(rng.text(b"./ab-\x7f", 30).as_bytes())
+                .strs(&[")"]),
+            _ => {
+                let names: BTreeSet<String> = (0..rng.below(5))
+                    .map(|_| rng.text(b"aB.-_ \xff", 6))
+                    .collect();
+                let mut b = b.strs(&["(", "type", "directory"]);
+                for name in &names {
+                    b = random_node(b.entry(name), rng, depth - 1).strs(&[")"]);
+                }
+                b.strs(&[")"])
+            }
+        }
+    }
+
+    #[test]
+    fn generated_nars_validate_in_any_chunking() {
+        let mut rng = Rng::new(0x6e6172);
+        for _ in 0..2_000 {
+            let nar = random_node(NarBuilder::start(), &mut rng, 3).0;
+            let mut validator = NarValidator::new();
+            let mut rest = &nar[..];
+            while !rest.is_empty() {
+                let (chunk, tail) = rest.split_at((1 + rng.below(32)).min(rest.len()));
+                validator.push(chunk).unwrap();
+                rest = tail;
+            }
+            assert_eq!(validator.finish(), Ok(nar.len() as u64));
+            assert_eq!(validate(&nar), Ok(nar.len() as u64));
+        }
     }
 
     /// Runs `nix-store --dump` on `path`, or returns `None` when Nix is not installed.
