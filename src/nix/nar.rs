@@ -592,9 +592,10 @@ fn shorten(token: &[u8]) -> String {
 pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
     fn string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
         let len = usize::try_from(u64::from_le_bytes(input.get(..8)?.try_into().ok()?)).ok()?;
-        let padded = len.checked_add(7)? / 8 * 8;
-        let bytes = input.get(8..8 + len)?;
-        *input = input.get(8 + padded..)?;
+        // Checked: a hostile length near `usize::MAX` must give `None`, not overflow.
+        let end = len.checked_add(8)?;
+        let bytes = input.get(8..end)?;
+        *input = input.get(end.checked_next_multiple_of(8)?..)?;
         Some(bytes)
     }
     let mut input = nar;
@@ -1073,5 +1074,15 @@ mod tests {
         trailing.extend_from_slice(&[0; 8]);
         assert_eq!(single_file_contents(&trailing), None);
         assert_eq!(single_file_contents(b"short"), None);
+    }
+
+    #[test]
+    fn refuses_lengths_that_overflow() {
+        // Found by fuzz/ (target `nar`): 8 + this length overflowed usize.
+        for len in [u64::MAX - 7, u64::MAX - 6, u64::MAX] {
+            let mut nar = len.to_le_bytes().to_vec();
+            nar.extend_from_slice(&file_nar(b"x"));
+            assert_eq!(single_file_contents(&nar), None, "{len}");
+        }
     }
 }
