@@ -177,6 +177,9 @@ impl FromStr for NarInfo {
         }
         let mut fields = Fields::default();
         for (index, line) in s.lines().enumerate() {
+            // `lines` drops the `\r` of a `\r\n` but keeps one that ends the text; drop that too,
+            // or the value would lose it when printed back with a newline.
+            let line = line.strip_suffix('\r').unwrap_or(line);
             if line.is_empty() {
                 continue;
             }
@@ -433,6 +436,15 @@ X-Future: kept as is
             [("X-Future".to_owned(), "kept as is".to_owned())]
         );
         assert_eq!(info.to_string(), FULL_NARINFO);
+    }
+
+    #[test]
+    fn a_carriage_return_ends_the_last_line_as_it_ends_others() {
+        // Found with fuzz/ (target `narinfo`): the unterminated last line kept its `\r`, which
+        // printing the narinfo back then dropped.
+        let info: NarInfo = format!("{NIX_NARINFO}X: a\r").parse().unwrap();
+        assert_eq!(info.extra, [("X".to_owned(), "a".to_owned())]);
+        assert_eq!(info.to_string().parse::<NarInfo>().unwrap(), info);
     }
 
     #[test]
