@@ -432,4 +432,46 @@ mod tests {
         assert!("00112233".parse::<TicketId>().is_err());
         assert!("zz11223344556677".parse::<TicketId>().is_err());
     }
+
+    #[test]
+    fn generated_tickets_print_and_parse_back() {
+        let mut rng = crate::nix::store_path::tests::Rng::new(0x7c1c);
+        for _ in 0..300 {
+            let mut builder = EndpointAddr::new(iroh::SecretKey::from_bytes(&rng.bytes()).public());
+            for _ in 0..rng.below(4) {
+                let ip: IpAddr = if rng.below(2) == 0 {
+                    Ipv4Addr::from(rng.bytes::<4>()).into()
+                } else {
+                    Ipv6Addr::from(rng.bytes::<16>()).into()
+                };
+                builder = builder.with_ip_addr(SocketAddr::new(ip, rng.next() as u16));
+            }
+            if rng.below(2) == 0 {
+                let host = rng.text(b"abc123", 20);
+                builder =
+                    builder.with_relay_url(format!("https://{host}.example/").parse().unwrap());
+            }
+            let name = rng.text(b"abc-.19", 40);
+            let key = signing::PublicKey::from_parts(
+                &name,
+                *iroh::SecretKey::from_bytes(&rng.bytes())
+                    .public()
+                    .as_bytes(),
+            )
+            .unwrap();
+            let ticket = Ticket::new(
+                builder,
+                key,
+                TicketId(rng.bytes()),
+                BearerSecret(rng.bytes()),
+            );
+            let text = ticket.to_string();
+            let back: Ticket = text.parse().unwrap_or_else(|err| panic!("{err}: {text}"));
+            assert_eq!(back.builder(), ticket.builder());
+            assert_eq!(back.signing_key(), ticket.signing_key());
+            assert_eq!(back.id(), ticket.id());
+            assert!(back.secret().matches(ticket.secret()));
+            assert_eq!(back.to_string(), text);
+        }
+    }
 }

@@ -592,9 +592,10 @@ fn shorten(token: &[u8]) -> String {
 pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
     fn string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
         let len = usize::try_from(u64::from_le_bytes(input.get(..8)?.try_into().ok()?)).ok()?;
-        let padded = len.checked_add(7)? / 8 * 8;
-        let bytes = input.get(8..8 + len)?;
-        *input = input.get(8 + padded..)?;
+        // Checked: a hostile length near `usize::MAX` must give `None`, not overflow.
+        let end = len.checked_add(8)?;
+        let bytes = input.get(8..end)?;
+        *input = input.get(end.checked_next_multiple_of(8)?..)?;
         Some(bytes)
     }
     let mut input = nar;
@@ -618,6 +619,8 @@ pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nix::store_path::tests::Rng;
+    use std::collections::BTreeSet;
     use std::io::Write as _;
     use std::path::Path;
     use std::process::Command;
@@ -929,6 +932,54 @@ mod tests {
         assert_eq!(v.finish(), Ok(24 + 64 + 8 + size + 16));
     }
 
+    /// Appends a random node: a file, a symlink, or (above `depth` 0) a directory of sorted
+    /// entries, as Nix would write them.
+    fn random_node(b: NarBuilder, rng: &mut Rng, depth: usize) -> NarBuilder {
+        match rng.below(if depth == 0 { 2 } else { 3 }) {
+            0 => {
+                let contents: Vec<u8> = (0..rng.below(40)).map(|_| rng.next() as u8).collect();
+                let b = b.strs(&["(", "type", "regular"]);
+                let b = if rng.below(2) == 0 {
+                    b.strs(&["executable", ""])
+                } else {
+                    b
+                };
+                b.strs(&["contents"]).s(&contents).strs(&[")"])
+            }
+            1 => b
+                .strs(&["(", "type", "symlink", "target"])
+                .s(rng.text(b"./ab-\x7f", 30).as_bytes())
+                .strs(&[")"]),
+            _ => {
+                let names: BTreeSet<String> = (0..rng.below(5))
+                    .map(|_| rng.text(b"aB.-_ \xff", 6))
+                    .collect();
+                let mut b = b.strs(&["(", "type", "directory"]);
+                for name in &names {
+                    b = random_node(b.entry(name), rng, depth - 1).strs(&[")"]);
+                }
+                b.strs(&[")"])
+            }
+        }
+    }
+
+    #[test]
+    fn generated_nars_validate_in_any_chunking() {
+        let mut rng = Rng::new(0x6e6172);
+        for _ in 0..2_000 {
+            let nar = random_node(NarBuilder::start(), &mut rng, 3).0;
+            let mut validator = NarValidator::new();
+            let mut rest = &nar[..];
+            while !rest.is_empty() {
+                let (chunk, tail) = rest.split_at((1 + rng.below(32)).min(rest.len()));
+                validator.push(chunk).unwrap();
+                rest = tail;
+            }
+            assert_eq!(validator.finish(), Ok(nar.len() as u64));
+            assert_eq!(validate(&nar), Ok(nar.len() as u64));
+        }
+    }
+
     /// Runs `nix-store --dump` on `path`, or returns `None` when Nix is not installed.
     fn nix_dump(path: &Path) -> Option<Vec<u8>> {
         let out = match Command::new("nix-store").arg("--dump").arg(path).output() {
@@ -1023,5 +1074,15 @@ mod tests {
         trailing.extend_from_slice(&[0; 8]);
         assert_eq!(single_file_contents(&trailing), None);
         assert_eq!(single_file_contents(b"short"), None);
+    }
+
+    #[test]
+    fn refuses_lengths_that_overflow() {
+        // Found by fuzz/ (target `nar`): 8 + this length overflowed usize.
+        for len in [u64::MAX - 7, u64::MAX - 6, u64::MAX] {
+            let mut nar = len.to_le_bytes().to_vec();
+            nar.extend_from_slice(&file_nar(b"x"));
+            assert_eq!(single_file_contents(&nar), None, "{len}");
+        }
     }
 }

@@ -244,8 +244,64 @@ impl<'de> Deserialize<'de> for StorePath {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A deterministic generator (xorshift64) for round-trip tests over many values: the crate
+    /// has no property-testing dependency, and a fixed seed makes every failure reproducible.
+    pub(crate) struct Rng(u64);
+
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Self {
+            Self(seed | 1)
+        }
+
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// A number in `0..n`.
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        pub(crate) fn bytes<const N: usize>(&mut self) -> [u8; N] {
+            std::array::from_fn(|_| self.next() as u8)
+        }
+
+        pub(crate) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+
+        /// Text of `1..=max` characters from `alphabet`, not starting with `.`.
+        pub(crate) fn text(&mut self, alphabet: &[u8], max: usize) -> String {
+            let len = 1 + self.below(max);
+            (0..len)
+                .map(|i| {
+                    loop {
+                        let c = *self.pick(alphabet);
+                        if i > 0 || c != b'.' {
+                            break char::from(c);
+                        }
+                    }
+                })
+                .collect()
+        }
+
+        /// Any valid store path; names are mostly short, sometimes as long as allowed.
+        pub(crate) fn store_path(&mut self) -> StorePath {
+            let max = if self.below(8) == 0 { MAX_NAME_LEN } else { 12 };
+            let name = self.text(NAME_CHARS, max);
+            StorePath::from_parts(StorePathHash::from_bytes(self.bytes()), &name).unwrap()
+        }
+    }
+
+    /// Every character a store path name may hold.
+    const NAME_CHARS: &[u8] =
+        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=";
 
     const HELLO: &str = "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt";
 
@@ -377,5 +433,35 @@ mod tests {
         let back: StorePath = serde_json::from_str(&json).unwrap();
         assert_eq!(back, p);
         assert!(serde_json::from_str::<StorePath>("\"/nix/store/x\"").is_err());
+    }
+
+    #[test]
+    fn generated_paths_print_parse_and_sort_as_their_strings() {
+        let mut rng = Rng::new(0x5eed);
+        let mut previous = rng.store_path();
+        for _ in 0..20_000 {
+            let path = rng.store_path();
+            // Same hash now and then, so names decide the order too.
+            let path = if rng.below(4) == 0 {
+                StorePath::from_parts(*previous.hash_part(), path.name()).unwrap()
+            } else {
+                path
+            };
+            assert_eq!(path.to_string().parse::<StorePath>().unwrap(), path);
+            assert_eq!(StorePath::from_base_name(&path.base_name()).unwrap(), path);
+            assert_eq!(
+                path.hash_part()
+                    .to_string()
+                    .parse::<StorePathHash>()
+                    .unwrap(),
+                *path.hash_part()
+            );
+            assert_eq!(
+                path.cmp(&previous),
+                path.to_string().cmp(&previous.to_string()),
+                "{path} vs {previous}"
+            );
+            previous = path;
+        }
     }
 }
