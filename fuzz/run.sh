@@ -17,6 +17,9 @@ set -euo pipefail
 runs=${1:-20000}
 max_time=${FUZZ_MAX_TIME:-30}
 cd "$(dirname "$0")"
+# Instrumented builds of every dependency take minutes; FUZZ_TARGET_DIR can
+# keep them somewhere that outlives a fresh clone.
+target_dir=$(realpath -m "${FUZZ_TARGET_DIR:-target}")
 
 if ! rustup toolchain list | grep -q '^nightly'; then
     rustup toolchain install nightly --profile minimal
@@ -25,7 +28,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-cargo +nightly fuzz build --sanitizer none
+cargo +nightly fuzz build --sanitizer none --target-dir "$target_dir"
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
@@ -35,7 +38,8 @@ for target in $(cargo +nightly fuzz list); do
     mkdir -p "$scratch/$target"
     log="$scratch/$target.log"
     start=$SECONDS
-    if cargo +nightly fuzz run --sanitizer none "$target" "$scratch/$target" "corpus/$target" -- \
+    if cargo +nightly fuzz run --sanitizer none --target-dir "$target_dir" "$target" \
+        "$scratch/$target" "corpus/$target" -- \
         -runs="$runs" -max_total_time="$max_time" -timeout=10 -print_final_stats=1 \
         >"$log" 2>&1; then
         verdict=ok

@@ -205,9 +205,8 @@ impl Ticket {
         out.extend_from_slice(&self.id.0);
         out.extend_from_slice(&self.secret.0);
         let name = self.signing_key.name().as_bytes();
-        // Key names are validated to be short; clamp defensively all the same.
-        out.push(name.len().min(255) as u8);
-        out.extend_from_slice(&name[..name.len().min(255)]);
+        out.push(u8::try_from(name.len()).expect("key names are at most 255 bytes"));
+        out.extend_from_slice(name);
         out.extend_from_slice(self.signing_key.as_bytes());
         let relay = self
             .builder

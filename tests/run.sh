@@ -50,3 +50,11 @@ if [[ $(id -u) -eq 0 ]]; then
   cargo bench --locked --bench transfer -- --wan --size 8M --runs 1 --small-count 100 \
     --cases download,upload,small-up,small-down
 fi
+
+# Every parser of outside bytes, fuzzed for a bounded number of inputs
+# (fuzz/README.md). The instrumented build is kept beside the trixie root.
+echo "== fuzzing (bounded)"
+if [[ $(id -u) -eq 0 ]]; then
+  export FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/drv-thru-tests/fuzz-target}
+fi
+fuzz/run.sh

@@ -17,8 +17,10 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum SigningError {
-    /// The key name is empty or holds `:` or whitespace.
-    #[error("invalid key name {0:?}: it must be non-empty, without ':' or whitespace")]
+    /// The key name is empty, too long, or holds `:` or whitespace.
+    #[error(
+        "invalid key name {0:?}: it must be 1 to {MAX_KEY_NAME} bytes, without ':' or whitespace"
+    )]
     KeyName(String),
     /// There is no `:` between name and key material.
     #[error("{what} has no '<name>:' prefix")]
@@ -235,9 +237,18 @@ impl fmt::Debug for Signature {
     }
 }
 
+/// The longest key name, in bytes: a ticket carries the name behind a
+/// one-byte length.
+pub const MAX_KEY_NAME: usize = 255;
+
 fn check_key_name(name: &str) -> Result<(), SigningError> {
-    if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
-        return Err(SigningError::KeyName(name.to_owned()));
+    if name.is_empty()
+        || name.len() > MAX_KEY_NAME
+        || name.contains(':')
+        || name.contains(char::is_whitespace)
+    {
+        // Quoted back in the message, so cut short.
+        return Err(SigningError::KeyName(name.chars().take(80).collect()));
     }
     Ok(())
 }
@@ -294,6 +305,15 @@ mod tests {
         assert_eq!(parsed.key_name(), "drv-thru-test-1");
         let other = SecretKey::generate("drv-thru-test-1").unwrap().to_public();
         assert!(!other.verify(b"message", &sig));
+    }
+
+    #[test]
+    fn a_key_name_fits_a_ticket() {
+        let longest = "k".repeat(MAX_KEY_NAME);
+        assert!(SecretKey::generate(&longest).is_ok());
+        let err = SecretKey::generate(&format!("{longest}k")).unwrap_err();
+        assert!(err.to_string().contains("1 to 255 bytes"), "{err}");
+        assert!(err.to_string().len() < 200, "{err}");
     }
 
     #[test]
