@@ -34,6 +34,8 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
 failed=0
+passed=0
+crashed=0
 for target in $(cargo +nightly fuzz list); do
     mkdir -p "$scratch/$target"
     log="$scratch/$target.log"
@@ -43,9 +45,11 @@ for target in $(cargo +nightly fuzz list); do
         -runs="$runs" -max_total_time="$max_time" -timeout=10 -print_final_stats=1 \
         >"$log" 2>&1; then
         verdict=ok
+        passed=$((passed + 1))
     else
         verdict=FAILED
         failed=1
+        crashed=$((crashed + 1))
     fi
     executed=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     echo "$target: ${executed:-?} runs in $((SECONDS - start))s, $verdict"
@@ -54,4 +58,5 @@ for target in $(cargo +nightly fuzz list); do
         grep -E "panicked at|^SUMMARY|Test unit written to|^==[0-9]+== ERROR" "$log" >&2 || tail -n 30 "$log" >&2
     fi
 done
+echo "fuzz: $passed passed, $crashed failed"
 exit "$failed"
