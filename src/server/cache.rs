@@ -68,8 +68,8 @@ use crate::{
 /// is asked for in batches this large, ahead of Nix's narinfo requests.
 const INFO_BATCH: usize = 1000;
 
-/// Path infos kept for fills to come; beyond this the oldest batch is
-/// dropped (a fill then asks for its own).
+/// Path infos kept for the narinfo requests and fills to come; past this
+/// all are dropped (a later request then asks Nix again).
 const MAX_KNOWN_INFOS: usize = 20_000;
 
 /// Serialisers kept paused at the end of a range, for the next range of the
@@ -233,12 +233,13 @@ impl SignedCache {
         offset: u64,
         length: u64,
     ) -> Result<Option<NarStream>, ServerError> {
-        let Some(name) = narinfo.url.strip_prefix("nar/") else {
+        let Some(name) = narinfo
+            .url
+            .strip_prefix("nar/")
+            .filter(|_| narinfo.has_plain_nar_url())
+        else {
             return Ok(None);
         };
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Ok(None);
-        }
         let unservable = |err: CacheError| {
             warn!(url = %narinfo.url, "opening a cache entry: {err}");
             ServerError::Internal(format!(

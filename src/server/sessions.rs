@@ -24,6 +24,7 @@ use crate::{
         store_path::{StorePath, StorePathHash},
     },
     proto,
+    units::plural,
 };
 
 /// Inputs one session may announce; a derivation closure is far smaller.
@@ -63,6 +64,8 @@ struct SessionState {
     served_nars: HashMap<String, NarInfo>,
     /// How the build ended, once it has.
     outcome: Option<(proto::BuildResult, String)>,
+    /// When the client last made progress with the session.
+    last_active: std::time::Instant,
 }
 
 /// The connection a session belongs to: a client's endpoint id and which of
@@ -96,8 +99,6 @@ pub struct Session {
     /// Why the session was cancelled, when it was not its client leaving.
     cancelled_because: std::sync::OnceLock<&'static str>,
     uploaded: AtomicU64,
-    /// When the client last made progress with the session.
-    last_active: Mutex<std::time::Instant>,
     /// Work of the builder's own for the session under way.
     working: AtomicU64,
     state: Mutex<SessionState>,
@@ -124,7 +125,6 @@ impl Session {
             cancelled: CancellationToken::new(),
             cancelled_because: std::sync::OnceLock::new(),
             uploaded: AtomicU64::new(0),
-            last_active: Mutex::new(std::time::Instant::now()),
             working: AtomicU64::new(0),
             state: Mutex::new(SessionState {
                 missing,
@@ -132,6 +132,7 @@ impl Session {
                 readable: HashMap::new(),
                 served_nars: HashMap::new(),
                 outcome: None,
+                last_active: std::time::Instant::now(),
             }),
         }
     }
@@ -156,10 +157,7 @@ impl Session {
 
     /// Records that the client just used the session.
     pub fn touch(&self) {
-        *self
-            .last_active
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::time::Instant::now();
+        self.state().last_active = std::time::Instant::now();
     }
 
     /// Marks the builder working for the session (importing its inputs)
@@ -173,13 +171,11 @@ impl Session {
     /// upload progress, short of its build. Once built or building it never
     /// is: its time limit bounds the build, and the connection what follows.
     pub fn idle_for(&self) -> std::time::Duration {
-        if self.build_state() != BuildState::NotStarted || self.working.load(Ordering::SeqCst) > 0 {
+        let state = self.state();
+        if state.build != BuildState::NotStarted || self.working.load(Ordering::SeqCst) > 0 {
             return std::time::Duration::ZERO;
         }
-        self.last_active
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .elapsed()
+        state.last_active.elapsed()
     }
 
     /// The inputs still missing on the builder.
@@ -224,7 +220,7 @@ impl Session {
             Budget::UploadBytes,
             format!(
                 "upload exceeds this session's max_upload_bytes of {} ({} bytes); \
-             ask the builder's admin for a larger limit",
+                 ask the builder's admin for a larger limit",
                 self.limits.max_upload_bytes,
                 self.limits.max_upload_bytes.get()
             ),
@@ -240,10 +236,7 @@ impl Session {
             ));
         }
         if let Some(first) = state.missing.iter().next() {
-            let missing = match state.missing.len() {
-                1 => "1 input is".to_owned(),
-                n => format!("{n} inputs are"),
-            };
+            let missing = plural(state.missing.len() as u64, "input is", "inputs are");
             return Err(ServerError::FailedPrecondition(format!(
                 "{missing} still missing on the builder (e.g. {first}); upload them first"
             )));

@@ -103,9 +103,9 @@ impl BuilderService {
         }
     }
 
-    /// Ends `session` when its connection closes: stops its build, drops
-    /// its upload, frees its slot and records how it ended.
-    fn end_with_connection(&self, session: Arc<Session>, peer: IrohPeer) {
+    /// Ends `session` when its connection closes or it sits idle: stops its
+    /// build, drops its upload, frees its slot and records how it ended.
+    fn end_when_over(&self, session: Arc<Session>, peer: IrohPeer) {
         let board = self.board.clone();
         let sessions = self.sessions.clone();
         let uploads = self.uploads.clone();
@@ -365,7 +365,7 @@ impl builder_server::Builder for BuilderService {
         })?;
         row.keep();
         info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
-        self.end_with_connection(session, peer);
+        self.end_when_over(session, peer);
         Ok(Response::new(proto::OpenSessionResponse {
             session_id,
             limits: Some(limits.into()),
