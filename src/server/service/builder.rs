@@ -158,34 +158,25 @@ fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, ServerError> {
         })
 }
 
-/// Who is building, for status and logs, and with which ticket.
-fn client_label(principal: &Principal) -> Result<(ClientLabel, Option<String>), ServerError> {
+/// Who is building, for status and logs.
+fn client_label(principal: &Principal) -> Result<ClientLabel, ServerError> {
     match principal {
         Principal::TrustedClient {
             name, endpoint_id, ..
-        } => Ok((
-            ClientLabel {
-                endpoint_id: endpoint_id.to_string(),
-                label: name.clone(),
-                ticket_id: None,
-            },
-            None,
-        )),
+        } => Ok(ClientLabel {
+            endpoint_id: endpoint_id.to_string(),
+            label: name.clone(),
+            ticket_id: None,
+        }),
         Principal::TicketHolder {
             ticket,
             endpoint_id,
             ..
-        } => {
-            let id = ticket.id.to_string();
-            Ok((
-                ClientLabel {
-                    endpoint_id: endpoint_id.to_string(),
-                    label: ticket.name.clone(),
-                    ticket_id: Some(id.clone()),
-                },
-                Some(id),
-            ))
-        }
+        } => Ok(ClientLabel {
+            endpoint_id: endpoint_id.to_string(),
+            label: ticket.name.clone(),
+            ticket_id: Some(ticket.id.to_string()),
+        }),
         Principal::LocalAdmin { .. } => Err(ServerError::AdminCannotBuild),
     }
 }
@@ -313,14 +304,16 @@ impl builder_server::Builder for BuilderService {
         }
         let inputs = declared_inputs(&drv_path, inputs)?;
         let order = import_order(&inputs)?;
-        let (label, ticket) = client_label(&principal)?;
+        let label = client_label(&principal)?;
         let session_id = new_session_id();
         // From here on the slot is held, and given back however the call
         // ends; the ticket use is taken only with the admission itself, so
         // a call cancelled while Nix checks the inputs costs none.
-        let reservation = self
-            .sessions
-            .reserve(session_id.clone(), peer.endpoint_id, ticket)?;
+        let reservation = self.sessions.reserve(
+            session_id.clone(),
+            peer.endpoint_id,
+            label.ticket_id.clone(),
+        )?;
         self.board.admit(
             &session_id,
             label.clone(),
