@@ -235,6 +235,8 @@ pub struct NarValidator {
     token_offset: u64,
     /// Bytes consumed so far.
     offset: u64,
+    /// Whether the root node is a regular file, so the archive is a single file.
+    single_file: bool,
     failed: Option<NarError>,
 }
 
@@ -254,20 +256,37 @@ impl NarValidator {
             token: Vec::new(),
             token_offset: 0,
             offset: 0,
+            single_file: false,
             failed: None,
         }
     }
 
     /// Checks the next chunk of the stream.
     pub fn push(&mut self, chunk: &[u8]) -> Result<(), NarError> {
+        self.push_file_contents(chunk, |_| {})
+    }
+
+    /// Checks the next chunk of the stream like [`Self::push`], and hands `contents` each piece of
+    /// the file's contents as it passes if the archive is a single regular file (as a `.drv` file's
+    /// NAR is). That is what a text content address hashes, seen without being kept.
+    pub fn push_file_contents(
+        &mut self,
+        chunk: &[u8],
+        mut contents: impl FnMut(&[u8]),
+    ) -> Result<(), NarError> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
-        let result = self.consume(chunk);
+        let result = self.consume(chunk, &mut contents);
         if let Err(err) = &result {
             self.failed = Some(err.clone());
         }
         result
+    }
+
+    /// Whether the archive read so far is a single regular file.
+    pub fn is_single_file(&self) -> bool {
+        self.single_file
     }
 
     /// Checks that the stream ended exactly where the archive does, and returns its size in bytes.
@@ -281,7 +300,11 @@ impl NarValidator {
         }
     }
 
-    fn consume(&mut self, mut data: &[u8]) -> Result<(), NarError> {
+    fn consume(
+        &mut self,
+        mut data: &[u8],
+        contents: &mut impl FnMut(&[u8]),
+    ) -> Result<(), NarError> {
         while !data.is_empty() {
             match self.lex {
                 Lex::Done => {
@@ -317,6 +340,10 @@ impl NarValidator {
                 }
                 Lex::Contents { remaining, len } => {
                     let n = usize::try_from(remaining).map_or(data.len(), |r| r.min(data.len()));
+                    // Only the root can be a file outside any directory.
+                    if self.dirs.is_empty() {
+                        contents(&data[..n]);
+                    }
                     self.advance(&mut data, n);
                     let remaining = remaining - n as u64;
                     if remaining == 0 {
@@ -448,7 +475,10 @@ impl NarValidator {
                 Expect::TypeValue
             }
             Expect::TypeValue => match token {
-                b"regular" => Expect::RegularField,
+                b"regular" => {
+                    self.single_file = self.dirs.is_empty();
+                    Expect::RegularField
+                }
                 b"symlink" => Expect::TargetKey,
                 b"directory" => {
                     if self.dirs.len() >= MAX_DEPTH {
@@ -583,37 +613,6 @@ fn shorten(token: &[u8]) -> String {
     } else {
         text.into_owned()
     }
-}
-
-/// The contents of a NAR that serialises a single regular file (as a `.drv`
-/// file's NAR does), or `None` for any other NAR.
-///
-/// The caller validates the NAR first; this only picks the file out of it.
-pub fn single_file_contents(nar: &[u8]) -> Option<&[u8]> {
-    fn string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
-        let len = usize::try_from(u64::from_le_bytes(input.get(..8)?.try_into().ok()?)).ok()?;
-        // Checked: a hostile length near `usize::MAX` must give `None`, not overflow.
-        let end = len.checked_add(8)?;
-        let bytes = input.get(8..end)?;
-        *input = input.get(end.checked_next_multiple_of(8)?..)?;
-        Some(bytes)
-    }
-    let mut input = nar;
-    for expected in [MAGIC, b"(", b"type", b"regular"] {
-        if string(&mut input)? != expected {
-            return None;
-        }
-    }
-    let mut keyword = string(&mut input)?;
-    if keyword == b"executable" {
-        string(&mut input)?;
-        keyword = string(&mut input)?;
-    }
-    if keyword != b"contents" {
-        return None;
-    }
-    let contents = string(&mut input)?;
-    (string(&mut input)? == b")" && input.is_empty()).then_some(contents)
 }
 
 #[cfg(test)]
@@ -1052,37 +1051,53 @@ mod tests {
         nar
     }
 
+    /// The file contents `nar` hands out, chunked by `chunk`, if it is a valid single-file NAR.
+    fn file_contents(nar: &[u8], chunk: usize) -> Option<Vec<u8>> {
+        let mut validator = NarValidator::new();
+        let mut contents = Vec::new();
+        for piece in nar.chunks(chunk) {
+            validator
+                .push_file_contents(piece, |part| contents.extend_from_slice(part))
+                .unwrap();
+        }
+        let single = validator.is_single_file();
+        validator.finish().unwrap();
+        single.then_some(contents)
+    }
+
     #[test]
-    fn picks_the_file_out_of_a_single_file_nar() {
-        for contents in [&b""[..], b"x", b"Derive([])", &[7u8; 9]] {
-            let nar = file_nar(contents);
+    fn hands_out_the_file_of_a_single_file_nar_as_it_passes() {
+        let hello =
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nix/hello.txt"))
+                .unwrap();
+        for (nar, contents) in [
+            (file_nar(b""), &b""[..]),
+            (file_nar(b"Derive([])"), b"Derive([])"),
+            (file_nar(&[7u8; 9]), &[7u8; 9]),
+            (HELLO_NAR.to_vec(), &hello),
+        ] {
+            for &chunk in CHUNK_SIZES {
+                let chunk = chunk.min(nar.len());
+                assert_eq!(
+                    file_contents(&nar, chunk).as_deref(),
+                    Some(contents),
+                    "chunk {chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hands_out_nothing_for_other_shapes() {
+        // A directory of files, a symlink, an empty directory.
+        let empty = NarBuilder::start().strs(&["(", "type", "directory", ")"]).0;
+        for nar in [TREE_NAR, D_NAR, SYMLINK_NAR, &empty] {
             let mut validator = NarValidator::new();
-            validator.push(&nar).unwrap();
+            validator
+                .push_file_contents(nar, |part| panic!("handed out {} bytes", part.len()))
+                .unwrap();
+            assert!(!validator.is_single_file());
             validator.finish().unwrap();
-            assert_eq!(single_file_contents(&nar), Some(contents));
-        }
-    }
-
-    #[test]
-    fn rejects_other_shapes() {
-        let mut directory = Vec::new();
-        for part in [MAGIC, b"(", b"type", b"directory", b")"] {
-            nar_string(&mut directory, part);
-        }
-        assert_eq!(single_file_contents(&directory), None);
-        let mut trailing = file_nar(b"x");
-        trailing.extend_from_slice(&[0; 8]);
-        assert_eq!(single_file_contents(&trailing), None);
-        assert_eq!(single_file_contents(b"short"), None);
-    }
-
-    #[test]
-    fn refuses_lengths_that_overflow() {
-        // Found by fuzz/ (target `nar`): 8 + this length overflowed usize.
-        for len in [u64::MAX - 7, u64::MAX - 6, u64::MAX] {
-            let mut nar = len.to_le_bytes().to_vec();
-            nar.extend_from_slice(&file_nar(b"x"));
-            assert_eq!(single_file_contents(&nar), None, "{len}");
         }
     }
 }

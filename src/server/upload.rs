@@ -487,17 +487,44 @@ mod tests {
 
     /// A source path holding `contents`, as announced by a client.
     pub(super) fn source(contents: &[u8], dir: &Path) -> (DeclaredInput, Vec<u8>) {
-        let file = dir.join("src");
-        std::fs::write(&file, contents).unwrap();
+        announced(contents, dir, "src", |nar_hash| {
+            format!("fixed:r:{nar_hash}").parse().unwrap()
+        })
+    }
+
+    /// A text-hashed path holding `contents`, as a client announces a
+    /// `.drv` file.
+    pub(super) fn text(contents: &[u8], dir: &Path) -> (DeclaredInput, Vec<u8>) {
+        announced(contents, dir, "t.drv", |_| {
+            ContentAddress::Text(Sha256Hash::digest(contents))
+        })
+    }
+
+    /// The NAR of `file`, a file or a tree.
+    pub(super) fn nar_of(file: &Path) -> Vec<u8> {
         let mut nar = Vec::new();
-        crate::store_nar::dump(&file, 1000, |chunk| {
+        crate::store_nar::dump(file, 1000, |chunk| {
             nar.extend_from_slice(&chunk);
             Ok(())
         })
         .unwrap();
+        nar
+    }
+
+    /// A path named `name` holding `contents`, with the content address
+    /// `ca` makes of its NAR hash, and its NAR.
+    fn announced(
+        contents: &[u8],
+        dir: &Path,
+        name: &str,
+        ca: impl FnOnce(&Sha256Hash) -> ContentAddress,
+    ) -> (DeclaredInput, Vec<u8>) {
+        let file = dir.join(name);
+        std::fs::write(&file, contents).unwrap();
+        let nar = nar_of(&file);
         let hash = Sha256Hash::digest(&nar);
-        let ca: ContentAddress = format!("fixed:r:{hash}").parse().unwrap();
-        let path = ca.store_path("src", &BTreeSet::new(), false).unwrap();
+        let ca = ca(&hash);
+        let path = ca.store_path(name, &BTreeSet::new(), false).unwrap();
         let input = DeclaredInput {
             path,
             references: BTreeSet::new(),

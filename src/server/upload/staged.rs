@@ -11,13 +11,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
 
 use super::internal;
 use crate::{
     nix::{
         content_address::ContentAddress,
         hash::Sha256Hash,
-        nar::{NarHasher, NarValidator, single_file_contents},
+        nar::{NarHasher, NarValidator},
         store_path::StorePath,
     },
     server::{
@@ -26,10 +27,6 @@ use crate::{
         nar_file::{Crowded, NarFile, Writer},
     },
 };
-
-/// Text-hashed inputs (`.drv` files) are checked in memory; a derivation
-/// this large is not a derivation.
-const MAX_TEXT_INPUT: u64 = 16 << 20;
 
 /// Bytes read back at a time when checking parts that arrived early.
 const READ_BACK: usize = 1 << 20;
@@ -47,7 +44,9 @@ pub(super) struct Staged {
     ahead: BTreeMap<u64, u64>,
     hasher: NarHasher,
     validator: NarValidator,
-    text: Option<Vec<u8>>,
+    /// For a text-hashed input (a `.drv` file), the hash of its contents
+    /// so far: the contents pass through, only the hash state stays.
+    text: Option<Sha256>,
     /// Tells readers how far they may read; `None` once released.
     readers: Option<Writer>,
     /// Bytes readers were told of.
@@ -61,13 +60,7 @@ impl Staged {
         staging: &Path,
     ) -> Result<(Self, NarFile), ServerError> {
         let text = match input.ca {
-            ContentAddress::Text(_) if input.nar_size <= MAX_TEXT_INPUT => Some(Vec::new()),
-            ContentAddress::Text(_) => {
-                return Err(ServerError::InvalidArgument(format!(
-                    "input {} is a {}-byte text file; that is too large for a derivation",
-                    input.path, input.nar_size
-                )));
-            }
+            ContentAddress::Text(_) => Some(Sha256::new()),
             ContentAddress::Fixed { .. } => None,
         };
         let file = nar_file(staging, &input.path);
@@ -209,18 +202,22 @@ impl Staged {
     }
 
     fn check(&mut self, data: &[u8]) -> Result<(), ServerError> {
-        self.validator.push(data).map_err(|err| {
-            ServerError::InvalidArgument(format!(
-                "the NAR of {} is malformed: {err}",
-                self.input.path
-            ))
-        })?;
+        let text = &mut self.text;
+        self.validator
+            .push_file_contents(data, |contents| {
+                if let Some(text) = text {
+                    text.update(contents);
+                }
+            })
+            .map_err(|err| {
+                ServerError::InvalidArgument(format!(
+                    "the NAR of {} is malformed: {err}",
+                    self.input.path
+                ))
+            })?;
         self.hasher
             .write_all(data)
             .expect("hashing into memory cannot fail");
-        if let Some(text) = &mut self.text {
-            text.extend_from_slice(data);
-        }
         self.checked += data.len() as u64;
         Ok(())
     }
@@ -228,6 +225,7 @@ impl Staged {
     /// Checks the complete NAR against what was announced.
     fn finish(&mut self) -> Result<(), ServerError> {
         let path = &self.input.path;
+        let single_file = self.validator.is_single_file();
         std::mem::take(&mut self.validator)
             .finish()
             .map_err(|err| {
@@ -243,13 +241,13 @@ impl Staged {
         }
         // Fixed-output paths need no more: the builder's Nix recomputes the
         // store path from the contents when importing.
-        if let (ContentAddress::Text(expected), Some(nar)) = (&self.input.ca, &self.text) {
-            let contents = single_file_contents(nar).ok_or_else(|| {
-                ServerError::InvalidArgument(format!(
+        if let (ContentAddress::Text(expected), Some(text)) = (&self.input.ca, self.text.take()) {
+            if !single_file {
+                return Err(ServerError::InvalidArgument(format!(
                     "{path} is text-addressed but its NAR is not a single regular file"
-                ))
-            })?;
-            if Sha256Hash::digest(contents) != *expected {
+                )));
+            }
+            if Sha256Hash::from_bytes(text.finalize().into()) != *expected {
                 return Err(ServerError::InvalidArgument(format!(
                     "the contents of {path} do not match its content address"
                 )));
@@ -277,7 +275,7 @@ fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), ServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::upload::tests::source;
+    use crate::server::upload::tests::{nar_of, source, text};
 
     async fn read_all(nar: &NarFile) -> Result<Vec<u8>, ServerError> {
         collect(nar.read_range(0, 0)?).await
@@ -297,9 +295,17 @@ mod tests {
     fn stage_source(
         contents: &[u8],
     ) -> (tempfile::TempDir, DeclaredInput, Vec<u8>, Staged, NarFile) {
+        stage(|dir| source(contents, dir))
+    }
+
+    /// The input `announce` makes in a new directory, its NAR, and its
+    /// staging there.
+    fn stage(
+        announce: impl FnOnce(&Path) -> (DeclaredInput, Vec<u8>),
+    ) -> (tempfile::TempDir, DeclaredInput, Vec<u8>, Staged, NarFile) {
         let staging = tempfile::tempdir().unwrap();
         std::fs::create_dir(staging.path().join("nar")).unwrap();
-        let (input, nar) = source(contents, staging.path());
+        let (input, nar) = announce(staging.path());
         let (staged, served) = Staged::start(input.clone(), staging.path()).unwrap();
         (staging, input, nar, staged, served)
     }
@@ -414,5 +420,58 @@ mod tests {
         // Readers learn why, and never get the bytes that failed.
         let read = read_all(&served).await.unwrap_err();
         assert!(read.to_string().contains("does not match"), "{read:?}");
+    }
+
+    #[test]
+    fn an_unfinished_text_input_keeps_none_of_its_bytes() {
+        let contents = vec![b'x'; 1 << 20];
+        let (_staging, _, nar, mut staged, _) = stage(|dir| text(&contents, dir));
+        let (most, last) = nar.split_at(nar.len() - 8);
+        assert!(!staged.write(0, Bytes::copy_from_slice(most)).unwrap());
+        // Debug shows all a `Staged` holds: the text's bytes are not there,
+        // only the state of their hash.
+        let held = format!("{staged:?}");
+        assert!(held.len() < 4096, "{} bytes held: {held:.200}", held.len());
+        assert!(
+            staged
+                .write(most.len() as u64, Bytes::copy_from_slice(last))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn a_text_input_must_match_its_content_address() {
+        let (_staging, _, nar, mut staged, _) = stage(|dir| text(b"Derive([])", dir));
+        assert!(staged.write(0, Bytes::from(nar)).unwrap());
+
+        // Announced with the NAR it sends, but the address of other text.
+        let (_staging, _, nar, mut staged, _) = stage(|dir| {
+            let (mut input, _) = text(b"Derive([])", dir);
+            let (other, nar) = text(b"Derive([1])", dir);
+            (input.nar_hash, input.nar_size) = (other.nar_hash, other.nar_size);
+            (input, nar)
+        });
+        let refused = staged.write(0, Bytes::from(nar)).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("do not match its content address"),
+            "{refused:?}"
+        );
+
+        // A directory cannot be text, whatever its hash.
+        let (_staging, _, nar, mut staged, _) = stage(|dir| {
+            let (mut input, _) = text(b"Derive([])", dir);
+            let tree = dir.join("tree");
+            std::fs::create_dir(&tree).unwrap();
+            let nar = nar_of(&tree);
+            (input.nar_hash, input.nar_size) = (Sha256Hash::digest(&nar), nar.len() as u64);
+            (input, nar)
+        });
+        let refused = staged.write(0, Bytes::from(nar)).unwrap_err();
+        assert!(
+            refused.to_string().contains("not a single regular file"),
+            "{refused:?}"
+        );
     }
 }
