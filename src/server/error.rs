@@ -26,6 +26,12 @@ pub enum Budget {
     Sessions,
     /// Input bytes one session may upload (`max_upload_bytes`).
     UploadBytes,
+    /// Inputs one session may announce.
+    Inputs,
+    /// Bytes of text-hashed inputs (`.drv` files) one session may announce.
+    TextInputBytes,
+    /// Import groups (one Nix process each) one session's inputs may need.
+    ImportGroups,
 }
 
 impl Budget {
@@ -36,6 +42,9 @@ impl Budget {
             Self::SessionsPerTicket => "too-many-sessions-for-ticket",
             Self::Sessions => "too-many-sessions",
             Self::UploadBytes => "upload-too-large",
+            Self::Inputs => "too-many-inputs",
+            Self::TextInputBytes => "text-inputs-too-large",
+            Self::ImportGroups => "too-many-import-groups",
         }
     }
 }

@@ -28,7 +28,18 @@ use crate::{
 };
 
 /// Inputs one session may announce; a derivation closure is far smaller.
+/// Staging makes two files per missing input, so this also bounds those.
 pub const MAX_INPUTS: usize = 50_000;
+
+/// Bytes of text-hashed inputs (`.drv` files, `builtins.toFile` texts) one
+/// session may announce. The builder's Nix reads the derivations of the
+/// closure into memory to build it; a large system's come to tens of MiB.
+pub const MAX_TEXT_INPUT_BYTES: u64 = 256 << 20;
+
+/// Import groups one session's inputs may form. Each is its own `nix copy`
+/// (see [`crate::nix::import_order`]): what evaluation produces forms two,
+/// and only text files naming derivations add more, two at a time.
+pub const MAX_IMPORT_GROUPS: usize = 16;
 
 /// Sessions one client may hold open at once, so an unlimited ticket cannot
 /// pile up work.

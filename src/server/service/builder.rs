@@ -17,15 +17,17 @@ use tracing::{error, info};
 use super::owner;
 use crate::{
     config::Limits,
-    nix::{import_order::import_groups, store_path::StorePath},
+    nix::{content_address::ContentAddress, import_order::import_groups, store_path::StorePath},
     nixcmd::Nix,
     proto::{self, BuildPhase, BuildResult, builder_server},
     server::{
         auth::{Principal, principal},
         build_queue::{self, BuildContext},
         declared_input::DeclaredInput,
-        error::ServerError,
-        sessions::{BuildState, MAX_INPUTS, Session, Sessions},
+        error::{Budget, ServerError},
+        sessions::{
+            BuildState, MAX_IMPORT_GROUPS, MAX_INPUTS, MAX_TEXT_INPUT_BYTES, Session, Sessions,
+        },
         status::{ClientLabel, StatusBoard},
         ticket_store::{TakeUseError, TicketStore},
         upload::Uploads,
@@ -215,15 +217,33 @@ fn declared_inputs(
     inputs: Vec<proto::InputPath>,
 ) -> Result<BTreeMap<StorePath, DeclaredInput>, ServerError> {
     if inputs.len() > MAX_INPUTS {
-        return Err(ServerError::InvalidArgument(format!(
-            "{} inputs announced; a derivation closure has at most {MAX_INPUTS}",
-            inputs.len()
-        )));
+        return Err(ServerError::OverBudget(
+            Budget::Inputs,
+            format!(
+                "{} inputs announced; a session may announce at most {MAX_INPUTS}",
+                inputs.len()
+            ),
+        ));
     }
     let mut declared = BTreeMap::new();
     for input in inputs {
         let input = DeclaredInput::from_proto(input)?;
         declared.insert(input.path.clone(), input);
+    }
+    // Saturating: sizes are the peer's word, and a sum past u64 is over
+    // any budget.
+    let text_bytes = declared
+        .values()
+        .filter(|input| matches!(input.ca, ContentAddress::Text(_)))
+        .fold(0u64, |total, input| total.saturating_add(input.nar_size));
+    if text_bytes > MAX_TEXT_INPUT_BYTES {
+        return Err(ServerError::OverBudget(
+            Budget::TextInputBytes,
+            format!(
+                "the text inputs (.drv files) announced come to {text_bytes} bytes; \
+                 a session may announce at most {MAX_TEXT_INPUT_BYTES}"
+            ),
+        ));
     }
     if !declared.contains_key(drv_path) {
         return Err(ServerError::InvalidArgument(format!(
@@ -244,6 +264,7 @@ fn declared_inputs(
 /// The inputs in the order the builder's Nix adds them, references first.
 /// Clients are asked to send missing inputs in this order, so an import that
 /// reads inputs while they arrive never waits for one that comes last.
+/// Refused if that takes more than [`MAX_IMPORT_GROUPS`] Nix processes.
 fn import_order(
     inputs: &BTreeMap<StorePath, DeclaredInput>,
 ) -> Result<Vec<StorePath>, ServerError> {
@@ -254,6 +275,17 @@ fn import_order(
     let groups = import_groups(&references).map_err(|cycle| {
         ServerError::InvalidArgument(format!("{cycle}; a store closure has no cycles"))
     })?;
+    if groups.len() > MAX_IMPORT_GROUPS {
+        return Err(ServerError::OverBudget(
+            Budget::ImportGroups,
+            format!(
+                "the inputs form {} import groups (paths that refer to .drv files, \
+                 and .drv files that refer to those, each start one, and each takes the \
+                 builder a Nix process); a session may form at most {MAX_IMPORT_GROUPS}",
+                groups.len()
+            ),
+        ));
+    }
     Ok(groups.into_iter().flat_map(|group| group.paths).collect())
 }
 
@@ -411,5 +443,110 @@ impl builder_server::Builder for BuilderService {
             .tasks
             .spawn(build_queue::run(self.build.clone(), session, rebuild, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::{nix::hash::Sha256Hash, proto::REFUSAL_METADATA};
+
+    /// A text-hashed input named `name` holding `contents` and referring to
+    /// `references`, announced with a NAR of `nar_size` bytes.
+    fn text_input(
+        name: &str,
+        contents: &str,
+        references: &[&proto::InputPath],
+        nar_size: u64,
+    ) -> proto::InputPath {
+        let ca = ContentAddress::Text(Sha256Hash::digest(contents.as_bytes()));
+        let references: BTreeSet<StorePath> = references
+            .iter()
+            .map(|input| input.store_path.parse().unwrap())
+            .collect();
+        proto::InputPath {
+            store_path: ca.store_path(name, &references, false).unwrap().to_string(),
+            references: references.iter().map(ToString::to_string).collect(),
+            content_address: ca.to_string(),
+            nar_hash: Sha256Hash::digest(b"not checked here").to_string(),
+            nar_size,
+        }
+    }
+
+    /// Announces `inputs`, the last being the derivation to build, as
+    /// `OpenSession` checks them before anything else.
+    fn announce(inputs: Vec<proto::InputPath>) -> Result<Vec<StorePath>, ServerError> {
+        let drv: StorePath = inputs.last().unwrap().store_path.parse().unwrap();
+        import_order(&declared_inputs(&drv, inputs)?)
+    }
+
+    /// The refusal reason of a budget `refused` met.
+    fn over_budget(refused: ServerError) -> String {
+        let status = Status::from(refused);
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let reason = status.metadata().get(REFUSAL_METADATA).unwrap();
+        reason.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn more_inputs_than_a_session_may_announce_are_refused() {
+        let inputs = vec![proto::InputPath::default(); MAX_INPUTS + 1];
+        let drv: StorePath = "/nix/store/00000000000000000000000000000000-x.drv"
+            .parse()
+            .unwrap();
+        let refused = declared_inputs(&drv, inputs).unwrap_err();
+        assert_eq!(over_budget(refused), "too-many-inputs");
+    }
+
+    #[test]
+    fn text_inputs_are_refused_past_their_budget_in_all() {
+        let half = MAX_TEXT_INPUT_BYTES / 2;
+        let source = text_input("names", "hello", &[], half);
+        let drv = text_input("x.drv", "Derive([])", &[&source], half);
+        assert_eq!(announce(vec![source.clone(), drv]).unwrap().len(), 2);
+
+        let drv = text_input("x.drv", "Derive([])", &[&source], half + 1);
+        let refused = announce(vec![source, drv]).unwrap_err();
+        assert_eq!(over_budget(refused), "text-inputs-too-large");
+
+        // Sizes are the peer's word: a sum past u64 is over budget too.
+        let huge = text_input("names", "hello", &[], u64::MAX);
+        let drv = text_input("x.drv", "Derive([])", &[&huge], u64::MAX);
+        let refused = announce(vec![huge, drv]).unwrap_err();
+        assert_eq!(over_budget(refused), "text-inputs-too-large");
+    }
+
+    /// A chain of `len` inputs alternating text files and `.drv` files,
+    /// each naming the one before; each starts an import group of its own.
+    fn alternating_chain(len: usize) -> Vec<proto::InputPath> {
+        let mut chain: Vec<proto::InputPath> = Vec::new();
+        for i in 0..len {
+            let name = if i % 2 == 0 {
+                format!("text{i}")
+            } else {
+                format!("step{i}.drv")
+            };
+            let before: Vec<&proto::InputPath> = chain.last().into_iter().collect();
+            let input = text_input(&name, &format!("step {i}"), &before, 100);
+            chain.push(input);
+        }
+        chain
+    }
+
+    #[test]
+    fn a_chain_of_more_import_groups_than_allowed_is_refused() {
+        let allowed = alternating_chain(MAX_IMPORT_GROUPS);
+        assert_eq!(announce(allowed).unwrap().len(), MAX_IMPORT_GROUPS);
+
+        let refused = announce(alternating_chain(MAX_IMPORT_GROUPS + 2)).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains(&format!("{} import groups", MAX_IMPORT_GROUPS + 2)),
+            "{refused}"
+        );
+        assert_eq!(over_budget(refused), "too-many-import-groups");
     }
 }
