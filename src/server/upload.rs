@@ -653,18 +653,20 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn announced_sizes_past_u64_are_over_budget_not_a_panic() {
+    /// Announces two inputs of `size` bytes each and sends a part: refused
+    /// as over the upload budget before staging touched the disk at all.
+    async fn assert_over_budget_stages_nothing(size: u64) {
         let work = tempfile::tempdir().unwrap();
-        let huge = |contents: &[u8]| {
+        let announce = |contents: &[u8]| {
             let (mut input, _) = source(contents, work.path());
-            input.nar_size = 1 << 63;
+            input.nar_size = size;
             input
         };
-        let (a, b) = (huge(b"a"), huge(b"b"));
+        let (a, b) = (announce(b"a"), announce(b"b"));
         let path = a.path.clone();
         let session = session_missing([a, b]);
-        let uploads_of = Uploads::new(Nix::new(), work.path().join("uploads"));
+        let uploads = work.path().join("uploads");
+        let uploads_of = Uploads::new(Nix::new(), uploads.clone());
         let call = tokio_stream::iter([Ok(part(&path, 0, b"x"))]);
         let refused = uploads_of.receive(&session, call).await.unwrap_err();
         assert!(
@@ -674,6 +676,21 @@ mod tests {
             ),
             "{refused:?}"
         );
+        assert!(
+            !uploads.exists(),
+            "staging began before the budget was checked"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upload_over_budget_stages_nothing() {
+        let limit = crate::config::Limits::default().max_upload_bytes.get();
+        assert_over_budget_stages_nothing(limit / 2 + 1).await;
+    }
+
+    #[tokio::test]
+    async fn announced_sizes_past_u64_are_over_budget_not_a_panic() {
+        assert_over_budget_stages_nothing(1 << 63).await;
     }
 
     #[tokio::test]
