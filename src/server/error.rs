@@ -32,6 +32,8 @@ pub enum Budget {
     TextInputBytes,
     /// Import groups (one Nix process each) one session's inputs may need.
     ImportGroups,
+    /// Parts of one session's upload held ahead of the bytes before them.
+    PartsAhead,
 }
 
 impl Budget {
@@ -45,6 +47,7 @@ impl Budget {
             Self::Inputs => "too-many-inputs",
             Self::TextInputBytes => "text-inputs-too-large",
             Self::ImportGroups => "too-many-import-groups",
+            Self::PartsAhead => "too-many-parts-ahead",
         }
     }
 }

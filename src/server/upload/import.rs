@@ -15,7 +15,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{
     StagedPaths, Upload, internal,
-    staged::{Staged, nar_url},
+    staged::{PartsAhead, Staged, nar_url},
 };
 use crate::{
     loopback_cache::{Body, CacheFiles, LoopbackCache, respond},
@@ -128,6 +128,7 @@ pub(super) fn stage(
     let dir = staging_dir(uploads_dir, session_id)?;
     let mut paths = HashMap::new();
     let mut files = LoopbackFiles::default();
+    let parts_ahead = PartsAhead::default();
     for input in inputs {
         let narinfo = narinfo(&input);
         let text = narinfo.to_string();
@@ -136,7 +137,7 @@ pub(super) fn stage(
             .join(format!("{}.narinfo", input.path.hash_part()));
         std::fs::write(file, &text).map_err(internal("writing an upload narinfo"))?;
         let path = input.path.clone();
-        let (staged, nar) = Staged::start(input, dir.path())?;
+        let (staged, nar) = Staged::start(input, dir.path(), parts_ahead.clone())?;
         files.narinfos.insert(*path.hash_part(), text);
         files.nars.insert(narinfo.url, nar);
         paths.insert(path, Arc::new(Mutex::new(staged)));

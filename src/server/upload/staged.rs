@@ -8,6 +8,10 @@ use std::{
     io::Write as _,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -23,13 +27,51 @@ use crate::{
     },
     server::{
         declared_input::DeclaredInput,
-        error::ServerError,
+        error::{Budget, ServerError},
         nar_file::{Crowded, NarFile, Writer},
     },
 };
 
 /// Bytes read back at a time when checking parts that arrived early.
 const READ_BACK: usize = 1 << 20;
+
+/// Ranges of an upload's parts held ahead of the bytes before them, all its
+/// paths together, once adjacent parts are merged. Each is kept in memory
+/// until the gap before it fills, however few bytes it has, so their number
+/// is capped rather than their size: a part's size shows only when the
+/// next begins, and a client's messages are as small as its reads. The
+/// real client leaves at most one gap per part in flight, a few hundred
+/// over 16 calls with their flow-control windows full.
+pub(super) const MAX_PARTS_AHEAD: usize = 4096;
+
+/// The ranges held ahead across one upload, counted against
+/// [`MAX_PARTS_AHEAD`]. Each path's ranges are counted while it holds them.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PartsAhead(Arc<AtomicUsize>);
+
+impl PartsAhead {
+    /// Counts one more range; refused at the cap.
+    fn take(&self) -> Result<(), ServerError> {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                (held < MAX_PARTS_AHEAD).then_some(held + 1)
+            })
+            .map(drop)
+            .map_err(|_| {
+                ServerError::OverBudget(
+                    Budget::PartsAhead,
+                    format!(
+                        "{MAX_PARTS_AHEAD} parts of this upload are already held ahead of \
+                         bytes not yet sent; send each path's parts closer to in order"
+                    ),
+                )
+            })
+    }
+
+    fn give_back(&self, ranges: usize) {
+        self.0.fetch_sub(ranges, Ordering::SeqCst);
+    }
+}
 
 /// One path being received, possibly in parts out of order.
 #[derive(Debug)]
@@ -40,8 +82,11 @@ pub(super) struct Staged {
     file: PathBuf,
     /// Bytes checked, from the start.
     checked: u64,
-    /// Parts written beyond `checked`, start → end; never overlapping.
+    /// Parts written beyond `checked`, start → end; never overlapping or
+    /// adjacent (adjacent parts are merged).
     ahead: BTreeMap<u64, u64>,
+    /// The upload's count of ranges in `ahead`, of all its paths.
+    parts_ahead: PartsAhead,
     hasher: NarHasher,
     validator: NarValidator,
     /// For a text-hashed input (a `.drv` file), the hash of its contents
@@ -54,10 +99,12 @@ pub(super) struct Staged {
 }
 
 impl Staged {
-    /// Creates the staging file of `input`, and the view of it its readers get.
+    /// Creates the staging file of `input`, and the view of it its readers
+    /// get; its parts held ahead count against `parts_ahead`.
     pub(super) fn start(
         input: DeclaredInput,
         staging: &Path,
+        parts_ahead: PartsAhead,
     ) -> Result<(Self, NarFile), ServerError> {
         let text = match input.ca {
             ContentAddress::Text(_) => Some(Sha256::new()),
@@ -71,6 +118,7 @@ impl Staged {
             file,
             checked: 0,
             ahead: BTreeMap::new(),
+            parts_ahead,
             hasher: NarHasher::new(),
             validator: NarValidator::new(),
             text,
@@ -128,8 +176,7 @@ impl Staged {
                 }
             }
         } else {
-            write_at(&self.open()?, &data, offset)?;
-            self.ahead.insert(offset, end);
+            self.hold_ahead(offset, &data)?;
         }
         if self.ahead.contains_key(&self.checked) {
             self.read_back(&self.open()?)?;
@@ -141,6 +188,32 @@ impl Staged {
         }
         self.finish()?;
         Ok(true)
+    }
+
+    /// Writes `data`, which belongs at `offset` past the checked bytes, to
+    /// the file, merging its range with the ranges it touches.
+    fn hold_ahead(&mut self, offset: u64, data: &[u8]) -> Result<(), ServerError> {
+        let end = offset + data.len() as u64;
+        let before = self
+            .ahead
+            .range(..offset)
+            .next_back()
+            .filter(|(_, before_end)| **before_end == offset)
+            .map(|(start, _)| *start);
+        let after = self.ahead.get(&end).copied();
+        if before.is_none() && after.is_none() {
+            self.parts_ahead.take()?;
+        }
+        write_at(&self.open()?, data, offset)?;
+        if after.is_some() {
+            self.ahead.remove(&end);
+        }
+        if before.is_some() && after.is_some() {
+            self.parts_ahead.give_back(1);
+        }
+        self.ahead
+            .insert(before.unwrap_or(offset), after.unwrap_or(end));
+        Ok(())
     }
 
     fn open(&self) -> Result<File, ServerError> {
@@ -169,6 +242,7 @@ impl Staged {
     fn read_back(&mut self, file: &File) -> Result<(), ServerError> {
         let mut buffer = vec![0; READ_BACK];
         while let Some(ahead_end) = self.ahead.remove(&self.checked) {
+            self.parts_ahead.give_back(1);
             while self.checked < ahead_end {
                 let n = (ahead_end - self.checked).min(READ_BACK as u64) as usize;
                 file.read_exact_at(&mut buffer[..n], self.checked)
@@ -257,6 +331,12 @@ impl Staged {
     }
 }
 
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.parts_ahead.give_back(self.ahead.len());
+    }
+}
+
 /// Where a loopback cache serves the NAR of `path`.
 pub(super) fn nar_url(path: &StorePath) -> String {
     format!("nar/{}.nar", path.hash_part())
@@ -303,10 +383,18 @@ mod tests {
     fn stage(
         announce: impl FnOnce(&Path) -> (DeclaredInput, Vec<u8>),
     ) -> (tempfile::TempDir, DeclaredInput, Vec<u8>, Staged, NarFile) {
+        stage_counting(announce, PartsAhead::default())
+    }
+
+    /// [`stage`], counting parts held ahead in `parts_ahead`.
+    fn stage_counting(
+        announce: impl FnOnce(&Path) -> (DeclaredInput, Vec<u8>),
+        parts_ahead: PartsAhead,
+    ) -> (tempfile::TempDir, DeclaredInput, Vec<u8>, Staged, NarFile) {
         let staging = tempfile::tempdir().unwrap();
         std::fs::create_dir(staging.path().join("nar")).unwrap();
         let (input, nar) = announce(staging.path());
-        let (staged, served) = Staged::start(input.clone(), staging.path()).unwrap();
+        let (staged, served) = Staged::start(input.clone(), staging.path(), parts_ahead).unwrap();
         (staging, input, nar, staged, served)
     }
 
@@ -472,6 +560,59 @@ mod tests {
         assert!(
             refused.to_string().contains("not a single regular file"),
             "{refused:?}"
+        );
+    }
+
+    /// Writes byte `at` of `nar` alone.
+    fn write_byte(staged: &mut Staged, nar: &[u8], at: usize) -> Result<bool, ServerError> {
+        staged.write(at as u64, Bytes::copy_from_slice(&nar[at..=at]))
+    }
+
+    #[test]
+    fn adjacent_parts_ahead_are_held_as_one() {
+        let parts_ahead = PartsAhead::default();
+        let contents = vec![3; 5000];
+        let (_staging, _, nar, mut staged, _) =
+            stage_counting(|dir| source(&contents, dir), parts_ahead.clone());
+        // Backwards, byte by byte: each new byte joins the range after it.
+        for at in (1..nar.len()).rev() {
+            assert!(!write_byte(&mut staged, &nar, at).unwrap());
+        }
+        assert_eq!(staged.ahead.len(), 1);
+        assert_eq!(parts_ahead.0.load(Ordering::SeqCst), 1);
+        assert!(write_byte(&mut staged, &nar, 0).unwrap());
+        assert_eq!(parts_ahead.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn parts_ahead_are_capped_across_an_upload() {
+        let parts_ahead = PartsAhead::default();
+        let contents = vec![5; 2 * MAX_PARTS_AHEAD];
+        let (_a, _, nar_a, mut a, _) =
+            stage_counting(|dir| source(&contents, dir), parts_ahead.clone());
+        let (_b, _, nar_b, mut b, _) =
+            stage_counting(|dir| text(&contents, dir), parts_ahead.clone());
+        // Every other byte, half of them in each path: no two touch.
+        let gaps = |nar: &[u8]| (2..nar.len()).step_by(2).take(MAX_PARTS_AHEAD / 2);
+        for at in gaps(&nar_a) {
+            write_byte(&mut a, &nar_a, at).unwrap();
+        }
+        for at in gaps(&nar_b) {
+            write_byte(&mut b, &nar_b, at).unwrap();
+        }
+        let refused = write_byte(&mut a, &nar_a, MAX_PARTS_AHEAD + 2).unwrap_err();
+        assert!(
+            matches!(refused, ServerError::OverBudget(Budget::PartsAhead, _)),
+            "{refused:?}"
+        );
+        // Filling a gap joins two ranges, which makes room for one more.
+        write_byte(&mut b, &nar_b, 3).unwrap();
+        write_byte(&mut a, &nar_a, MAX_PARTS_AHEAD + 2).unwrap();
+        // A path gone gives its ranges back.
+        drop(b);
+        assert_eq!(
+            parts_ahead.0.load(Ordering::SeqCst),
+            MAX_PARTS_AHEAD / 2 + 1
         );
     }
 }
