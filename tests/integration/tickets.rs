@@ -43,6 +43,38 @@ async fn one_use_ticket_admits_one_build_then_says_used_up() {
     client.close().await;
 }
 
+/// Inputs past a session's budgets are refused before admission takes the
+/// ticket's use.
+#[tokio::test(flavor = "multi_thread")]
+async fn inputs_past_a_budget_cost_no_ticket_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let ticket = builder.ticket(&[]);
+    let client = connect(
+        &Target::Ticket(Box::new(ticket)),
+        &key_file(dir.path(), "a"),
+    )
+    .await;
+    let mut too_many = crate::common::session_request();
+    too_many.inputs = vec![Default::default(); 50_001];
+    // The fixture's one input is a text-hashed .drv file.
+    let mut too_much_text = crate::common::session_request();
+    too_much_text.inputs[0].nar_size = (256 << 20) + 1;
+    for (request, reason) in [
+        (too_many, "too-many-inputs"),
+        (too_much_text, "text-inputs-too-large"),
+    ] {
+        let refused = BuilderClient::new(client.channel.clone())
+            .open_session(request)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert_eq!(refusal(&refused), reason, "{refused:?}");
+    }
+    open_session(&client).await.unwrap();
+    client.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_refusal_is_distinct() {
     let dir = tempfile::tempdir().unwrap();
