@@ -47,7 +47,7 @@ use self::{
     build_queue::BuildContext,
     cache::SignedCache,
     service::{builder::BuilderService, cache::CacheService, tickets::TicketsService},
-    sessions::Sessions,
+    sessions::{SessionCaps, Sessions},
     status::{ServerFacts, StatusBoard},
     ticket_store::TicketStore,
     upload::Uploads,
@@ -186,7 +186,11 @@ pub async fn run(
         config.admin_group.clone(),
     ));
     let nix = Nix::new();
-    let sessions = Arc::new(Sessions::default());
+    let sessions = Arc::new(Sessions::new(SessionCaps {
+        per_client: config.max_sessions_per_client as usize,
+        per_ticket: config.max_sessions_per_ticket as usize,
+        total: config.max_sessions as usize,
+    }));
     let uploads_dir = data_dir.join("uploads");
     // Uploads are staged per session and removed after it; anything left is
     // from a crash.
