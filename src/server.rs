@@ -12,6 +12,8 @@
 //! - [`upload`]: receiving a session's inputs and importing them.
 //! - [`build_queue`]: the build slots and running one session's build.
 //! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
+//! - [`cache_streams`]: how many Cache streams a session and a connection
+//!   may have open.
 //! - [`nar_file`]: a NAR file read by range while it is still written.
 //! - [`status`]: the live status board.
 //! - [`ticket_store`]: the tickets and their state file.
@@ -26,6 +28,7 @@
 pub mod auth;
 pub mod build_queue;
 pub mod cache;
+pub mod cache_streams;
 pub mod declared_input;
 pub mod error;
 pub mod nar_file;

@@ -26,6 +26,8 @@ pub enum Budget {
     Sessions,
     /// Input bytes one session may upload (`max_upload_bytes`).
     UploadBytes,
+    /// Cache streams open at once, per session or per connection.
+    CacheStreams,
 }
 
 impl Budget {
@@ -36,6 +38,7 @@ impl Budget {
             Self::SessionsPerTicket => "too-many-sessions-for-ticket",
             Self::Sessions => "too-many-sessions",
             Self::UploadBytes => "upload-too-large",
+            Self::CacheStreams => "too-many-cache-streams",
         }
     }
 }
