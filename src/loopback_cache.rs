@@ -18,7 +18,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::nix::store_path::StorePathHash;
+use crate::{nix::store_path::StorePathHash, transport::accept::AcceptPacing};
 
 /// Connections served at once. Nix opens at most `http-connections` (25 by
 /// default); others come from elsewhere on this machine and wait, rather
@@ -65,6 +65,7 @@ impl LoopbackCache {
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut pacing = AcceptPacing::new("loopback cache");
         tokio::spawn(async move {
             loop {
                 let slot = tokio::select! {
@@ -76,9 +77,14 @@ impl LoopbackCache {
                     _ = stopped.cancelled() => return,
                 };
                 let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok((stream, _)) => {
+                        pacing.accepted();
+                        stream
+                    }
                     Err(err) => {
-                        warn!("loopback cache: {err}");
+                        if !pacing.failed(&err).await {
+                            warn!("loopback cache: {err}");
+                        }
                         continue;
                     }
                 };
