@@ -154,9 +154,10 @@ impl LoopbackCache {
                         let files = files.clone();
                         let allowed = authorized(&request, authorization.as_deref());
                         async move {
-                            Ok::<_, Infallible>(match allowed {
-                                true => serve(&files, request).await,
-                                false => unauthorized(),
+                            Ok::<_, Infallible>(if allowed {
+                                serve(&files, request).await
+                            } else {
+                                unauthorized()
                             })
                         }
                     });
