@@ -11,7 +11,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::common::{Builder, Launcher, binary, command, connect, key_file};
+use crate::common::{Builder, Launcher, binary, command, connect, key_file, refusal};
 
 fn serve(args: &[&str]) -> std::process::Output {
     command().arg("serve").args(args).output().unwrap()
@@ -367,4 +367,45 @@ fn a_server_out_of_descriptors_pauses_accepting_and_recovers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(builder.log().contains("accepting connections again"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_caps_come_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{ "max_sessions_per_client": 2, "max_sessions_per_ticket": 1, "max_sessions": 3 }"#,
+    )
+    .unwrap();
+    let builder = Builder::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    // Client a holds three connections, each with a ticket of its own.
+    let mut connections = Vec::new();
+    for (key, flags) in [
+        ("a", &["--unlimited"][..]),
+        ("a", &[]),
+        ("a", &[]),
+        ("b", &[]),
+        ("c", &[]),
+    ] {
+        let target = drv_thru::client::Target::Ticket(Box::new(builder.ticket(flags)));
+        connections.push(connect(&target, &key_file(dir.path(), key)).await);
+    }
+    let open = |n: usize| crate::common::open_session(&connections[n]);
+    let refused = |status: tonic::Status| refusal(&status).to_owned();
+    open(0).await.unwrap();
+    assert_eq!(
+        refused(open(0).await.unwrap_err()),
+        "too-many-sessions-for-ticket"
+    );
+    open(1).await.unwrap();
+    assert_eq!(
+        refused(open(2).await.unwrap_err()),
+        "too-many-sessions-for-client"
+    );
+    open(3).await.unwrap();
+    assert_eq!(refused(open(4).await.unwrap_err()), "too-many-sessions");
+    for connection in connections {
+        connection.close().await;
+    }
 }
