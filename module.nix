@@ -117,6 +117,9 @@ let
       max_connections = serverCfg.maxConnections;
       max_unauthenticated_connections = serverCfg.maxUnauthenticatedConnections;
       max_connections_per_client = serverCfg.maxConnectionsPerClient;
+      max_sessions_per_client = serverCfg.maxSessionsPerClient;
+      max_sessions_per_ticket = serverCfg.maxSessionsPerTicket;
+      max_sessions = serverCfg.maxSessions;
       authentication_timeout = serverCfg.authenticationTimeout;
       session_idle_timeout = serverCfg.sessionIdleTimeout;
       trusted_clients = lib.mapAttrs (_: client: {
@@ -425,6 +428,27 @@ in
         type = types.ints.positive;
         default = 8;
         description = "Iroh connections one client endpoint id may hold at once.";
+      };
+
+      maxSessionsPerClient = lib.mkOption {
+        type = types.ints.positive;
+        default = 8;
+        description = "Build sessions one client endpoint id may hold open (or being admitted) at once.";
+      };
+
+      maxSessionsPerTicket = lib.mkOption {
+        type = types.ints.positive;
+        default = 8;
+        description = ''
+          Build sessions one ticket may have open at once (client keys are
+          free to make, so the per-client cap alone does not bound a ticket).
+        '';
+      };
+
+      maxSessions = lib.mkOption {
+        type = types.ints.positive;
+        default = 64;
+        description = "Build sessions the builder holds open at once, all clients together.";
       };
 
       sessionIdleTimeout = lib.mkOption {

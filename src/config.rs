@@ -173,6 +173,17 @@ pub struct ServerConfig {
     /// call (trusted clients need none); it is closed after that.
     #[serde(default = "default_authentication_timeout")]
     pub authentication_timeout: HumanDuration,
+    /// Sessions one client endpoint id may hold open (or being admitted)
+    /// at once.
+    #[serde(default = "default_max_sessions_per_client")]
+    pub max_sessions_per_client: u32,
+    /// Sessions one ticket may have open at once: client keys are free to
+    /// make, so the per-client cap alone does not bound a ticket.
+    #[serde(default = "default_max_sessions_per_ticket")]
+    pub max_sessions_per_ticket: u32,
+    /// Sessions the builder holds open at once, all clients together.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: u32,
     /// How long an admitted session may sit idle (not building, and not
     /// uploading or reading outputs) before it is ended.
     #[serde(default = "default_session_idle_timeout")]
@@ -214,6 +225,18 @@ fn default_max_connections_per_client() -> u32 {
     8
 }
 
+fn default_max_sessions_per_client() -> u32 {
+    8
+}
+
+fn default_max_sessions_per_ticket() -> u32 {
+    8
+}
+
+fn default_max_sessions() -> u32 {
+    64
+}
+
 fn default_authentication_timeout() -> HumanDuration {
     HumanDuration::from_secs(20)
 }
@@ -234,6 +257,9 @@ impl Default for ServerConfig {
             max_unauthenticated_connections: default_max_unauthenticated_connections(),
             max_connections_per_client: default_max_connections_per_client(),
             authentication_timeout: default_authentication_timeout(),
+            max_sessions_per_client: default_max_sessions_per_client(),
+            max_sessions_per_ticket: default_max_sessions_per_ticket(),
+            max_sessions: default_max_sessions(),
             session_idle_timeout: default_session_idle_timeout(),
             trusted_clients: BTreeMap::new(),
         }
@@ -268,6 +294,15 @@ impl ServerConfig {
         }
         if self.max_connections_per_client == 0 {
             return Err("max_connections_per_client must be at least 1".to_owned());
+        }
+        for (name, value) in [
+            ("max_sessions_per_client", self.max_sessions_per_client),
+            ("max_sessions_per_ticket", self.max_sessions_per_ticket),
+            ("max_sessions", self.max_sessions),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
         }
         if self.authentication_timeout.get().is_zero() {
             return Err("authentication_timeout must be longer than zero".to_owned());
@@ -476,6 +511,9 @@ mod tests {
         assert_eq!(config.max_connections, 256);
         assert_eq!(config.max_unauthenticated_connections, 32);
         assert_eq!(config.max_connections_per_client, 8);
+        assert_eq!(config.max_sessions_per_client, 8);
+        assert_eq!(config.max_sessions_per_ticket, 8);
+        assert_eq!(config.max_sessions, 64);
         assert_eq!(config.authentication_timeout.get().as_secs(), 20);
         assert_eq!(config.session_idle_timeout.get().as_secs(), 300);
         let unbounded = write(dir.path(), "u.json", r#"{"cache_max_size": null}"#);
@@ -504,6 +542,10 @@ mod tests {
         for (text, needle) in [
             (r#"{"max_concurent_builds": 2}"#.to_owned(), "unknown field"),
             (r#"{"max_concurrent_builds": 0}"#.to_owned(), "at least 1"),
+            (
+                r#"{"max_sessions_per_ticket": 0}"#.to_owned(),
+                "max_sessions_per_ticket must be at least 1",
+            ),
             (
                 format!(
                     r#"{{"trusted_clients": {{"a": {{"public_key": "{ID_A}", "max_build_time": "forever"}}}}}}"#

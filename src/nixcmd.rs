@@ -191,6 +191,18 @@ pub struct EvalFlags {
     pub file: Option<PathBuf>,
 }
 
+/// A binary cache a server serves over HTTP in front of a directory, for
+/// [`Nix::add_content_addressed_from_cache`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServedCache<'a> {
+    /// Its URL.
+    pub url: &'a str,
+    /// The netrc file holding its credentials (Nix's `netrc-file`), if it
+    /// needs any: a file, as Nix's command line is visible to every local
+    /// user.
+    pub netrc_file: Option<&'a Path>,
+}
+
 /// How [`Nix::copy_to_file_cache`] compresses the NARs it writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -603,16 +615,16 @@ impl Nix {
     /// created first, as Nix wants to create them even when only reading. Afterwards every path
     /// must be valid.
     ///
-    /// With `served_at`, Nix reads the cache from that URL instead: a server in front of `dir`
-    /// that may still be receiving the NARs while Nix reads them.
+    /// With `served_at`, Nix reads the cache from there instead: a server in front of `dir` that
+    /// may still be receiving the NARs while Nix reads them.
     pub async fn add_content_addressed_from_cache(
         &self,
         dir: &Path,
-        served_at: Option<&str>,
+        served_at: Option<ServedCache<'_>>,
         paths: &[StorePath],
     ) -> Result<(), NixCmdError> {
         let url = match served_at {
-            Some(url) => url.to_owned(),
+            Some(served) => served.url.to_owned(),
             None => file_url(dir)?,
         };
         let groups = cache::check_and_order(dir, paths)?;
@@ -622,10 +634,13 @@ impl Nix {
         })?;
         // A server may hold a NAR back while the rest of an upload arrives;
         // its owner, not a timeout, decides when that has taken too long.
-        let options = match served_at {
-            Some(_) => vec![("stalled-download-timeout".to_owned(), "86400".to_owned())],
-            None => Vec::new(),
-        };
+        let mut options = Vec::new();
+        if let Some(served) = served_at {
+            options.push(("stalled-download-timeout".to_owned(), "86400".to_owned()));
+            if let Some(netrc) = served.netrc_file {
+                options.push(("netrc-file".to_owned(), netrc.display().to_string()));
+            }
+        }
         for group in groups {
             self.copy(
                 &["--from".into(), url.clone().into()],

@@ -23,6 +23,13 @@ pub const REFUSAL_METADATA: &str = "drvthru-refusal";
 /// URLs `Cache/GetNars` takes in one call, as `cache.proto` says.
 pub const MAX_NARS_PER_CALL: usize = 1024;
 
+/// `Cache` streams (`ListNarInfos`, `GetNar`, `GetNars`) one session may
+/// have open at once, as `proto/README.md` says; more are refused with
+/// `too-many-cache-streams`. Enough to fill a long link (4 ranges of a large
+/// NAR at once, and 8 calls of small NARs); each holds buffers on the
+/// builder while its reader is slow.
+pub const MAX_CACHE_STREAMS_PER_SESSION: usize = 16;
+
 /// The encoded descriptors of every `drvthru.v1` file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("drvthru_descriptor");
 

@@ -12,6 +12,8 @@
 //! - [`upload`]: receiving a session's inputs and importing them.
 //! - [`build_queue`]: the build slots and running one session's build.
 //! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
+//! - [`cache_streams`]: how many Cache streams a session and a connection
+//!   may have open.
 //! - [`nar_file`]: a NAR file read by range while it is still written.
 //! - [`status`]: the live status board.
 //! - [`ticket_store`]: the tickets and their state file.
@@ -26,6 +28,7 @@
 pub mod auth;
 pub mod build_queue;
 pub mod cache;
+pub mod cache_streams;
 pub mod declared_input;
 pub mod error;
 pub mod nar_file;
@@ -47,7 +50,7 @@ use self::{
     build_queue::BuildContext,
     cache::SignedCache,
     service::{builder::BuilderService, cache::CacheService, tickets::TicketsService},
-    sessions::Sessions,
+    sessions::{SessionCaps, Sessions},
     status::{ServerFacts, StatusBoard},
     ticket_store::TicketStore,
     upload::Uploads,
@@ -186,7 +189,11 @@ pub async fn run(
         config.admin_group.clone(),
     ));
     let nix = Nix::new();
-    let sessions = Arc::new(Sessions::default());
+    let sessions = Arc::new(Sessions::new(SessionCaps {
+        per_client: config.max_sessions_per_client as usize,
+        per_ticket: config.max_sessions_per_ticket as usize,
+        total: config.max_sessions as usize,
+    }));
     let uploads_dir = data_dir.join("uploads");
     // Uploads are staged per session and removed after it; anything left is
     // from a crash.

@@ -57,7 +57,9 @@ pub fn dump_range(
 }
 
 /// Streams the chunks of `nar`, serialising each on the blocking pool: no
-/// thread is held while the reader is slow. Ends with the serialiser, which
+/// thread is held while the reader is slow, and no file either (the file
+/// being read is closed after each chunk and opened again for the next,
+/// which costs far less than the chunk). Ends with the serialiser, which
 /// may go on with a later range ([`Serialiser::continue_with`]), or with an
 /// error if serialisation fails.
 pub fn stream(nar: Serialiser) -> impl Stream<Item = io::Result<Step>> + Send + 'static {
@@ -67,6 +69,7 @@ pub fn stream(nar: Serialiser) -> impl Stream<Item = io::Result<Step>> + Send + 
         };
         let (nar, chunk) = tokio::task::spawn_blocking(move || {
             let chunk = nar.next_chunk();
+            nar.close_files();
             chunk.map(|chunk| (nar, chunk))
         })
         .await
@@ -497,6 +500,27 @@ mod tests {
         assert_eq!(
             CHUNK + rest.iter().sum::<usize>(),
             nar_of(&file, CHUNK).len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_between_chunks_holds_no_file_open() {
+        use futures::StreamExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, vec![1u8; 3 * CHUNK]).unwrap();
+        let mut chunks = Box::pin(stream_range(file.clone(), 0..u64::MAX, CHUNK));
+        let first = chunks.next().await.unwrap().unwrap();
+        // A file of the same size put in its place is what the next chunk
+        // reads: the stream did not keep the first one open.
+        let replacement = dir.path().join("g");
+        fs::write(&replacement, vec![2u8; 3 * CHUNK]).unwrap();
+        fs::rename(&replacement, &file).unwrap();
+        let next = chunks.next().await.unwrap().unwrap();
+        assert_eq!(first[first.len() - 1], 1);
+        assert!(
+            next.iter().all(|byte| *byte == 2),
+            "the old file stayed open"
         );
     }
 

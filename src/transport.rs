@@ -8,7 +8,10 @@
 //! - [`unix`]: the builder's local admin socket and the client machine's
 //!   import helper. Requests carry the caller's kernel-reported credentials
 //!   as a [`UnixPeer`] extension.
+//! - [`accept`]: pausing an accept loop while the process is out of file
+//!   descriptors, rather than spinning.
 
+pub mod accept;
 pub mod authorize;
 pub mod endpoint;
 pub mod quic;

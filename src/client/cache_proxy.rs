@@ -49,7 +49,7 @@ use crate::{
     nixcmd::Nix,
     proto::{
         self, GetNarInfoRequest, GetNarRequest, GetNarsRequest, ListNarInfosRequest,
-        MAX_NARS_PER_CALL, cache_client::CacheClient,
+        MAX_CACHE_STREAMS_PER_SESSION, MAX_NARS_PER_CALL, cache_client::CacheClient,
     },
 };
 
@@ -116,6 +116,10 @@ struct Upstream {
     /// What of the NARs fetched ahead could be spooled.
     spoolable: Arc<Mutex<Option<Spoolable>>>,
     ahead_slots: Arc<Semaphore>,
+    /// The session's Cache streams open at once, within the builder's
+    /// [`MAX_CACHE_STREAMS_PER_SESSION`]: however many NARs Nix asks for
+    /// at once, the rest wait here rather than be refused.
+    streams: Arc<Semaphore>,
     /// The local store, to tell which paths are worth fetching ahead.
     nix: Nix,
 }
@@ -195,6 +199,7 @@ impl CacheProxy {
             ahead: Arc::default(),
             spoolable: Arc::default(),
             ahead_slots: Arc::new(Semaphore::new(AHEAD_SLOTS)),
+            streams: Arc::new(Semaphore::new(MAX_CACHE_STREAMS_PER_SESSION)),
             nix,
         };
         // Nix's first narinfo request would start the listing; it is already
@@ -484,6 +489,7 @@ impl CacheFiles for Upstream {
         if let Some(size) = size.filter(|size| self.fetches > 1 && *size > SEGMENT) {
             return self.ranged(url, size);
         }
+        let permit = self.streams.clone().acquire_owned().await;
         let reply = self
             .cache()
             .get_nar(GetNarRequest {
@@ -501,13 +507,17 @@ impl CacheFiles for Upstream {
             Err(status) => return respond(StatusCode::BAD_GATEWAY, status.message().to_owned()),
         };
         let received = self.received.clone();
-        let frames = stream.map(move |chunk| match chunk {
-            Ok(chunk) => {
-                received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-                Ok(Frame::data(chunk.data))
+        let frames = stream.map(move |chunk| {
+            // The stream stays counted for as long as Nix reads the body.
+            let _open = &permit;
+            match chunk {
+                Ok(chunk) => {
+                    received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                    Ok(Frame::data(chunk.data))
+                }
+                // Nix sees a truncated body and rejects the NAR by its hash.
+                Err(status) => Err(std::io::Error::other(status.message().to_owned())),
             }
-            // Nix sees a truncated body and rejects the NAR by its hash.
-            Err(status) => Err(std::io::Error::other(status.message().to_owned())),
         });
         Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)))
     }
@@ -568,6 +578,7 @@ impl Upstream {
             session_id: self.session_id.clone(),
         };
         let listing = async {
+            let _open = self.streams.acquire().await;
             let mut stream = unstalled(STALL, self.cache().list_nar_infos(request))
                 .await?
                 .into_inner();
@@ -686,6 +697,7 @@ impl Upstream {
             urls: urls.clone(),
         };
         let mut senders = senders.into_iter();
+        let open = self.streams.clone().acquire_owned().await;
         let failure = match unstalled(STALL, self.cache().get_nars(request)).await {
             Ok(reply) => match self
                 .receive_batch(reply.into_inner(), &sizes, &mut senders)
@@ -695,7 +707,9 @@ impl Upstream {
                 Err(failure) => failure,
             },
             Err(status) if status.code() == tonic::Code::Unimplemented => {
-                // A builder from before GetNars: one call per file.
+                // A builder from before GetNars: one call per file, each
+                // counted on its own.
+                drop(open);
                 for ((url, size), tx) in urls.into_iter().zip(sizes).zip(senders) {
                     let got = self.clone().range(url, 0, size).await;
                     let _ = tx.send(
@@ -780,6 +794,7 @@ impl Upstream {
             offset,
             length,
         };
+        let _open = self.streams.acquire().await;
         let mut stream = unstalled(STALL, self.cache().get_nar(request))
             .await
             .map_err(failed)?

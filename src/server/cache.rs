@@ -51,7 +51,7 @@ use self::{
 };
 use super::{
     error::ServerError,
-    nar_file::{NarFile, range_end},
+    nar_file::{NarFile, READ_AHEAD, range_end},
 };
 use crate::{
     nix::{
@@ -307,7 +307,7 @@ impl SignedCache {
             }
             None => Serialiser::new(path, offset..end, CHUNK),
         };
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
         let (cache, narinfo) = (self.clone(), narinfo.clone());
         tokio::spawn(async move {
             let store_path = &narinfo.store_path;

@@ -34,6 +34,8 @@ pub enum Budget {
     ImportGroups,
     /// Parts of one session's upload held ahead of the bytes before them.
     PartsAhead,
+    /// Cache streams open at once, per session or per connection.
+    CacheStreams,
 }
 
 impl Budget {
@@ -48,6 +50,7 @@ impl Budget {
             Self::TextInputBytes => "text-inputs-too-large",
             Self::ImportGroups => "too-many-import-groups",
             Self::PartsAhead => "too-many-parts-ahead",
+            Self::CacheStreams => "too-many-cache-streams",
         }
     }
 }

@@ -24,9 +24,14 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::error::ServerError;
 use crate::transport::http2::CHUNK;
 
-/// Bytes read from the file at a time, sent on in [`CHUNK`]s: fewer trips
-/// to the blocking pool.
-const READ_BLOCK: u64 = 4 * CHUNK as u64;
+/// Bytes read from the file at a time: one [`CHUNK`], so a reader whose
+/// peer does not read holds no more than [`READ_AHEAD`] plus one.
+const READ_BLOCK: u64 = CHUNK as u64;
+
+/// Chunks a NAR reader queues ahead of its peer: one is ready when the
+/// peer takes the last, and a stream whose peer never reads holds two (the
+/// queued one and the one waiting to be queued), not megabytes.
+pub const READ_AHEAD: usize = 1;
 
 /// Why readers stop when the writer went away without saying why.
 const ABANDONED: &str = "the NAR file was abandoned before it was complete";
@@ -286,7 +291,7 @@ impl NarFile {
             handoff.active += 1;
         }
         let reading = Reading(self.handoff.clone());
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
         let source = self.file.clone();
         let mut written = self.written.clone();
         // Waiting for the writer is async: a reader may wait as long as an

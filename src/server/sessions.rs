@@ -41,16 +41,30 @@ pub const MAX_TEXT_INPUT_BYTES: u64 = 256 << 20;
 /// and only text files naming derivations add more, two at a time.
 pub const MAX_IMPORT_GROUPS: usize = 16;
 
-/// Sessions one client may hold open at once, so an unlimited ticket cannot
-/// pile up work.
-pub const MAX_SESSIONS_PER_CLIENT: usize = 8;
+/// How many sessions the builder holds open at once (`max_sessions_per_client`,
+/// `max_sessions_per_ticket` and `max_sessions` in the server config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCaps {
+    /// Sessions one client (endpoint id) may hold, open or being admitted,
+    /// so an unlimited ticket cannot pile up work.
+    pub per_client: usize,
+    /// Sessions one ticket may have open: client keys are free to make, so
+    /// a per-client cap alone does not bound an unlimited ticket.
+    pub per_ticket: usize,
+    /// Sessions the builder holds, all clients together.
+    pub total: usize,
+}
 
-/// Sessions one ticket may have open at once: client keys are free to make,
-/// so a per-client cap alone does not bound an unlimited ticket.
-pub const MAX_SESSIONS_PER_TICKET: usize = 8;
-
-/// Sessions the builder holds open at once, all clients together.
-pub const MAX_SESSIONS: usize = 64;
+impl Default for SessionCaps {
+    /// 8 per client, 8 per ticket, 64 in all, as documented.
+    fn default() -> Self {
+        Self {
+            per_client: 8,
+            per_ticket: 8,
+            total: 64,
+        }
+    }
+}
 
 /// Where a session's build is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,10 +347,19 @@ struct Table {
 /// All live sessions, and the slots of those being admitted.
 #[derive(Debug, Default)]
 pub struct Sessions {
+    caps: SessionCaps,
     table: Mutex<Table>,
 }
 
 impl Sessions {
+    /// No sessions yet, admitting at most `caps`.
+    pub fn new(caps: SessionCaps) -> Self {
+        Self {
+            caps,
+            table: Mutex::default(),
+        }
+    }
+
     fn table(&self) -> MutexGuard<'_, Table> {
         self.table
             .lock()
@@ -355,17 +378,18 @@ impl Sessions {
         ticket: Option<String>,
     ) -> Result<Reservation, ServerError> {
         let mut table = self.table();
-        if table.holders.len() >= MAX_SESSIONS {
+        let total = self.caps.total;
+        if table.holders.len() >= total {
             return Err(ServerError::OverBudget(
                 Budget::Sessions,
                 format!(
-                    "the builder already holds {MAX_SESSIONS} sessions, the most it takes at once; \
+                    "the builder already holds {total} sessions, the most it takes at once; \
                      try again later"
                 ),
             ));
         }
         let open = table.holders.values().filter(|h| h.owner == owner).count();
-        if open >= MAX_SESSIONS_PER_CLIENT {
+        if open >= self.caps.per_client {
             return Err(ServerError::OverBudget(
                 Budget::SessionsPerClient,
                 format!(
@@ -387,7 +411,7 @@ impl Sessions {
     }
 
     /// Admits the session `make` returns into `reservation`'s slot, unless
-    /// its ticket already has [`MAX_SESSIONS_PER_TICKET`] sessions. `make`
+    /// its ticket already has its cap of sessions. `make`
     /// runs under the table's lock, so the check and what it does (take a
     /// ticket use) are one step.
     pub fn admit(
@@ -403,6 +427,7 @@ impl Sessions {
         let Some(holder) = table.holders.get(&id).cloned() else {
             return Err(ServerError::Internal(format!("session slot {id} was lost")));
         };
+        let per_ticket = self.caps.per_ticket;
         let made = match &holder.ticket {
             Some(ticket)
                 if table
@@ -410,13 +435,13 @@ impl Sessions {
                     .values()
                     .filter(|h| h.admitted && h.ticket.as_ref() == Some(ticket))
                     .count()
-                    >= MAX_SESSIONS_PER_TICKET =>
+                    >= per_ticket =>
             {
                 Err(ServerError::OverBudget(
                     Budget::SessionsPerTicket,
                     format!(
-                        "ticket {ticket} already has {MAX_SESSIONS_PER_TICKET} open sessions, the \
-                         most one ticket may have; finish one first"
+                        "ticket {ticket} already has {per_ticket} open sessions, the most one \
+                         ticket may have; finish one first"
                     ),
                 ))
             }
@@ -586,7 +611,7 @@ mod tests {
     #[test]
     fn a_client_reserves_its_cap_and_no_more_before_any_is_admitted() {
         let sessions = Arc::new(Sessions::default());
-        let held: Vec<_> = (0..MAX_SESSIONS_PER_CLIENT)
+        let held: Vec<_> = (0..SessionCaps::default().per_client)
             .map(|n| sessions.reserve(format!("s{n}"), client(1), None).unwrap())
             .collect();
         let refused = sessions
@@ -601,9 +626,10 @@ mod tests {
     #[test]
     fn the_builder_holds_at_most_its_cap_of_sessions() {
         let sessions = Arc::new(Sessions::default());
-        let held: Vec<_> = (0..MAX_SESSIONS)
+        let caps = SessionCaps::default();
+        let held: Vec<_> = (0..caps.total)
             .map(|n| {
-                let owner = client(u8::try_from(n / MAX_SESSIONS_PER_CLIENT).unwrap());
+                let owner = client(u8::try_from(n / caps.per_client).unwrap());
                 sessions.reserve(format!("s{n}"), owner, None).unwrap()
             })
             .collect();
@@ -617,7 +643,8 @@ mod tests {
     #[test]
     fn a_ticket_admits_its_cap_and_a_refused_admission_frees_its_slot() {
         let sessions = Arc::new(Sessions::default());
-        for n in 0..MAX_SESSIONS_PER_TICKET {
+        let caps = SessionCaps::default();
+        for n in 0..caps.per_ticket {
             let owner = client(u8::try_from(n).unwrap());
             let id = format!("s{n}");
             let slot = sessions
@@ -639,7 +666,7 @@ mod tests {
         assert_eq!(reason(refused), "too-many-sessions-for-ticket");
         assert!(!made, "a refused admission must not take a ticket use");
         // The slot is free again: the late client can hold its full share.
-        let _share: Vec<_> = (0..MAX_SESSIONS_PER_CLIENT)
+        let _share: Vec<_> = (0..caps.per_client)
             .map(|n| sessions.reserve(format!("l{n}"), late, None).unwrap())
             .collect();
         assert!(sessions.get("s0", on(client(0))).is_ok());
@@ -650,6 +677,31 @@ mod tests {
         assert!(sessions.get("s0", other_connection).is_err());
         sessions.remove("s0");
         assert!(sessions.get("s0", on(client(0))).is_err());
+    }
+
+    #[test]
+    fn lowered_caps_are_applied() {
+        let sessions = Arc::new(Sessions::new(SessionCaps {
+            per_client: 2,
+            per_ticket: 1,
+            total: 3,
+        }));
+        let admit = |id: &str, owner: u8, ticket: &str| {
+            let slot = sessions.reserve(id.into(), client(owner), Some(ticket.into()))?;
+            sessions.admit(slot, || Ok(session(id, client(owner))))
+        };
+        admit("a", 1, "t").unwrap();
+        assert_eq!(
+            reason(admit("b", 2, "t").unwrap_err()),
+            "too-many-sessions-for-ticket"
+        );
+        admit("c", 1, "u").unwrap();
+        assert_eq!(
+            reason(admit("d", 1, "v").unwrap_err()),
+            "too-many-sessions-for-client"
+        );
+        admit("e", 2, "v").unwrap();
+        assert_eq!(reason(admit("f", 3, "w").unwrap_err()), "too-many-sessions");
     }
 
     #[test]

@@ -59,6 +59,10 @@ const NIX_PATIENCE: Duration = Duration::from_secs(1);
 /// pays off when there is a transfer to overlap it with.
 const PIPELINE_MIN_AVERAGE: u64 = 1 << 20;
 
+/// The file in an upload's staging directory with the credentials of its
+/// loopback cache, which only the builder's user can read.
+const NETRC_FILE: &str = "netrc";
+
 /// The upload of a session, shared by its concurrent calls; empty between
 /// uploads.
 type Slot = tokio::sync::Mutex<Option<Arc<Upload>>>;
@@ -192,7 +196,14 @@ impl Upload {
                 .map_err(|err| ServerError::Internal(format!("staging an upload: {err}")))??;
         let cache = if total >= PIPELINE_MIN_AVERAGE.saturating_mul(missing.len() as u64) {
             debug!(session = %session.id, bytes = total, "importing the upload while it arrives");
-            Some(LoopbackCache::start(Arc::new(files)).map_err(internal("serving an upload"))?)
+            // Private to its own `nix copy`: anyone else reading a NAR
+            // first would take it from the in-memory hand-off and fail the
+            // upload.
+            let netrc = dir.path().join(NETRC_FILE);
+            Some(
+                LoopbackCache::start_private(Arc::new(files), &netrc)
+                    .map_err(internal("serving an upload"))?,
+            )
         } else {
             None
         };

@@ -13,8 +13,10 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{UnixListener, UnixStream},
 };
-use tokio_stream::{Stream, StreamExt, wrappers::UnixListenerStream};
+use tokio_stream::Stream;
 use tonic::transport::{Channel, server::Connected};
+
+use super::accept::AcceptPacing;
 
 /// The kernel-reported credentials of a unix-socket caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,24 +192,38 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<(UnixListene
 }
 
 /// The stream of accepted connections, each tagged with its credentials.
-/// Connections whose credentials cannot be read are dropped.
+/// Connections whose credentials cannot be read are dropped. While the
+/// process is out of descriptors, accepting pauses ([`AcceptPacing`]).
 pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UnixConnection>> {
-    UnixListenerStream::new(listener).filter_map(|accepted| {
-        let stream = match accepted {
-            Ok(stream) => stream,
-            Err(err) => return Some(Err(err)),
-        };
-        let cred = stream.peer_cred().ok()?;
-        let groups = peer_groups(&stream).ok()?;
-        Some(Ok(UnixConnection {
-            peer: UnixPeer {
-                uid: cred.uid(),
-                gid: cred.gid(),
-                pid: cred.pid(),
-                groups,
-            },
-            stream,
-        }))
+    let pacing = AcceptPacing::new("unix socket");
+    futures::stream::unfold((listener, pacing), |(listener, mut pacing)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    pacing.accepted();
+                    if let Some(connection) = with_credentials(stream) {
+                        return Some((Ok(connection), (listener, pacing)));
+                    }
+                }
+                Err(err) if pacing.failed(&err).await => {}
+                Err(err) => return Some((Err(err), (listener, pacing))),
+            }
+        }
+    })
+}
+
+/// `stream` with its caller's credentials, if the kernel reports them.
+fn with_credentials(stream: UnixStream) -> Option<UnixConnection> {
+    let cred = stream.peer_cred().ok()?;
+    let groups = peer_groups(&stream).ok()?;
+    Some(UnixConnection {
+        peer: UnixPeer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+            groups,
+        },
+        stream,
     })
 }
 
@@ -232,6 +248,8 @@ pub async fn connect(path: &Path) -> io::Result<Channel> {
 
 #[cfg(test)]
 mod tests {
+    use tokio_stream::StreamExt as _;
+
     use super::*;
 
     #[tokio::test]

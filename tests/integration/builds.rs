@@ -8,10 +8,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drv_thru::ticket::Ticket;
+use drv_thru::{
+    client::{BuilderChannel, Target},
+    proto::{
+        self, build_response::Event, builder_client::BuilderClient, cache_client::CacheClient,
+    },
+    ticket::Ticket,
+};
 
 use crate::{
-    common::{Builder, Launcher},
+    common::{Builder, Launcher, connect, refusal},
     two_stores::{Store, World, available},
 };
 
@@ -861,4 +867,153 @@ fn server_by_endpoint_id_relies_on_keys_nix_trusts() {
         "{}",
         stdout(&built)
     );
+}
+
+/// What `OpenSession` is told about the closure of `drv` in `store`, as its
+/// Nix (2.8: an array) describes it.
+fn closure_inputs(store: &Store, drv: &str) -> Vec<proto::InputPath> {
+    let json = store.run_ok(
+        "nix",
+        &["path-info", "--json", "--recursive", "--derivation", drv],
+    );
+    let infos: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+    infos
+        .iter()
+        .map(|info| proto::InputPath {
+            store_path: text(&info["path"]),
+            references: info["references"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(text)
+                .collect(),
+            content_address: text(&info["ca"]),
+            nar_hash: text(&info["narHash"]),
+            nar_size: info["narSize"].as_u64().unwrap(),
+        })
+        .collect()
+}
+
+/// A session keeps at most its share of Cache streams open unread; one
+/// dropped or read to its end makes room for another.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_holds_at_most_its_share_of_cache_streams() {
+    if !available() {
+        return;
+    }
+    // The builder gets the blob's inputs and output from a first build.
+    let pair = Pair::new(&salt("cache-streams"), &[]);
+    pair.assert_built(&pair.build("blob", &["--ticket", &pair.ticket(&[]), "--no-link"]));
+    let installable = pair.world.installable("blob");
+    let drv = pair
+        .client
+        .run_ok("nix", &["eval", "--raw", &format!("{installable}.drvPath")]);
+    let ticket = Target::Ticket(Box::new(pair.builder.ticket(&[])));
+    let client = connect(&ticket, &pair.world.dir.join("reader.key")).await;
+    let mut builder = BuilderClient::new(client.channel.clone());
+    let admitted = builder
+        .open_session(proto::OpenSessionRequest {
+            drv_path: drv.clone(),
+            inputs: closure_inputs(&pair.client, &drv),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(admitted.missing_inputs.is_empty(), "{admitted:?}");
+    let session_id = admitted.session_id;
+    let mut events = builder
+        .build(proto::BuildRequest {
+            session_id: session_id.clone(),
+            rebuild: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(reply) = events.message().await.unwrap() {
+        if let Some(Event::Finished(finished)) = reply.event {
+            assert_eq!(
+                finished.result(),
+                proto::BuildResult::Succeeded,
+                "{finished:?}"
+            );
+            break;
+        }
+    }
+
+    // The blob's NAR (8 MiB of random bytes and its framing) is larger than
+    // a stream's window: a stream nobody reads cannot end.
+    let out = pair.out_path("blob");
+    let hash = out.trim_start_matches("/nix/store/")[..32].to_owned();
+    let reader = CacheClient::new(client.channel.clone());
+    let narinfo = reader
+        .clone()
+        .get_nar_info(proto::GetNarInfoRequest {
+            session_id: session_id.clone(),
+            store_path_hash: hash,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .narinfo;
+    let url = narinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let get_nar = |mut cache: CacheClient<BuilderChannel>| {
+        let request = proto::GetNarRequest {
+            session_id: session_id.clone(),
+            url: url.clone(),
+            offset: 0,
+            length: 0,
+        };
+        async move {
+            cache
+                .get_nar(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mut unread = Vec::new();
+    for _ in 0..proto::MAX_CACHE_STREAMS_PER_SESSION {
+        unread.push(get_nar(reader.clone()).await.unwrap());
+    }
+    let refused = get_nar(reader.clone()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(refusal(&refused), "too-many-cache-streams");
+
+    // Dropping one frees its place once the builder sees the reset. The
+    // new one is read on a channel of its own, whose window the unread
+    // streams do not hold.
+    unread.pop();
+    let other = CacheClient::new(client.bulk_channels(1).remove(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut replacement = loop {
+        match get_nar(other.clone()).await {
+            Ok(stream) => break stream,
+            Err(status) if Instant::now() < deadline => {
+                assert_eq!(refusal(&status), "too-many-cache-streams");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("a dropped stream kept its place: {status:?}"),
+        }
+    };
+    let mut read = 0;
+    while let Some(chunk) = replacement.message().await.unwrap() {
+        read += chunk.data.len();
+    }
+    assert!(read > 8 << 20, "{read}");
+    // A stream read to its end has given its place back by then.
+    let last = get_nar(other.clone()).await.unwrap();
+    assert_eq!(
+        refusal(&get_nar(other.clone()).await.unwrap_err()),
+        "too-many-cache-streams"
+    );
+    drop((unread, last));
+    client.close().await;
 }

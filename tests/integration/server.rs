@@ -1,14 +1,17 @@
 //! Server lifecycle and configuration errors, and the standard gRPC
 //! services next to ours.
 
-use std::os::unix::fs::PermissionsExt;
+use std::{
+    os::unix::fs::PermissionsExt,
+    time::{Duration, Instant},
+};
 
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::common::{Builder, command, connect, key_file};
+use crate::common::{Builder, Launcher, binary, command, connect, key_file, refusal};
 
 fn serve(args: &[&str]) -> std::process::Output {
     command().arg("serve").args(args).output().unwrap()
@@ -318,4 +321,91 @@ async fn a_session_that_sits_idle_is_ended() {
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     client.close().await;
+}
+
+/// Seconds of CPU the process `pid` has used, user and system.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses, start at
+    // the state (field 3); utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn a_server_out_of_descriptors_pauses_accepting_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let launcher: Launcher = std::sync::Arc::new(|| {
+        let mut command = crate::two_stores::offline(std::process::Command::new("prlimit"));
+        command.args(["--nofile=64", "--"]).arg(binary());
+        command
+    });
+    let builder = Builder::start_with(launcher, dir.path().join("data"), &[]);
+    let socket = builder.data_dir.join("admin.sock");
+    // Each accepted connection takes one of the builder's 64 descriptors;
+    // the rest wait in the socket's backlog, which keeps it readable.
+    let held: Vec<_> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    // Time to accept what it can.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_seconds(builder.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(builder.pid()) - before;
+    assert!(used < 0.2, "the builder used {used:.2} s of CPU in 2 s");
+    assert_eq!(
+        builder.log().matches("cannot accept connections").count(),
+        1
+    );
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !builder.cli(&["status"]).status.success() {
+        assert!(Instant::now() < deadline, "{}", builder.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(builder.log().contains("accepting connections again"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_caps_come_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{ "max_sessions_per_client": 2, "max_sessions_per_ticket": 1, "max_sessions": 3 }"#,
+    )
+    .unwrap();
+    let builder = Builder::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    // Client a holds three connections, each with a ticket of its own.
+    let mut connections = Vec::new();
+    for (key, flags) in [
+        ("a", &["--unlimited"][..]),
+        ("a", &[]),
+        ("a", &[]),
+        ("b", &[]),
+        ("c", &[]),
+    ] {
+        let target = drv_thru::client::Target::Ticket(Box::new(builder.ticket(flags)));
+        connections.push(connect(&target, &key_file(dir.path(), key)).await);
+    }
+    let open = |n: usize| crate::common::open_session(&connections[n]);
+    let refused = |status: tonic::Status| refusal(&status).to_owned();
+    open(0).await.unwrap();
+    assert_eq!(
+        refused(open(0).await.unwrap_err()),
+        "too-many-sessions-for-ticket"
+    );
+    open(1).await.unwrap();
+    assert_eq!(
+        refused(open(2).await.unwrap_err()),
+        "too-many-sessions-for-client"
+    );
+    open(3).await.unwrap();
+    assert_eq!(refused(open(4).await.unwrap_err()), "too-many-sessions");
+    for connection in connections {
+        connection.close().await;
+    }
 }

@@ -21,6 +21,7 @@ use crate::{
     server::{
         auth::principal,
         cache::{CacheError, NarStream, SignedCache},
+        cache_streams::{CacheStreams, StreamPermit},
         error::ServerError,
         sessions::{Session, Sessions},
     },
@@ -32,12 +33,17 @@ use crate::{
 pub struct CacheService {
     cache: Arc<SignedCache>,
     sessions: Arc<Sessions>,
+    streams: Arc<CacheStreams>,
 }
 
 impl CacheService {
     /// A service over `cache` for `sessions`.
     pub fn new(cache: Arc<SignedCache>, sessions: Arc<Sessions>) -> Self {
-        Self { cache, sessions }
+        Self {
+            cache,
+            sessions,
+            streams: Arc::default(),
+        }
     }
 
     fn session<T>(&self, request: &Request<T>, id: &str) -> Result<Arc<Session>, ServerError> {
@@ -46,6 +52,19 @@ impl CacheService {
             ServerError::FailedPrecondition("the cache is served over Iroh".to_owned())
         })?;
         self.sessions.get(id, owner(peer))
+    }
+
+    /// Session `id` of the caller, and a permit for one more of its
+    /// response streams: every streaming call takes one before it does
+    /// any work, and its response holds it.
+    fn session_stream<T>(
+        &self,
+        request: &Request<T>,
+        id: &str,
+    ) -> Result<(Arc<Session>, StreamPermit), ServerError> {
+        let session = self.session(request, id)?;
+        let permit = self.streams.open(&session.id, session.owner.connection)?;
+        Ok((session, permit))
     }
 }
 
@@ -108,13 +127,13 @@ impl cache_server::Cache for CacheService {
         }))
     }
 
-    type ListNarInfosStream = ReceiverStream<Result<proto::ListNarInfosResponse, Status>>;
+    type ListNarInfosStream = BoxStream<'static, Result<proto::ListNarInfosResponse, Status>>;
 
     async fn list_nar_infos(
         &self,
         request: Request<proto::ListNarInfosRequest>,
     ) -> Result<Response<Self::ListNarInfosStream>, Status> {
-        let session = self.session(&request, &request.get_ref().session_id)?;
+        let (session, permit) = self.session_stream(&request, &request.get_ref().session_id)?;
         let paths = session.readable_paths();
         if paths.is_empty() {
             return Err(ServerError::FailedPrecondition(
@@ -139,7 +158,7 @@ impl cache_server::Cache for CacheService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(permit.hold(ReceiverStream::new(rx)).boxed()))
     }
 
     type GetNarStream = BoxStream<'static, Result<proto::GetNarResponse, Status>>;
@@ -148,7 +167,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: Request<proto::GetNarRequest>,
     ) -> Result<Response<Self::GetNarStream>, Status> {
-        let session = self.session(&request, &request.get_ref().session_id)?;
+        let (session, permit) = self.session_stream(&request, &request.get_ref().session_id)?;
         let proto::GetNarRequest {
             url,
             offset,
@@ -160,15 +179,12 @@ impl cache_server::Cache for CacheService {
             .cache
             .read_nar(&narinfo, offset, length)?
             .ok_or_else(|| not_named(&url))?;
-        Ok(Response::new(
-            chunks
-                .map(|chunk| {
-                    chunk
-                        .map(|data| proto::GetNarResponse { data })
-                        .map_err(Status::from)
-                })
-                .boxed(),
-        ))
+        let replies = chunks.map(|chunk| {
+            chunk
+                .map(|data| proto::GetNarResponse { data })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(permit.hold(replies).boxed()))
     }
 
     type GetNarsStream = BoxStream<'static, Result<proto::GetNarsResponse, Status>>;
@@ -177,7 +193,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: Request<proto::GetNarsRequest>,
     ) -> Result<Response<Self::GetNarsStream>, Status> {
-        let session = self.session(&request, &request.get_ref().session_id)?;
+        let (session, permit) = self.session_stream(&request, &request.get_ref().session_id)?;
         let urls = request.into_inner().urls;
         if urls.len() > proto::MAX_NARS_PER_CALL {
             return Err(ServerError::InvalidArgument(format!(
@@ -199,9 +215,8 @@ impl cache_server::Cache for CacheService {
                 .ok_or_else(|| not_named(&narinfo.url))?;
             Ok::<_, ServerError>(chunks.map_ok(move |data| proto::GetNarsResponse { index, data }))
         });
-        Ok(Response::new(
-            files.try_flatten().map_err(Status::from).boxed(),
-        ))
+        let replies = files.try_flatten().map_err(Status::from);
+        Ok(Response::new(permit.hold(Box::pin(replies)).boxed()))
     }
 }
 

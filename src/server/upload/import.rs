@@ -23,7 +23,7 @@ use crate::{
         narinfo::NarInfo,
         store_path::{StorePath, StorePathHash},
     },
-    nixcmd::{Nix, NixCmdError},
+    nixcmd::{Nix, NixCmdError, ServedCache},
     server::{declared_input::DeclaredInput, error::ServerError, nar_file::NarFile},
 };
 
@@ -66,10 +66,15 @@ pub(super) fn import_while_arriving(
     upload: &Weak<Upload>,
 ) -> AbortOnDropHandle<Result<(), NixCmdError>> {
     let (nix, staging, url) = (nix.clone(), staging.to_owned(), cache.url());
+    let netrc_file = cache.netrc_file().map(Path::to_owned);
     let (paths, upload) = (missing.iter().cloned().collect::<Vec<_>>(), upload.clone());
     AbortOnDropHandle::new(tokio::spawn(async move {
+        let served = ServedCache {
+            url: &url,
+            netrc_file: netrc_file.as_deref(),
+        };
         let imported = nix
-            .add_content_addressed_from_cache(&staging, Some(&url), &paths)
+            .add_content_addressed_from_cache(&staging, Some(served), &paths)
             .await;
         if let (Err(err), Some(upload)) = (&imported, upload.upgrade()) {
             upload.import_gave_up(import_failed(err));
