@@ -12,6 +12,7 @@
 //! - [`upload`]: receiving a session's inputs and importing them.
 //! - [`build_queue`]: the build slots and running one session's build.
 //! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
+//! - [`gc_roots`]: each session's outputs kept from Nix's garbage collector.
 //! - [`nar_file`]: a NAR file read by range while it is still written.
 //! - [`status`]: the live status board.
 //! - [`ticket_store`]: the tickets and their state file.
@@ -28,6 +29,7 @@ pub mod build_queue;
 pub mod cache;
 pub mod declared_input;
 pub mod error;
+pub mod gc_roots;
 pub mod nar_file;
 pub mod service;
 pub mod sessions;
@@ -46,6 +48,7 @@ use self::{
     auth::{AdminPolicy, AuthLayer, AuthPolicy},
     build_queue::BuildContext,
     cache::SignedCache,
+    gc_roots::GcRoots,
     service::{builder::BuilderService, cache::CacheService, tickets::TicketsService},
     sessions::Sessions,
     status::{ServerFacts, StatusBoard},
@@ -213,6 +216,10 @@ pub async fn run(
         )),
         tasks: tokio_util::task::TaskTracker::new(),
         cache: cache.clone(),
+        roots: Arc::new(
+            GcRoots::open(data_dir.join("gcroots"))
+                .with_context(|| format!("clearing {}", data_dir.join("gcroots").display()))?,
+        ),
     };
     let builds = build.tasks.clone();
     let services = Services {

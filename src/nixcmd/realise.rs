@@ -18,7 +18,7 @@ use super::process::{
     CommandLine, MAX_LOG_LINE, MAX_STDOUT, Tail, describe_status, read_bounded_line, read_limited,
 };
 use super::{Nix, NixCmdError, parse};
-use crate::nix::store_path::StorePath;
+use crate::nix::store_path::{STORE_DIR, StorePath};
 
 /// Events buffered between Nix and the consumer; when full, reading Nix's log waits.
 const EVENT_BUFFER: usize = 1024;
@@ -323,14 +323,12 @@ async fn drive(
                 line = next;
             }
             None => {
-                let outputs =
-                    parse::path_lines(&String::from_utf8_lossy(&stdout)).map_err(|reason| {
-                        NixCmdError::Parse {
-                            command: line.to_string(),
-                            reason,
-                            stderr: tail.text(),
-                        }
-                    })?;
+                let outputs = parse::path_lines(&root_targets(&String::from_utf8_lossy(&stdout)))
+                    .map_err(|reason| NixCmdError::Parse {
+                    command: line.to_string(),
+                    reason,
+                    stderr: tail.text(),
+                })?;
                 return Ok(RealiseOutcome {
                     status,
                     killed,
@@ -341,6 +339,21 @@ async fn drive(
             }
         }
     }
+}
+
+/// `nix-store --realise`'s stdout with every root link it printed (with `--add-root`, instead of
+/// the output) replaced by the store path it points to. Store paths are kept as they are: an
+/// output may itself be a symlink.
+fn root_targets(stdout: &str) -> String {
+    stdout
+        .lines()
+        .map(str::trim)
+        .map(|line| match std::fs::read_link(line) {
+            Ok(target) if !line.starts_with(STORE_DIR) => target.to_string_lossy().into_owned(),
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Reads one step's stdout and stderr to the end, then reaps it.

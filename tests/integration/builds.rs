@@ -11,7 +11,7 @@ use std::{
 use drv_thru::ticket::Ticket;
 
 use crate::{
-    common::{Builder, Launcher},
+    common::{self, Builder, Launcher},
     two_stores::{Store, World, available},
 };
 
@@ -233,6 +233,47 @@ fn ticket_build_imports_signed_outputs_once() {
         "{}",
         stderr(&again)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_are_garbage_collector_roots_until_the_client_has_them() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("gcroots"), &[]);
+    let target = drv_thru::client::Target::Ticket(Box::new(pair.builder.ticket(&[])));
+    let connection = common::connect(&target, &pair.world.dir.join("client.key")).await;
+    let session = common::open_session(&connection).await.unwrap().session_id;
+    common::upload(&connection, &session, &[common::fixture_drv()])
+        .await
+        .unwrap();
+    let finished = common::build(&connection, &session).await.unwrap();
+    assert_eq!(finished.result(), drv_thru::proto::BuildResult::Succeeded);
+    let output = finished.outputs[0].store_path.clone();
+    let root = pair.builder.data_dir.join("gcroots").join(&session);
+
+    // Built, not fetched yet: a collection on the builder keeps the output.
+    let gc = || pair.builder_store.run_ok("nix-store", &["--gc"]);
+    gc();
+    assert!(pair.builder_store.has(&output), "{}", pair.builder.log());
+    assert_eq!(
+        std::fs::read_link(root.join("result")).unwrap(),
+        Path::new(&output)
+    );
+    let nar = common::fetch_nar(&connection, &session, &output)
+        .await
+        .unwrap();
+    assert!(!nar.is_empty());
+
+    // Fetched and gone: the root goes with the session.
+    connection.close().await;
+    wait_until(
+        "the session's roots are gone",
+        Duration::from_secs(20),
+        || !root.exists(),
+    );
+    gc();
+    assert!(!pair.builder_store.has(&output));
 }
 
 /// Writes the large input source `checksum` reads; returns its contents.
