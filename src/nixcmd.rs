@@ -52,7 +52,7 @@ use crate::nix::store_path::StorePath;
 pub use dump::NarDump;
 pub use log::{BuildEvent, Level, LogParser, strip_controls};
 pub use parse::{Evaluated, PathInfo};
-pub use realise::{KillHandle, LogRecord, RealiseOutcome, RealiseRun};
+pub use realise::{KillHandle, LogRecord, RealiseOutcome, RealiseRun, kill_builds_rooted_in};
 pub use trust::{TrustBasis, TrustInfo};
 
 use process::{CommandLine, Program};

@@ -22,8 +22,17 @@ pub struct GcRoots {
 
 impl GcRoots {
     /// The roots under `dir`, cleared of any a previous run left (after a
-    /// crash, its sessions are gone, and so are their clients).
+    /// crash, its sessions are gone, and so are their clients). Builds that
+    /// run left running are killed first: they would root their outputs
+    /// again, Nix making the directories anew.
     pub fn open(dir: PathBuf) -> io::Result<Self> {
+        let orphans = crate::nixcmd::kill_builds_rooted_in(&dir);
+        if orphans > 0 {
+            warn!(
+                orphans,
+                "killed builds an earlier run of the server left running"
+            );
+        }
         match std::fs::remove_dir_all(&dir) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
             _ => {}
