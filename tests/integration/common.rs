@@ -171,6 +171,19 @@ pub async fn open_session(
         .map(tonic::Response::into_inner)
 }
 
+/// How many uses of ticket `id` the builder has recorded.
+pub fn uses_taken(builder: &Builder, id: &str) -> u64 {
+    let listing: serde_json::Value =
+        serde_json::from_str(&builder.cli_ok(&["ticket", "list", "--all", "--json"])).unwrap();
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ticket| ticket["id"] == id)
+        .map(|ticket| ticket["uses_taken"].as_u64().unwrap())
+        .expect("the ticket is listed")
+}
+
 /// The `drvthru-refusal` reason of a refused call.
 pub fn refusal(status: &tonic::Status) -> &str {
     status
