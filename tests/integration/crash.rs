@@ -29,7 +29,7 @@ use drv_thru::{
 
 use crate::{
     common::{self, Builder},
-    two_stores::{Store, World, available, busybox},
+    two_stores::{Store, World, available},
 };
 
 /// The seed when `DRV_THRU_CRASH_SEED` is not set.
@@ -43,7 +43,8 @@ const KILLS: usize = 51;
 const BLOB_BYTES: usize = 3 << 20;
 
 /// Each build's output: compressible and over the 1 MiB from which the
-/// cache keeps a zstd copy, so fetching it starts a cache fill.
+/// cache keeps a zstd copy, so fetching it starts a cache fill. A power of
+/// two, as the builder doubles a 16-byte string until it is this long.
 const OUTPUT_BYTES: usize = 8 << 20;
 
 /// A small, seeded pseudo-random generator (SplitMix64): the same seed
@@ -115,7 +116,12 @@ fn jobs(world: &World, client: &Store, count: usize, rng: &mut Rng) -> Vec<Job> 
             .collect();
         std::fs::write(blobs.join(format!("blob-{n}")), bytes).unwrap();
     }
-    let bb = busybox().expect("busybox is installed");
+    // Plain sh, which both the host and the trixie root have.
+    let doublings = (OUTPUT_BYTES / 16).trailing_zeros();
+    let script = format!(
+        "s=0123456789abcdef; i=0; while [ $i -lt {doublings} ]; do s=$s$s; i=$((i+1)); done; \
+         printf %s \\\"$s\\\" > $out"
+    );
     let expression = world.dir.join("crash.nix");
     std::fs::write(
         &expression,
@@ -125,7 +131,7 @@ fn jobs(world: &World, client: &Store, count: usize, rng: &mut Rng) -> Vec<Job> 
                 system = "x86_64-linux";
                 builder = "/bin/sh";
                 blob = ./blobs + "/blob-${{toString n}}";
-                args = [ "-c" "{bb} yes drv-thru crash loop | {bb} head -c {OUTPUT_BYTES} > $out" ];
+                args = [ "-c" "{script}" ];
             }}) {count}"#
         ),
     )
