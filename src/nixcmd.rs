@@ -52,7 +52,7 @@ use crate::nix::store_path::StorePath;
 pub use dump::NarDump;
 pub use log::{BuildEvent, Level, LogParser, strip_controls};
 pub use parse::{Evaluated, PathInfo};
-pub use realise::{KillHandle, LogRecord, RealiseOutcome, RealiseRun};
+pub use realise::{KillHandle, LogRecord, RealiseOutcome, RealiseRun, kill_builds_rooted_in};
 pub use trust::{TrustBasis, TrustInfo};
 
 use process::{CommandLine, Program};
@@ -511,13 +511,18 @@ impl Nix {
     ///
     /// Runs `nix-store --realise DRV[!OUT,…] --log-format internal-json -v`. With `check`, the
     /// outputs are first realised as usual (a no-op if they are valid) and then rebuilt with
-    /// `--check` and compared, so checking works on a store that never built them. Must be called
-    /// from within a tokio runtime. See [`RealiseRun`] for events, waiting and killing.
+    /// `--check` and compared, so checking works on a store that never built them. With `root`,
+    /// the outputs become garbage-collector roots as they are realised (`--add-root ROOT`):
+    /// symlinks `ROOT` for `out` and `ROOT-NAME` for the others, registered as indirect roots on
+    /// 2.8 and 2.26 alike, so deleting the links ends them. Without one, Nix warns that the result
+    /// might be garbage-collected. Must be called from within a tokio runtime. See [`RealiseRun`]
+    /// for events, waiting and killing.
     pub fn realise(
         &self,
         drv: &StorePath,
         outputs: Option<&[String]>,
         check: bool,
+        root: Option<&Path>,
     ) -> Result<RealiseRun, NixCmdError> {
         if !drv.is_derivation() {
             return Err(NixCmdError::InvalidArgument(format!(
@@ -542,6 +547,9 @@ impl Nix {
             let mut args: Vec<OsString> = vec!["--realise".into(), target.clone().into()];
             if check {
                 args.push("--check".into());
+            } else if let Some(root) = root {
+                // The check step changes no output, so the first step's roots hold for both.
+                args.extend(["--add-root".into(), root.as_os_str().to_owned()]);
             }
             args.extend(["--log-format", "internal-json", "-v"].map(OsString::from));
             self.command_line(Program::NixStore, args)
@@ -931,10 +939,10 @@ mod tests {
     async fn realise_refuses_bad_arguments() {
         let nix = Nix::new();
         let err = |r: Result<RealiseRun, NixCmdError>| r.err().unwrap().to_string();
-        assert!(err(nix.realise(&path("x"), None, false)).contains("not a derivation"));
-        assert!(err(nix.realise(&path("x.drv"), Some(&[]), false)).contains("no outputs"));
+        assert!(err(nix.realise(&path("x"), None, false, None)).contains("not a derivation"));
+        assert!(err(nix.realise(&path("x.drv"), Some(&[]), false, None)).contains("no outputs"));
         assert!(
-            err(nix.realise(&path("x.drv"), Some(&["a,b".into()]), false))
+            err(nix.realise(&path("x.drv"), Some(&["a,b".into()]), false, None))
                 .contains("invalid output name")
         );
     }

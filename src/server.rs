@@ -14,6 +14,7 @@
 //! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
 //! - [`cache_streams`]: how many Cache streams a session and a connection
 //!   may have open.
+//! - [`gc_roots`]: each session's outputs kept from Nix's garbage collector.
 //! - [`nar_file`]: a NAR file read by range while it is still written.
 //! - [`status`]: the live status board.
 //! - [`ticket_store`]: the tickets and their state file.
@@ -31,6 +32,7 @@ pub mod cache;
 pub mod cache_streams;
 pub mod declared_input;
 pub mod error;
+pub mod gc_roots;
 pub mod nar_file;
 pub mod service;
 pub mod sessions;
@@ -49,6 +51,7 @@ use self::{
     auth::{AdminPolicy, AuthLayer, AuthPolicy},
     build_queue::BuildContext,
     cache::SignedCache,
+    gc_roots::GcRoots,
     service::{builder::BuilderService, cache::CacheService, tickets::TicketsService},
     sessions::{SessionCaps, Sessions},
     status::{ServerFacts, StatusBoard},
@@ -97,6 +100,32 @@ impl InstanceLock {
     }
 }
 
+/// Removes what a server killed mid-way left in `data_dir`, which holds its
+/// lock, so none of it belongs to a live server: half-written key and ticket
+/// files (`.NAME….tmp`; the real files are only ever replaced whole, and a
+/// key's may hold its secret), the admin socket's staging directories
+/// (`.socket-…`) and staged uploads (no session survives a restart). The
+/// cache and the garbage-collector roots clear their own when opened.
+fn clear_leftovers(data_dir: &Path) {
+    let Ok(entries) = fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let removed = if name.starts_with('.') && name.ends_with(".tmp") {
+            fs::remove_file(entry.path())
+        } else if name.starts_with(".socket-") || name == "uploads" {
+            fs::remove_dir_all(entry.path())
+        } else {
+            continue;
+        };
+        match removed {
+            Ok(()) => tracing::debug!("removed {name}, left by an earlier run"),
+            Err(err) => tracing::warn!("removing {}: {err}", entry.path().display()),
+        }
+    }
+}
+
 /// Looks up a group id by name.
 fn group_id(name: &str) -> anyhow::Result<u32> {
     transport::unix::group_id(name).with_context(|| {
@@ -140,6 +169,7 @@ pub async fn run(
     let data_dir = config.data_dir.clone();
     create_data_dir(&data_dir)?;
     let _lock = InstanceLock::acquire(&data_dir)?;
+    clear_leftovers(&data_dir);
 
     let secret_key = keys::load_or_create_endpoint_key(&config.secret_key_path())?;
     let signing = SigningKeyFiles::load_or_create(&data_dir)?;
@@ -195,9 +225,6 @@ pub async fn run(
         total: config.max_sessions as usize,
     }));
     let uploads_dir = data_dir.join("uploads");
-    // Uploads are staged per session and removed after it; anything left is
-    // from a crash.
-    let _ = fs::remove_dir_all(&uploads_dir);
     let parallel_fills = config
         .output_cache_max_parallel_fills
         .map(|n| n as usize)
@@ -220,6 +247,10 @@ pub async fn run(
         )),
         tasks: tokio_util::task::TaskTracker::new(),
         cache: cache.clone(),
+        roots: Arc::new(
+            GcRoots::open(data_dir.join("gcroots"))
+                .with_context(|| format!("clearing {}", data_dir.join("gcroots").display()))?,
+        ),
     };
     let builds = build.tasks.clone();
     let services = Services {
@@ -420,5 +451,33 @@ impl Services {
                 CacheServer::from_arc(self.cache.clone())
                     .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),
             )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn leftovers_of_a_killed_server_are_cleared_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        for file in [
+            ".tickets.json.tmp",
+            ".secret.key.4242.tmp",
+            "tickets.json",
+            "secret.key",
+            "server.lock",
+        ] {
+            std::fs::write(data.join(file), "x").unwrap();
+        }
+        for sub in [".socket-AbC123", "uploads/s-1", "cache/nar"] {
+            std::fs::create_dir_all(data.join(sub)).unwrap();
+        }
+        super::clear_leftovers(data);
+        let mut left: Vec<String> = std::fs::read_dir(data)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["cache", "secret.key", "server.lock", "tickets.json"]);
     }
 }

@@ -342,11 +342,28 @@ fn evaluates_and_queries_the_store() {
 fn realises_with_events() {
     in_private_store("realises_with_events", async |env| {
         let hello = env.drv("hello").await;
-        let (events, outcome) =
-            finish(env.nix.realise(&hello.drv_path, None, false).unwrap()).await;
+        // Realised as a garbage-collector root, so Nix has no warning to give.
+        let root = env.dir.join("hello-root");
+        let (events, outcome) = finish(
+            env.nix
+                .realise(&hello.drv_path, None, false, Some(&root))
+                .unwrap(),
+        )
+        .await;
         assert!(outcome.success(), "{outcome:?}");
         assert_eq!(outcome.outputs, [hello.outputs["out"].clone()]);
         assert!(outcome.errors.is_empty());
+        assert_eq!(
+            std::fs::read_link(&root).unwrap(),
+            Path::new(&outcome.outputs[0].to_string())
+        );
+        assert!(
+            !events.iter().any(|e| matches!(
+                e,
+                BuildEvent::Message { text, .. } if text.contains("--add-root")
+            )),
+            "{events:?}"
+        );
         assert!(events.iter().any(|e| matches!(
             e,
             BuildEvent::BuildStarted { drv, .. } if *drv == hello.drv_path
@@ -382,14 +399,18 @@ fn realises_with_events() {
         // One output of several: the `!dev` form.
         let multi = env.drv("multi").await;
         let dev = ["dev".to_owned()];
-        let (_, outcome) =
-            finish(env.nix.realise(&multi.drv_path, Some(&dev), false).unwrap()).await;
+        let (_, outcome) = finish(
+            env.nix
+                .realise(&multi.drv_path, Some(&dev), false, None)
+                .unwrap(),
+        )
+        .await;
         assert!(outcome.success(), "{outcome:?}");
         assert_eq!(outcome.outputs.len(), 1);
         assert_eq!(outcome.outputs[0].name(), "nixcmd-multi-dev");
 
         // Checking a deterministic build succeeds, and events can be read elsewhere.
-        let mut run = env.nix.realise(&hello.drv_path, None, true).unwrap();
+        let mut run = env.nix.realise(&hello.drv_path, None, true, None).unwrap();
         let mut events = run.take_events().unwrap();
         let reader = tokio::spawn(async move {
             let mut all = Vec::new();
@@ -412,8 +433,12 @@ fn realises_with_events() {
 fn reports_failures_and_nondeterminism() {
     in_private_store("reports_failures_and_nondeterminism", async |env| {
         let fail_dep = env.drv("failDep").await;
-        let (events, outcome) =
-            finish(env.nix.realise(&fail_dep.drv_path, None, false).unwrap()).await;
+        let (events, outcome) = finish(
+            env.nix
+                .realise(&fail_dep.drv_path, None, false, None)
+                .unwrap(),
+        )
+        .await;
         assert!(!outcome.success());
         assert!(!outcome.killed);
         assert_eq!(outcome.exit_code(), Some(100));
@@ -434,7 +459,8 @@ fn reports_failures_and_nondeterminism() {
 
         // `check` on outputs that were never built: built first, then checked.
         let nondet = env.drv("nondet").await;
-        let (_, outcome) = finish(env.nix.realise(&nondet.drv_path, None, true).unwrap()).await;
+        let (_, outcome) =
+            finish(env.nix.realise(&nondet.drv_path, None, true, None).unwrap()).await;
         assert!(!outcome.success());
         assert!(outcome.not_deterministic(), "{outcome:?}");
         assert_eq!(outcome.exit_code(), Some(104));
@@ -451,7 +477,7 @@ fn kill_stops_the_build_and_its_children() {
             .drv_with("slow", &format!("salt = \"{salt}\"; sleepSecs = \"120\";"))
             .await;
         let started = Instant::now();
-        let mut run = env.nix.realise(&slow.drv_path, None, false).unwrap();
+        let mut run = env.nix.realise(&slow.drv_path, None, false, None).unwrap();
         let killer = run.kill_handle();
         while let Some(record) = run.next_event().await {
             if matches!(&record.event, BuildEvent::LogLine { line, .. } if line == "slow: tick 1") {
@@ -523,7 +549,8 @@ fn builder_processes(salt: &str) -> Vec<(i32, String)> {
 fn copies_through_file_caches() {
     in_private_store("copies_through_file_caches", async |env| {
         let hello = env.drv("hello").await;
-        let (_, outcome) = finish(env.nix.realise(&hello.drv_path, None, false).unwrap()).await;
+        let (_, outcome) =
+            finish(env.nix.realise(&hello.drv_path, None, false, None).unwrap()).await;
         assert!(outcome.success(), "{outcome:?}");
         let out = hello.outputs["out"].clone();
         let cache = env.dir.join("cache-zstd");
@@ -717,7 +744,8 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             // Store A (ours) evaluates; store B behind a daemon receives.
             let multi = env.drv("multi").await;
             let hello = env.drv("hello").await;
-            let (_, outcome) = finish(env.nix.realise(&hello.drv_path, None, false).unwrap()).await;
+            let (_, outcome) =
+                finish(env.nix.realise(&hello.drv_path, None, false, None).unwrap()).await;
             assert!(outcome.success());
             let hello_out = hello.outputs["out"].clone();
             let closure = paths_of(
@@ -836,8 +864,12 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
                 .unwrap();
 
             // And the untrusted user can build what it uploaded.
-            let (events, outcome) =
-                finish(untrusted.realise(&multi.drv_path, None, false).unwrap()).await;
+            let (events, outcome) = finish(
+                untrusted
+                    .realise(&multi.drv_path, None, false, None)
+                    .unwrap(),
+            )
+            .await;
             assert!(outcome.success(), "{outcome:?}");
             assert!(events.iter().any(|e| matches!(
                 e,
@@ -869,7 +901,9 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
                 .add_content_addressed_from_cache(&upload, None, &closure)
                 .await
                 .unwrap();
-            let mut run = untrusted.realise(&slow.drv_path, None, false).unwrap();
+            let mut run = untrusted
+                .realise(&slow.drv_path, None, false, None)
+                .unwrap();
             while let Some(record) = run.next_event().await {
                 if matches!(&record.event, BuildEvent::LogLine { line, .. } if line == "slow: tick 1")
                 {

@@ -2,6 +2,7 @@
 //! turned into events, and a kill that reaches the builders too.
 
 use std::collections::{BTreeSet, HashMap};
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -18,7 +19,7 @@ use super::process::{
     CommandLine, MAX_LOG_LINE, MAX_STDOUT, Tail, describe_status, read_bounded_line, read_limited,
 };
 use super::{Nix, NixCmdError, parse};
-use crate::nix::store_path::StorePath;
+use crate::nix::store_path::{STORE_DIR, StorePath};
 
 /// Events buffered between Nix and the consumer; when full, reading Nix's log waits.
 const EVENT_BUFFER: usize = 1024;
@@ -323,14 +324,12 @@ async fn drive(
                 line = next;
             }
             None => {
-                let outputs =
-                    parse::path_lines(&String::from_utf8_lossy(&stdout)).map_err(|reason| {
-                        NixCmdError::Parse {
-                            command: line.to_string(),
-                            reason,
-                            stderr: tail.text(),
-                        }
-                    })?;
+                let outputs = parse::path_lines(&root_targets(&String::from_utf8_lossy(&stdout)))
+                    .map_err(|reason| NixCmdError::Parse {
+                    command: line.to_string(),
+                    reason,
+                    stderr: tail.text(),
+                })?;
                 return Ok(RealiseOutcome {
                     status,
                     killed,
@@ -341,6 +340,21 @@ async fn drive(
             }
         }
     }
+}
+
+/// `nix-store --realise`'s stdout with every root link it printed (with `--add-root`, instead of
+/// the output) replaced by the store path it points to. Store paths are kept as they are: an
+/// output may itself be a symlink.
+fn root_targets(stdout: &str) -> String {
+    stdout
+        .lines()
+        .map(str::trim)
+        .map(|line| match std::fs::read_link(line) {
+            Ok(target) if !line.starts_with(STORE_DIR) => target.to_string_lossy().into_owned(),
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Reads one step's stdout and stderr to the end, then reaps it.
@@ -446,6 +460,58 @@ fn kill_process_tree(leader: u32) {
     unsafe { libc::kill(-leader, libc::SIGKILL) };
 }
 
+/// Kills the builds that an earlier, killed process left running with roots under `dir`: the
+/// process trees of `nix-store --realise --add-root DIR/…` group leaders, found in `/proc`. Such a
+/// build would go on with no time limit and make its roots again after they were cleared. Returns
+/// how many it killed, once they have stopped (or after a few seconds).
+///
+/// Only for a `dir` that no live process roots builds in (e.g. under a lock the caller holds).
+pub fn kill_builds_rooted_in(dir: &Path) -> usize {
+    let leaders: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let leads_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| parse_stat(&stat))
+                .is_some_and(|(_, pgid)| pgid == pid);
+            leads_group
+                && roots_in(
+                    &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+                    dir,
+                )
+        })
+        .collect();
+    for &leader in &leaders {
+        // The id was checked just above; an orphan is reaped by init only once killed.
+        kill_process_tree(leader as u32);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while leaders.iter().any(|&pid| running(pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    leaders.len()
+}
+
+/// Whether a `/proc/PID/cmdline` has `--add-root` with a link under `dir`.
+fn roots_in(cmdline: &[u8], dir: &Path) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2).any(|pair| {
+        pair[0] == b"--add-root" && Path::new(std::ffi::OsStr::from_bytes(pair[1])).starts_with(dir)
+    })
+}
+
+/// Whether process `pid` exists and is not a zombie (which runs no more code).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
 /// All descendants of `root` as (pid, process group id), from `/proc`. Empty where there is no
 /// `/proc`.
 fn descendants(root: i32) -> Vec<(i32, i32)> {
@@ -495,7 +561,7 @@ fn parse_stat(stat: &str) -> Option<(i32, i32)> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::process::ExitStatusExt as _;
+    use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 
     use super::*;
 
@@ -537,6 +603,28 @@ mod tests {
             "error: 1 dependencies".into(),
         ];
         assert_eq!(o.error_message(), Some("error: builder failed"));
+    }
+
+    #[test]
+    fn kills_the_builds_rooted_in_a_directory_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("gcroots");
+        let spawn = |root: &Path| {
+            // `; true` keeps the shell from exec'ing sleep, so its cmdline stays.
+            std::process::Command::new("sh")
+                .args(["-c", "sleep 300; true", "--add-root"])
+                .arg(root)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let mut orphan = spawn(&ours.join("s-1/result"));
+        let mut other = spawn(&dir.path().join("elsewhere/result"));
+        assert_eq!(kill_builds_rooted_in(&ours), 1);
+        assert_eq!(orphan.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(other.try_wait().unwrap().is_none());
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{cache::SignedCache, sessions::Session, status::StatusBoard};
+use super::{cache::SignedCache, gc_roots::GcRoots, sessions::Session, status::StatusBoard};
 use crate::{
     nix::{drv::Derivation, store_path::StorePath},
     nixcmd::{BuildEvent, LogRecord, Nix},
@@ -28,6 +28,8 @@ pub struct BuildContext {
     pub tasks: TaskTracker,
     /// The signed cache, told about outputs as soon as they exist.
     pub cache: Arc<SignedCache>,
+    /// Keeps each session's outputs from the garbage collector.
+    pub roots: Arc<GcRoots>,
 }
 
 type Events = mpsc::Sender<proto::BuildResponse>;
@@ -64,6 +66,8 @@ pub async fn run(context: BuildContext, session: Arc<Session>, rebuild: bool, ev
     session.record_outcome(ending.result, &ending.message);
     if ending.result != BuildResult::Succeeded {
         session.finish_build(std::iter::empty());
+        // Nothing to fetch; Nix has stopped, so no root can appear after this.
+        context.roots.remove(&session.id);
     }
     send(
         &events,
@@ -134,7 +138,19 @@ async fn build(
     events: &Events,
 ) -> Ending {
     let limit = session.limits.max_build_time;
-    let mut run = match context.nix.realise(&session.drv, None, rebuild) {
+    let root = match context.roots.link_for(&session.id) {
+        Ok(root) => root,
+        Err(err) => {
+            return Ending::new(
+                BuildResult::Error,
+                format!("cannot make the outputs' garbage-collector roots: {err}"),
+            );
+        }
+    };
+    let mut run = match context
+        .nix
+        .realise(&session.drv, None, rebuild, Some(&root))
+    {
         Ok(run) => run,
         Err(err) => return Ending::new(BuildResult::Error, format!("cannot start Nix: {err}")),
     };

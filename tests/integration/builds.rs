@@ -17,7 +17,7 @@ use drv_thru::{
 };
 
 use crate::{
-    common::{Builder, Launcher, connect, refusal},
+    common::{self, Builder, Launcher, connect, refusal},
     two_stores::{Store, World, available},
 };
 
@@ -239,6 +239,47 @@ fn ticket_build_imports_signed_outputs_once() {
         "{}",
         stderr(&again)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_are_garbage_collector_roots_until_the_client_has_them() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("gcroots"), &[]);
+    let target = drv_thru::client::Target::Ticket(Box::new(pair.builder.ticket(&[])));
+    let connection = common::connect(&target, &pair.world.dir.join("client.key")).await;
+    let session = common::open_session(&connection).await.unwrap().session_id;
+    common::upload(&connection, &session, &[common::fixture_drv()])
+        .await
+        .unwrap();
+    let finished = common::build(&connection, &session).await.unwrap();
+    assert_eq!(finished.result(), drv_thru::proto::BuildResult::Succeeded);
+    let output = finished.outputs[0].store_path.clone();
+    let root = pair.builder.data_dir.join("gcroots").join(&session);
+
+    // Built, not fetched yet: a collection on the builder keeps the output.
+    let gc = || pair.builder_store.run_ok("nix-store", &["--gc"]);
+    gc();
+    assert!(pair.builder_store.has(&output), "{}", pair.builder.log());
+    assert_eq!(
+        std::fs::read_link(root.join("result")).unwrap(),
+        Path::new(&output)
+    );
+    let nar = common::fetch_nar(&connection, &session, &output)
+        .await
+        .unwrap();
+    assert!(!nar.is_empty());
+
+    // Fetched and gone: the root goes with the session.
+    connection.close().await;
+    wait_until(
+        "the session's roots are gone",
+        Duration::from_secs(20),
+        || !root.exists(),
+    );
+    gc();
+    assert!(!pair.builder_store.has(&output));
 }
 
 /// Writes the large input source `checksum` reads; returns its contents.
@@ -876,12 +917,20 @@ fn closure_inputs(store: &Store, drv: &str) -> Vec<proto::InputPath> {
         "nix",
         &["path-info", "--json", "--recursive", "--derivation", drv],
     );
-    let infos: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    // Nix 2.19 and later key the infos by path; earlier ones list them.
+    let infos: Vec<(String, serde_json::Value)> = match serde_json::from_str(&json).unwrap() {
+        serde_json::Value::Object(by_path) => by_path.into_iter().collect(),
+        serde_json::Value::Array(list) => list
+            .into_iter()
+            .map(|info| (info["path"].as_str().unwrap().to_owned(), info))
+            .collect(),
+        other => panic!("unexpected path-info output: {other}"),
+    };
     let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_owned();
     infos
-        .iter()
-        .map(|info| proto::InputPath {
-            store_path: text(&info["path"]),
+        .into_iter()
+        .map(|(path, info)| proto::InputPath {
+            store_path: path,
             references: info["references"]
                 .as_array()
                 .unwrap()

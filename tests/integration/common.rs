@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use drv_thru::{
     client::{self, Connection, Target},
-    proto::{self, builder_client::BuilderClient},
+    proto::{self, builder_client::BuilderClient, cache_client::CacheClient},
     transport::endpoint::RelayChoice,
 };
 use iroh::EndpointId;
@@ -30,24 +30,38 @@ pub async fn connect(target: &Target, key: &Path) -> Connection {
         .unwrap()
 }
 
+/// The NAR of a file or directory, as Nix would serialise it.
+pub fn nar_of(path: &Path) -> Vec<u8> {
+    let mut nar = Vec::new();
+    drv_thru::store_nar::dump(path, drv_thru::transport::http2::CHUNK, |chunk| {
+        nar.extend_from_slice(&chunk);
+        Ok(())
+    })
+    .unwrap();
+    nar
+}
+
+/// The `.drv` fixture of [`session_request`] (`/bin/sh -c 'echo hi > $out'`,
+/// no other inputs): its store path and NAR.
+pub fn fixture_drv() -> (String, Vec<u8>) {
+    let name = "hb09lmdvs22v5ianga0vgpi9k446q3kw-t.drv";
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/nix")
+        .join(name);
+    (format!("/nix/store/{name}"), nar_of(&file))
+}
+
 /// An admission request for a real (tiny) derivation: a `.drv` fixture with
 /// its true content address, NAR hash and size.
 pub fn session_request() -> proto::OpenSessionRequest {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nix");
-    let name = "hb09lmdvs22v5ianga0vgpi9k446q3kw-t.drv";
-    let contents = std::fs::read(dir.join(name)).unwrap();
-    let mut nar = Vec::new();
-    drv_thru::store_nar::dump(
-        &dir.join(name),
-        drv_thru::transport::http2::CHUNK,
-        |chunk| {
-            nar.extend_from_slice(&chunk);
-            Ok(())
-        },
+    let (drv_path, nar) = fixture_drv();
+    let contents = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/nix")
+            .join(drv_path.trim_start_matches("/nix/store/")),
     )
     .unwrap();
     let sha256 = |bytes: &[u8]| drv_thru::nix::hash::Sha256Hash::digest(bytes);
-    let drv_path = format!("/nix/store/{name}");
     proto::OpenSessionRequest {
         drv_path: drv_path.clone(),
         inputs: vec![proto::InputPath {
@@ -60,6 +74,93 @@ pub fn session_request() -> proto::OpenSessionRequest {
     }
 }
 
+/// Uploads `inputs` (store path and NAR) to `session` in one call, each
+/// NAR whole in chunks.
+pub async fn upload(
+    connection: &Connection,
+    session: &str,
+    inputs: &[(String, Vec<u8>)],
+) -> Result<proto::UploadInputsResponse, tonic::Status> {
+    let mut messages = vec![proto::UploadInputsRequest {
+        session_id: session.to_owned(),
+        ..Default::default()
+    }];
+    for (path, nar) in inputs {
+        for (n, chunk) in nar.chunks(drv_thru::transport::http2::CHUNK).enumerate() {
+            messages.push(proto::UploadInputsRequest {
+                store_path: if n == 0 { path.clone() } else { String::new() },
+                data: chunk.to_vec().into(),
+                ..Default::default()
+            });
+        }
+    }
+    BuilderClient::new(connection.channel.clone())
+        .max_encoding_message_size(drv_thru::transport::http2::MAX_MESSAGE_SIZE)
+        .upload_inputs(tokio_stream::iter(messages))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Builds `session` and returns how the build ended.
+pub async fn build(
+    connection: &Connection,
+    session: &str,
+) -> Result<proto::BuildFinished, tonic::Status> {
+    let mut events = BuilderClient::new(connection.channel.clone())
+        .build(proto::BuildRequest {
+            session_id: session.to_owned(),
+            rebuild: false,
+        })
+        .await?
+        .into_inner();
+    while let Some(response) = events.message().await? {
+        match response.event {
+            Some(proto::build_response::Event::Finished(finished)) => return Ok(finished),
+            Some(proto::build_response::Event::Log(line)) => {
+                assert!(!line.text.contains("--add-root"), "{}", line.text);
+            }
+            _ => {}
+        }
+    }
+    Err(tonic::Status::aborted(
+        "the build stream ended without a result",
+    ))
+}
+
+/// Fetches the NAR of `store_path`, an output of `session`, through its
+/// narinfo, whole.
+pub async fn fetch_nar(
+    connection: &Connection,
+    session: &str,
+    store_path: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut cache = CacheClient::new(connection.channel.clone());
+    let hash = &store_path.trim_start_matches("/nix/store/")[..32];
+    let narinfo = cache
+        .get_nar_info(proto::GetNarInfoRequest {
+            session_id: session.to_owned(),
+            store_path_hash: hash.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .narinfo;
+    let narinfo: drv_thru::nix::narinfo::NarInfo = narinfo.parse().unwrap();
+    let mut chunks = cache
+        .get_nar(proto::GetNarRequest {
+            session_id: session.to_owned(),
+            url: narinfo.url,
+            offset: 0,
+            length: 0,
+        })
+        .await?
+        .into_inner();
+    let mut nar = Vec::new();
+    while let Some(chunk) = chunks.message().await? {
+        nar.extend_from_slice(&chunk.data);
+    }
+    Ok(nar)
+}
+
 /// Opens a build session; returns the response or the refusal.
 pub async fn open_session(
     connection: &Connection,
@@ -68,6 +169,19 @@ pub async fn open_session(
         .open_session(session_request())
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// How many uses of ticket `id` the builder has recorded.
+pub fn uses_taken(builder: &Builder, id: &str) -> u64 {
+    let listing: serde_json::Value =
+        serde_json::from_str(&builder.cli_ok(&["ticket", "list", "--all", "--json"])).unwrap();
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ticket| ticket["id"] == id)
+        .map(|ticket| ticket["uses_taken"].as_u64().unwrap())
+        .expect("the ticket is listed")
 }
 
 /// The `drvthru-refusal` reason of a refused call.

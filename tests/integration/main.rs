@@ -7,6 +7,7 @@ mod builder;
 mod builds;
 mod cache;
 mod common;
+mod crash;
 mod helper;
 mod server;
 mod status;

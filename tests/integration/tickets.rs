@@ -12,7 +12,9 @@ use drv_thru::{
 };
 use tonic::Code;
 
-use crate::common::{Builder, connect, endpoint_id_of, key_file, open_session, refusal};
+use crate::common::{
+    Builder, connect, endpoint_id_of, key_file, open_session, refusal, uses_taken,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_use_ticket_admits_one_build_then_says_used_up() {
@@ -185,18 +187,6 @@ async fn racing_clients_get_exactly_one_admission() {
     for client in clients {
         client.close().await;
     }
-}
-
-fn uses_taken(builder: &Builder, id: &str) -> u64 {
-    let listing: serde_json::Value =
-        serde_json::from_str(&builder.cli_ok(&["ticket", "list", "--all", "--json"])).unwrap();
-    listing
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|ticket| ticket["id"] == id)
-        .map(|ticket| ticket["uses_taken"].as_u64().unwrap())
-        .expect("the ticket is listed")
 }
 
 #[tokio::test(flavor = "multi_thread")]

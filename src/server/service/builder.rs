@@ -106,11 +106,13 @@ impl BuilderService {
     }
 
     /// Ends `session` when its connection closes or it sits idle: stops its
-    /// build, drops its upload, frees its slot and records how it ended.
+    /// build, drops its upload and its outputs' roots, frees its slot and
+    /// records how it ended.
     fn end_when_over(&self, session: Arc<Session>, peer: IrohPeer) {
         let board = self.board.clone();
         let sessions = self.sessions.clone();
         let uploads = self.uploads.clone();
+        let roots = self.build.roots.clone();
         let idle_timeout = self.idle_timeout;
         tokio::spawn(async move {
             let reason = tokio::select! {
@@ -124,6 +126,8 @@ impl BuilderService {
             };
             session.cancelled.cancel();
             uploads.remove(&session.id);
+            // Its client has fetched the outputs, or never will.
+            roots.remove(&session.id);
             if sessions.remove(&session.id).is_some() {
                 let why = session.cancelled_because().unwrap_or("client disconnected");
                 let (result, message) = session
