@@ -14,6 +14,7 @@
 //! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
 //! - [`nar_file`]: a NAR file read by range while it is still written.
 //! - [`status`]: the live status board.
+//! - [`resources`]: the server process's own memory, files and tasks.
 //! - [`ticket_store`]: the tickets and their state file.
 //!
 //! The Nix store is changed and queried only through [`crate::nixcmd`] (by
@@ -29,6 +30,7 @@ pub mod cache;
 pub mod declared_input;
 pub mod error;
 pub mod nar_file;
+pub mod resources;
 pub mod service;
 pub mod sessions;
 pub mod status;
