@@ -9,14 +9,24 @@ use crate::proto;
 /// The process's resource use right now. A figure that cannot be read (no
 /// `/proc`, outside a tokio runtime) is reported as 0.
 pub fn sample() -> proto::ProcessResources {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    proto::ProcessResources {
+        tasks: tokio::runtime::Handle::try_current()
+            .map_or(0, |runtime| runtime.metrics().num_alive_tasks() as u64),
+        ..of_process(Path::new("/proc/self"))
+    }
+}
+
+/// The memory, open files and threads of the process whose `/proc`
+/// directory is `proc_dir` (for `/proc/self`, the files include the one
+/// reading the list). Tasks are 0: only the process itself can count them.
+pub fn of_process(proc_dir: &Path) -> proto::ProcessResources {
+    let status = fs::read_to_string(proc_dir.join("status")).unwrap_or_default();
     let (resident_bytes, threads) = parse_status(&status);
     proto::ProcessResources {
         resident_bytes,
-        open_files: count_entries(Path::new("/proc/self/fd")),
+        open_files: count_entries(&proc_dir.join("fd")),
         threads,
-        tasks: tokio::runtime::Handle::try_current()
-            .map_or(0, |runtime| runtime.metrics().num_alive_tasks() as u64),
+        tasks: 0,
     }
 }
 
@@ -34,12 +44,9 @@ fn parse_status(status: &str) -> (u64, u32) {
     (field("VmRSS").saturating_mul(1024), threads)
 }
 
-/// The entries of `dir`, not counting the descriptor reading it holds open.
+/// The entries of `dir`.
 fn count_entries(dir: &Path) -> u32 {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
-    let count = entries.count().saturating_sub(1);
+    let count = fs::read_dir(dir).map_or(0, Iterator::count);
     u32::try_from(count).unwrap_or(u32::MAX)
 }
 
