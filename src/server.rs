@@ -17,6 +17,7 @@
 //! - [`gc_roots`]: each session's outputs kept from Nix's garbage collector.
 //! - [`nar_file`]: a NAR file read by range while it is still written.
 //! - [`status`]: the live status board.
+//! - [`resources`]: the server process's own memory, files and tasks.
 //! - [`ticket_store`]: the tickets and their state file.
 //!
 //! The Nix store is changed and queried only through [`crate::nixcmd`] (by
@@ -34,6 +35,7 @@ pub mod declared_input;
 pub mod error;
 pub mod gc_roots;
 pub mod nar_file;
+pub mod resources;
 pub mod service;
 pub mod sessions;
 pub mod status;

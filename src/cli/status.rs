@@ -203,6 +203,16 @@ fn render(status: &proto::BuilderStatus) -> String {
         status.queued.len(),
         plural(status.open_connections, "connection", "connections")
     );
+    if let Some(process) = &status.process {
+        let _ = writeln!(
+            out,
+            "process   {} MiB resident, {}, {} threads, {} tasks",
+            process.resident_bytes >> 20,
+            plural(process.open_files, "open file", "open files"),
+            process.threads,
+            process.tasks
+        );
+    }
     if status.active.is_empty() && status.queued.is_empty() {
         let _ = writeln!(out, "idle");
     }
@@ -283,6 +293,12 @@ fn status_json(status: &proto::BuilderStatus) -> serde_json::Value {
         "started_at": status.started_at.as_ref().map(proto::unix_secs),
         "max_concurrent_builds": status.max_concurrent_builds,
         "open_connections": status.open_connections,
+        "process": status.process.as_ref().map(|process| json!({
+            "resident_bytes": process.resident_bytes,
+            "open_files": process.open_files,
+            "threads": process.threads,
+            "tasks": process.tasks,
+        })),
         "active": status.active.iter().map(|build| json!({
             "session_id": build.session_id,
             "client": client_json(build.client.as_ref()),

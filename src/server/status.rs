@@ -247,6 +247,7 @@ impl StatusBoard {
                     message: finished.message.clone(),
                 })
                 .collect(),
+            process: Some(super::resources::sample()),
         }
     }
 }

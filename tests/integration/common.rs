@@ -1,4 +1,8 @@
-//! Clients for the test builder (`tests/support/builder.rs`).
+//! Clients for the test builder (`tests/support/builder.rs`), shared by
+//! the integration tests and the adversarial suite.
+
+// Each includer uses a different part of this file.
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 
@@ -191,4 +195,35 @@ pub fn refusal(status: &tonic::Status) -> &str {
         .get("drvthru-refusal")
         .and_then(|value| value.to_str().ok())
         .unwrap_or("")
+}
+
+/// A stranger's bare QUIC connection to `target`, which sends nothing and
+/// never redials, with the endpoint it came from.
+pub async fn bare_connection(
+    target: &drv_thru::client::Target,
+    key: &std::path::Path,
+) -> (iroh::Endpoint, iroh::endpoint::Connection) {
+    let endpoint = drv_thru::client::bind(
+        drv_thru::transport::endpoint::RelayChoice::Disabled,
+        Some(key),
+    )
+    .await
+    .unwrap();
+    let connection = endpoint
+        .connect(target.addr().unwrap(), drv_thru::proto::ALPN)
+        .await
+        .unwrap();
+    (endpoint, connection)
+}
+
+/// The application close code the builder ended `connection` with, within
+/// 30 s.
+pub async fn closed_with(connection: &iroh::endpoint::Connection) -> u64 {
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), connection.closed())
+        .await
+        .expect("the builder closed the connection");
+    match reason {
+        iroh::endpoint::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+        other => panic!("closed otherwise: {other:?}"),
+    }
 }

@@ -11,7 +11,9 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::common::{Builder, Launcher, binary, command, connect, key_file, refusal};
+use crate::common::{
+    Builder, Launcher, bare_connection, binary, closed_with, command, connect, key_file, refusal,
+};
 
 fn serve(args: &[&str]) -> std::process::Output {
     command().arg("serve").args(args).output().unwrap()
@@ -172,37 +174,6 @@ async fn health_answers_anyone_and_reflection_only_the_admin_socket() {
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|n| n == expected), "{names:?}");
-    }
-}
-
-/// A stranger's bare QUIC connection to `target`, which sends nothing and
-/// never redials, with the endpoint it came from.
-async fn bare_connection(
-    target: &drv_thru::client::Target,
-    key: &std::path::Path,
-) -> (iroh::Endpoint, iroh::endpoint::Connection) {
-    let endpoint = drv_thru::client::bind(
-        drv_thru::transport::endpoint::RelayChoice::Disabled,
-        Some(key),
-    )
-    .await
-    .unwrap();
-    let connection = endpoint
-        .connect(target.addr().unwrap(), drv_thru::proto::ALPN)
-        .await
-        .unwrap();
-    (endpoint, connection)
-}
-
-/// The application close code the builder ended `connection` with, within
-/// 30 s.
-async fn closed_with(connection: &iroh::endpoint::Connection) -> u64 {
-    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), connection.closed())
-        .await
-        .expect("the builder closed the connection");
-    match reason {
-        iroh::endpoint::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
-        other => panic!("closed otherwise: {other:?}"),
     }
 }
 

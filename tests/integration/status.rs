@@ -24,9 +24,20 @@ async fn status_works_as_soon_as_the_server_is_ready() {
             .unwrap()
             .starts_with("drv-thru-")
     );
+    // The server's own resource use, as the admin sees it.
+    let process = &json["process"];
+    assert!(
+        process["resident_bytes"].as_u64().unwrap() > 1 << 20,
+        "{json}"
+    );
+    assert!(process["open_files"].as_u64().unwrap() > 3, "{json}");
+    assert!(process["threads"].as_u64().unwrap() >= 1, "{json}");
+    assert!(process["tasks"].as_u64().unwrap() >= 1, "{json}");
     let text = builder.cli_ok(&["status"]);
     assert!(
-        text.contains(&builder.endpoint_id.to_string()) && text.contains("idle"),
+        text.contains(&builder.endpoint_id.to_string())
+            && text.contains("idle")
+            && text.contains(" MiB resident, "),
         "{text}"
     );
 }

@@ -94,6 +94,14 @@ rec {
       (i: builtins.toFile "many-${toString i}" "${salt} ${toString i}\n") 300)} | wc -l > $out
   '' { };
 
+  # Trivial, and a new derivation for every nonce an impure evaluation
+  # finds: a quick build that is never valid yet. drv-thru hands Nix only
+  # a fixed set of variables, so the tests carry the nonce in NIX_PATH,
+  # which nothing here looks up.
+  fresh = mk "fresh" ''
+    echo "${builtins.getEnv "NIX_PATH"}" > $out
+  '' { };
+
   fail = mk "fail" ''
     echo "fail: some output"
     echo "fail: about to fail" >&2
