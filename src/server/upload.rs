@@ -111,15 +111,22 @@ impl Uploads {
 
     /// Receives one `UploadInputs` call for `session`. If this call
     /// completes the upload, it sees the import through before returning.
-    /// Any failure, or the call being dropped midway, discards everything
-    /// staged for the session.
+    /// Any failure, the call being dropped midway, or the session being
+    /// cancelled (its ticket revoked, the server stopping) discards
+    /// everything staged for the session.
     pub async fn receive(
         &self,
         session: &Session,
         stream: impl Stream<Item = Result<UploadInputsRequest, Status>>,
     ) -> Result<UploadInputsResponse, ServerError> {
         let slot = self.slot(session)?;
-        receive(session, &slot, &self.nix, &self.dir, stream).await
+        tokio::select! {
+            received = receive(session, &slot, &self.nix, &self.dir, stream) => received,
+            () = session.cancelled.cancelled() => Err(ServerError::Cancelled(format!(
+                "the session was cancelled: {}",
+                session.cancelled_because().unwrap_or("its client left")
+            ))),
+        }
     }
 }
 
@@ -555,14 +562,8 @@ mod tests {
         let session = session_of(input);
         let part = |offset: usize, data: &[u8]| part(&path, offset, data);
         let half = nar.len() / 2;
-        // Half the NAR, then the call stays open without sending more; the
-        // call asking for more means the first half is in.
         let waiting = tokio::sync::Notify::new();
-        let stalled =
-            tokio_stream::iter([Ok(part(0, &nar[..half]))]).chain(futures::stream::poll_fn(|_| {
-                waiting.notify_one();
-                std::task::Poll::Pending
-            }));
+        let stalled = stalls_after(part(0, &nar[..half]), &waiting);
         let uploads_of = Uploads::new(Nix::new(), uploads.clone());
         tokio::select! {
             _ = uploads_of.receive(&session, stalled) => {
@@ -575,6 +576,42 @@ mod tests {
         let rest = tokio_stream::iter([Ok(part(half, &nar[half..]))]);
         let refused = uploads_of.receive(&session, rest).await.unwrap_err();
         assert!(matches!(refused, ServerError::Aborted(_)), "{refused:?}");
+    }
+
+    /// A call that sends `first`, then stays open without sending more;
+    /// `waiting` is notified when the call asks for more, so `first` is in.
+    fn stalls_after(
+        first: UploadInputsRequest,
+        waiting: &tokio::sync::Notify,
+    ) -> impl Stream<Item = Result<UploadInputsRequest, Status>> + '_ {
+        tokio_stream::iter([Ok(first)]).chain(futures::stream::poll_fn(|_| {
+            waiting.notify_one();
+            std::task::Poll::Pending
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_session_ends_its_upload_call() {
+        let work = tempfile::tempdir().unwrap();
+        let uploads = work.path().join("uploads");
+        let (input, nar) = source(b"a source whose ticket is revoked", work.path());
+        let first = part(&input.path, 0, &nar[..nar.len() / 2]);
+        let session = session_of(input);
+        let waiting = tokio::sync::Notify::new();
+        let uploads_of = Uploads::new(Nix::new(), uploads.clone());
+        let call = uploads_of.receive(&session, stalls_after(first, &waiting));
+        tokio::pin!(call);
+        tokio::select! {
+            _ = &mut call => panic!("the call ended without the rest of its NAR"),
+            () = waiting.notified() => {}
+        }
+        session.cancel_because("its ticket was revoked");
+        let ended = call.await.unwrap_err();
+        assert!(
+            matches!(&ended, ServerError::Cancelled(why) if why.contains("its ticket was revoked")),
+            "{ended:?}"
+        );
+        assert!(unstaged(&uploads).await, "the staging outlived the session");
     }
 
     /// Whether `uploads` is empty within a few seconds (staging is removed

@@ -69,7 +69,7 @@ async fn ticket_holders_cannot_hurt_a_build() {
         .run(
             a,
             "ticket revoked mid-upload",
-            "PermissionDenied/ticket-revoked",
+            "Cancelled",
             attacks::ticket_revoked_mid_upload(a),
         )
         .await;
