@@ -1,12 +1,12 @@
 //! gRPC over Iroh QUIC connections.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hyper_util::rt::TokioIo;
@@ -41,6 +41,15 @@ const CLOSE_UNAUTHENTICATED: u32 = 2;
 /// Streams a connection may have open before it authenticates: enough for
 /// a health check and a first call, too few to pile up work.
 const UNAUTHENTICATED_STREAMS: u32 = 2;
+
+/// With every slot for strangers taken, a new connection closes the oldest
+/// one that has sat this long without an authorized call. An honest client
+/// calls within moments of its handshake, so idle connections cannot keep
+/// a ticket holder out; a flood must keep replacing all of them this often.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a connection that closed another waits for the slot it freed.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// Who is on the other end of an Iroh-carried request.
 #[derive(Debug, Clone)]
@@ -108,6 +117,22 @@ struct Slots {
     authenticated: Arc<Semaphore>,
     unauthenticated: Arc<Semaphore>,
     per_client: std::sync::Mutex<HashMap<EndpointId, u32>>,
+    /// Connections holding an unauthenticated slot, oldest first.
+    waiting: std::sync::Mutex<VecDeque<(Instant, Connection)>>,
+}
+
+/// A connection's entry in [`Slots::waiting`], removed when dropped.
+struct Waiting<'a> {
+    slots: &'a Slots,
+    id: usize,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.slots
+            .waiting()
+            .retain(|(_, connection)| connection.stable_id() != self.id);
+    }
 }
 
 /// A connection's place in [`Slots`], given back when dropped.
@@ -134,6 +159,46 @@ impl Drop for Place {
 }
 
 impl Slots {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Connection)>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An unauthenticated slot, making room by closing the oldest
+    /// connection that has waited past [`EVICTABLE_AFTER`] if none is free.
+    async fn unauthenticated_permit(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.unauthenticated.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let oldest = {
+            let mut waiting = self.waiting();
+            let due = waiting
+                .front()
+                .is_some_and(|(since, _)| since.elapsed() >= EVICTABLE_AFTER);
+            due.then(|| waiting.pop_front()).flatten()
+        };
+        let (_, connection) = oldest?;
+        debug!(peer = %connection.remote_id().fmt_short(), "closing an idle unauthenticated connection to make room");
+        connection.close(
+            VarInt::from_u32(CLOSE_UNAUTHENTICATED),
+            b"authenticate first",
+        );
+        tokio::time::timeout(EVICTION_WAIT, self.unauthenticated.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Lists `connection` among those waiting to authenticate, until the
+    /// returned entry is dropped.
+    fn wait_list(&self, connection: &Connection) -> Waiting<'_> {
+        self.waiting()
+            .push_back((Instant::now(), connection.clone()));
+        Waiting {
+            slots: self,
+            id: connection.stable_id(),
+        }
+    }
+
     /// A place for `client` holding `permit`, unless it has its share.
     fn place(self: &Arc<Self>, client: EndpointId, permit: OwnedSemaphorePermit) -> Option<Place> {
         let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
@@ -219,6 +284,7 @@ impl IrohIncoming {
             authenticated: Arc::new(Semaphore::new(budget.max_connections as usize)),
             unauthenticated: Arc::new(Semaphore::new(budget.max_unauthenticated as usize)),
             per_client: std::sync::Mutex::default(),
+            waiting: std::sync::Mutex::default(),
             budget,
         });
         let open_tx = Arc::new(open_tx);
@@ -246,7 +312,7 @@ impl IrohIncoming {
                         connection.set_max_concurrent_bi_streams(VarInt::from_u32(
                             UNAUTHENTICATED_STREAMS,
                         ));
-                        slots.unauthenticated.clone().try_acquire_owned().ok()
+                        slots.unauthenticated_permit().await
                     };
                     let Some(place) = permit.and_then(|permit| slots.place(endpoint_id, permit))
                     else {
@@ -316,6 +382,7 @@ async fn guard(
     let _place = if *authenticated.borrow() {
         place
     } else {
+        let waiting = slots.wait_list(connection);
         let deadline = slots.budget.authentication_timeout;
         if let Err(_late) =
             tokio::time::timeout(deadline, authenticated.wait_for(|done| *done)).await
@@ -328,6 +395,7 @@ async fn guard(
             return;
         }
         let client = place.client;
+        drop(waiting);
         drop(place);
         let promoted = slots
             .authenticated

@@ -205,12 +205,22 @@ async fn idle_strangers_cannot_lock_out_clients() {
     let twin = bare_connection(&target, &key_file(dir.path(), "s0")).await;
     assert_eq!(closed_with(&twin.1).await, 1);
     // Three strangers hold every unauthenticated slot and never
-    // authenticate; a fourth is turned away at once.
+    // authenticate. Once they have idled a second, a newcomer takes the
+    // oldest one's place, which is closed as unauthenticated (code 2).
     for n in 1..3 {
         strangers.push(bare_connection(&target, &key_file(dir.path(), &format!("s{n}"))).await);
     }
-    let fourth = bare_connection(&target, &key_file(dir.path(), "s3")).await;
-    assert_eq!(closed_with(&fourth.1).await, 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fourth = connect(&target, &key_file(dir.path(), "s3")).await;
+    HealthClient::new(fourth.channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    let (oldest_endpoint, oldest) = strangers.remove(0);
+    assert_eq!(closed_with(&oldest).await, 2);
+    oldest_endpoint.close().await;
 
     // A trusted client is not among them.
     let trusted = connect(&target, &trusted_key).await;
@@ -233,7 +243,8 @@ async fn idle_strangers_cannot_lock_out_clients() {
         .unwrap();
     trusted.close().await;
     newcomer.close().await;
-    for (endpoint, _) in strangers.into_iter().chain([twin, fourth]) {
+    fourth.close().await;
+    for (endpoint, _) in strangers.into_iter().chain([twin]) {
         endpoint.close().await;
     }
 }
