@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::ffi::OsStrExt as _;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -466,6 +466,7 @@ fn kill_process_tree(leader: u32) {
 /// how many it killed, once they have stopped (or after a few seconds).
 ///
 /// Only for a `dir` that no live process roots builds in (e.g. under a lock the caller holds).
+/// Only this user's processes are candidates: another user's command line can name any `dir`.
 pub fn kill_builds_rooted_in(dir: &Path) -> usize {
     let leaders: Vec<i32> = std::fs::read_dir("/proc")
         .into_iter()
@@ -473,11 +474,14 @@ pub fn kill_builds_rooted_in(dir: &Path) -> usize {
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| {
+            // SAFETY: geteuid cannot fail and touches no memory.
+            let ours = std::fs::metadata(format!("/proc/{pid}"))
+                .is_ok_and(|meta| meta.uid() == unsafe { libc::geteuid() });
             let leads_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
                 .and_then(|stat| parse_stat(&stat))
                 .is_some_and(|(_, pgid)| pgid == pid);
-            leads_group
+            ours && leads_group
                 && roots_in(
                     &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
                     dir,
