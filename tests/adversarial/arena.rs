@@ -260,10 +260,9 @@ impl Arena {
             .into_inner()
             .narinfo;
         let url = narinfo
-            .lines()
-            .find_map(|line| line.strip_prefix("URL: "))
-            .expect("a narinfo has a URL")
-            .to_owned();
+            .parse::<drv_thru::nix::narinfo::NarInfo>()
+            .unwrap()
+            .url;
         BuiltSession {
             id: session_id,
             output_hash: hash.to_owned(),

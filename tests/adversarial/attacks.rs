@@ -937,12 +937,15 @@ pub async fn unread_get_nar_streams(arena: &Arena, streams: usize) -> Outcome {
     }
     held.endpoint(holder.endpoint.clone());
     held.keep(holder);
-    let tally = tally.lock().unwrap().clone();
     let refused = tally
-        .iter()
-        .find(|(key, _)| key.starts_with("ResourceExhausted"));
+        .lock()
+        .unwrap()
+        .keys()
+        .find(|key| key.starts_with("ResourceExhausted"))
+        .cloned();
+    // Calls past the HTTP/2 stream limits wait on the client ("no answer").
     let seen = match refused {
-        Some((key, count)) => format!("{key} ({count} of {streams})"),
+        Some(key) => format!("{key} ({})", tally_text(&tally)),
         None => format!("held: {streams} unread streams"),
     };
     (seen, held)

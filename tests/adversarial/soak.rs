@@ -13,6 +13,7 @@ use std::{
 use crate::{
     arena::Arena,
     attacks,
+    common::Rng,
     faults::{ONE_AT_A_TIME, Outcome, Probe, Sample, Tally, count, tally_text},
     two_stores::available,
 };
@@ -26,23 +27,6 @@ const RSS_TOLERANCE: u64 = 32 << 20;
 const FD_TOLERANCE: u32 = 8;
 const THREAD_TOLERANCE: u32 = 8;
 const TASK_TOLERANCE: u64 = 32;
-
-/// A small deterministic generator (SplitMix64), so a seed replays a run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// One record of the series.
 #[derive(Debug, Clone, Copy)]

@@ -1006,10 +1006,9 @@ async fn a_session_holds_at_most_its_share_of_cache_streams() {
         .into_inner()
         .narinfo;
     let url = narinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("URL: "))
+        .parse::<drv_thru::nix::narinfo::NarInfo>()
         .unwrap()
-        .to_owned();
+        .url;
     let get_nar = |mut cache: CacheClient<BuilderChannel>| {
         let request = proto::GetNarRequest {
             session_id: session_id.clone(),

@@ -227,3 +227,23 @@ pub async fn closed_with(connection: &iroh::endpoint::Connection) -> u64 {
         other => panic!("closed otherwise: {other:?}"),
     }
 }
+
+/// A small seeded pseudo-random generator (SplitMix64), so that a seed
+/// replays a run's choices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -28,7 +28,7 @@ use drv_thru::{
 };
 
 use crate::{
-    common::{self, Builder},
+    common::{self, Builder, Rng},
     two_stores::{Store, World, available},
 };
 
@@ -46,25 +46,6 @@ const BLOB_BYTES: usize = 3 << 20;
 /// cache keeps a zstd copy, so fetching it starts a cache fill. A power of
 /// two, as the builder doubles a 16-byte string until it is this long.
 const OUTPUT_BYTES: usize = 8 << 20;
-
-/// A small, seeded pseudo-random generator (SplitMix64): the same seed
-/// gives the same kill points.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A duration in `0..max`.
-    fn below(&mut self, max: Duration) -> Duration {
-        Duration::from_micros(self.next() % max.as_micros() as u64)
-    }
-}
 
 /// What the kill aims at.
 #[derive(Debug, Clone, Copy)]
@@ -401,7 +382,7 @@ async fn kill_9_loop_leaves_a_consistent_builder() {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        tokio::time::sleep(rng.below(window)).await;
+        tokio::time::sleep(Duration::from_micros(rng.below(window.as_micros() as u64))).await;
         let at = Stage::from_u8(stage.load(Ordering::SeqCst));
         let compressed =
             builder.log().matches("cache entry compressed").count() > compressed_before;
