@@ -522,23 +522,14 @@ fn kill_stops_the_build_and_its_children() {
 fn builder_processes(salt: &str) -> Vec<(i32, String)> {
     let needle = format!("salt={salt}\0");
     let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let zombie =
-            std::fs::read_to_string(entry.path().join("stat")).map_or(true, |s| s.contains(") Z "));
-        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-        if !zombie
+    for pid in super::realise::process_ids() {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if super::realise::running(pid)
             && environ
                 .windows(needle.len())
                 .any(|w| w == needle.as_bytes())
         {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
         }
     }

@@ -468,11 +468,7 @@ fn kill_process_tree(leader: u32) {
 /// Only for a `dir` that no live process roots builds in (e.g. under a lock the caller holds).
 /// Only this user's processes are candidates: another user's command line can name any `dir`.
 pub fn kill_builds_rooted_in(dir: &Path) -> usize {
-    let leaders: Vec<i32> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+    let leaders: Vec<i32> = process_ids()
         .filter(|&pid| {
             // SAFETY: geteuid cannot fail and touches no memory.
             let ours = std::fs::metadata(format!("/proc/{pid}"))
@@ -508,7 +504,7 @@ fn roots_in(cmdline: &[u8], dir: &Path) -> bool {
 }
 
 /// Whether process `pid` exists and is not a zombie (which runs no more code).
-fn running(pid: i32) -> bool {
+pub(super) fn running(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rfind(')')
             .and_then(|end| stat[end + 1..].split_whitespace().next())
@@ -519,19 +515,9 @@ fn running(pid: i32) -> bool {
 /// All descendants of `root` as (pid, process group id), from `/proc`. Empty where there is no
 /// `/proc`.
 fn descendants(root: i32) -> Vec<(i32, i32)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut children: HashMap<i32, Vec<(i32, i32)>> = HashMap::new();
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+    for pid in process_ids() {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
         if let Some((ppid, pgid)) = parse_stat(&stat) {
@@ -550,6 +536,15 @@ fn descendants(root: i32) -> Vec<(i32, i32)> {
         }
     }
     out
+}
+
+/// The ids of the processes in `/proc` now; none where there is no `/proc`.
+pub(super) fn process_ids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
 }
 
 /// Parent pid and process group id from `/proc/PID/stat`: `pid (comm) state ppid pgrp …`, where
