@@ -15,8 +15,8 @@ use std::{
 use drv_thru::{
     client::{Connection, Target},
     proto::{
-        self, BuildRequest, GetNarInfoRequest, OpenSessionRequest, UploadInputsRequest,
-        build_response::Event, builder_client::BuilderClient, cache_client::CacheClient,
+        self, BuildRequest, OpenSessionRequest, UploadInputsRequest, build_response::Event,
+        builder_client::BuilderClient,
     },
     ticket::Ticket,
 };
@@ -250,19 +250,9 @@ impl Arena {
             .split('-')
             .next()
             .unwrap();
-        let narinfo = CacheClient::new(connection.channel.clone())
-            .get_nar_info(GetNarInfoRequest {
-                session_id: session_id.clone(),
-                store_path_hash: hash.to_owned(),
-            })
+        let url = crate::common::nar_url(connection, &session_id, output)
             .await
-            .unwrap()
-            .into_inner()
-            .narinfo;
-        let url = narinfo
-            .parse::<drv_thru::nix::narinfo::NarInfo>()
-            .unwrap()
-            .url;
+            .unwrap();
         BuiltSession {
             id: session_id,
             output_hash: hash.to_owned(),

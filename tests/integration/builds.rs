@@ -993,22 +993,8 @@ async fn a_session_holds_at_most_its_share_of_cache_streams() {
     // The blob's NAR (8 MiB of random bytes and its framing) is larger than
     // a stream's window: a stream nobody reads cannot end.
     let out = pair.out_path("blob");
-    let hash = out.trim_start_matches("/nix/store/")[..32].to_owned();
     let reader = CacheClient::new(client.channel.clone());
-    let narinfo = reader
-        .clone()
-        .get_nar_info(proto::GetNarInfoRequest {
-            session_id: session_id.clone(),
-            store_path_hash: hash,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .narinfo;
-    let url = narinfo
-        .parse::<drv_thru::nix::narinfo::NarInfo>()
-        .unwrap()
-        .url;
+    let url = common::nar_url(&client, &session_id, &out).await.unwrap();
     let get_nar = |mut cache: CacheClient<BuilderChannel>| {
         let request = proto::GetNarRequest {
             session_id: session_id.clone(),

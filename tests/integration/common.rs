@@ -131,16 +131,15 @@ pub async fn build(
     ))
 }
 
-/// Fetches the NAR of `store_path`, an output of `session`, through its
-/// narinfo, whole.
-pub async fn fetch_nar(
+/// The URL of the NAR of `store_path`, an output of `session`, from its
+/// narinfo.
+pub async fn nar_url(
     connection: &Connection,
     session: &str,
     store_path: &str,
-) -> Result<Vec<u8>, tonic::Status> {
-    let mut cache = CacheClient::new(connection.channel.clone());
+) -> Result<String, tonic::Status> {
     let hash = &store_path.trim_start_matches("/nix/store/")[..32];
-    let narinfo = cache
+    let narinfo = CacheClient::new(connection.channel.clone())
         .get_nar_info(proto::GetNarInfoRequest {
             session_id: session.to_owned(),
             store_path_hash: hash.to_owned(),
@@ -149,10 +148,21 @@ pub async fn fetch_nar(
         .into_inner()
         .narinfo;
     let narinfo: drv_thru::nix::narinfo::NarInfo = narinfo.parse().unwrap();
-    let mut chunks = cache
+    Ok(narinfo.url)
+}
+
+/// Fetches the NAR of `store_path`, an output of `session`, through its
+/// narinfo, whole.
+pub async fn fetch_nar(
+    connection: &Connection,
+    session: &str,
+    store_path: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let url = nar_url(connection, session, store_path).await?;
+    let mut chunks = CacheClient::new(connection.channel.clone())
         .get_nar(proto::GetNarRequest {
             session_id: session.to_owned(),
-            url: narinfo.url,
+            url,
             offset: 0,
             length: 0,
         })
