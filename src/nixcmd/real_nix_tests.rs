@@ -9,7 +9,7 @@
 //!
 //! A test passes with a note on stderr, without checking anything, when `nix` is not on `PATH` or
 //! no mount namespace can be made, unless `CI` is set. To run them against another Nix, run the test binary where that
-//! Nix is installed, e.g. in the trixie root of `tests/nix/in-trixie.sh` (Nix 2.26).
+//! Nix is installed, e.g. in the trixie root of `tests/nix/in-root.sh` (Nix 2.26).
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt as _;

@@ -9,7 +9,7 @@
 //! library's own unit tests can include it too. By default the host's Nix
 //! (Debian 12: 2.8) runs. With `DRV_THRU_TEST_TRIXIE=DIR` every command runs
 //! inside that Debian trixie root instead (Nix 2.26, see
-//! `tests/nix/make-trixie-root.sh`).
+//! `tests/nix/make-debian-root.sh`).
 
 // Each includer uses a different part of this file.
 #![allow(dead_code)]
@@ -213,7 +213,7 @@ impl Store {
                 command
             }
             (Some(root), _) => {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/in-trixie.sh");
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/in-root.sh");
                 // The drv-thru under test must be visible inside the root
                 // too (the library's unit tests have none).
                 let mut bind = self.world.dir.display().to_string();
