@@ -4,6 +4,7 @@
 mod build;
 mod import_helper;
 mod key;
+mod machines;
 mod serve;
 mod status;
 mod ticket;
@@ -62,6 +63,12 @@ enum Command {
     /// Manage this client's Iroh key.
     #[command(subcommand)]
     Key(key::Command),
+    /// Print `/etc/nix/machines` lines that offload Nix's builds to the
+    /// builders of /etc/drv-thru/builders.json.
+    ///
+    /// Nix's own scheduler then picks among them by system, features,
+    /// max jobs and speed factor, for `nix build` and everything else.
+    Machines(machines::Args),
     /// Run the root import helper for users Nix does not trust (on a client).
     ///
     /// Imports builder outputs signed by an allowlisted key, from a loopback
@@ -152,6 +159,7 @@ pub fn main() -> ExitCode {
             Command::Ticket(command) => ticket::run(command).await,
             Command::Status(args) => status::run(args, relay).await,
             Command::Key(command) => key::run(command),
+            Command::Machines(args) => machines::run(args),
             Command::ImportHelper(args) => import_helper::run(args).await,
         }
     });
