@@ -965,6 +965,7 @@ async fn a_session_holds_at_most_its_share_of_cache_streams() {
         .open_session(proto::OpenSessionRequest {
             drv_path: drv.clone(),
             inputs: closure_inputs(&pair.client, &drv),
+            ..Default::default()
         })
         .await
         .unwrap()
