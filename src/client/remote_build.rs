@@ -6,7 +6,11 @@
 //! through an [`Observer`] and decides what a signal interrupts; this module
 //! decides nothing about the terminal.
 
-use std::{collections::BTreeMap, future::Future, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::Path,
+};
 
 use anyhow::{Context, anyhow, bail};
 use tokio::sync::OnceCell;
@@ -20,7 +24,7 @@ use super::{
 };
 use crate::{
     nix::{signing::PublicKey, store_path::StorePath},
-    nixcmd::{EvalFlags, Evaluated, Nix, PathInfo},
+    nixcmd::{EvalFlags, Evaluated, Nix, NixCmdError, PathInfo},
     proto::{BuildResult, build_response::Event},
     transport::endpoint::RelayChoice,
 };
@@ -66,6 +70,11 @@ pub struct Plan {
     pub outputs: BTreeMap<String, StorePath>,
     /// The derivation's closure, offered to the builder as inputs.
     pub inputs: Vec<PathInfo>,
+    /// Paths built elsewhere that the local store holds with signatures:
+    /// outputs of the closure's derivations and the signed paths they refer
+    /// to. Offered to the builder, which takes those signed by a key it
+    /// trusts instead of building them.
+    pub signed: Vec<PathInfo>,
 }
 
 /// How a remote build may be run.
@@ -136,21 +145,24 @@ impl RemoteBuild {
         // A refusal here costs no ticket use and no upload.
         let import = OutputImport::prepare(nix, target.trusted_signing_key());
         let inputs = async {
-            anyhow::Ok(
-                nix.closure_infos(std::slice::from_ref(&evaluated.drv_path))
-                    .await?,
-            )
+            let closure = nix
+                .closure_infos(std::slice::from_ref(&evaluated.drv_path))
+                .await?;
+            let signed = built_elsewhere(nix, &evaluated.drv_path, &closure).await;
+            anyhow::Ok((closure, signed))
         };
         let connection = async {
             let endpoint = endpoint.get_or_try_init(|| bind(relay, key_file)).await?;
             dial(endpoint, target).await
         };
         let (import, inputs, connection) = tokio::join!(import, inputs, connection);
+        let (inputs, signed) = inputs?;
         Ok(Self {
             import: import?,
             connection: connection?,
             plan: Plan {
-                inputs: inputs?,
+                inputs,
+                signed,
                 drv: evaluated.drv_path,
                 outputs: evaluated.outputs,
             },
@@ -181,6 +193,7 @@ impl RemoteBuild {
             connection.channel.clone(),
             &plan.drv,
             session::inputs(&plan.inputs),
+            session::signed_inputs(&plan.signed),
         )
         .await?;
         import.accept_announced(&session.announced_key)?;
@@ -194,6 +207,7 @@ impl RemoteBuild {
             let bytes: u64 = plan
                 .inputs
                 .iter()
+                .chain(&plan.signed)
                 .filter(|info| session.missing.contains(&info.path))
                 .map(|info| info.nar_size)
                 .sum();
@@ -268,6 +282,54 @@ impl RemoteBuild {
     pub async fn close(self) {
         self.connection.close().await;
     }
+}
+
+/// The outputs of the derivations in `closure` (but `drv`'s own) that the
+/// local store holds with signatures, and the signed paths they refer to,
+/// outside `closure`. Offering them is only a saving, so a failure to find
+/// them offers none.
+async fn built_elsewhere(nix: &Nix, drv: &StorePath, closure: &[PathInfo]) -> Vec<PathInfo> {
+    match signed_outputs(nix, drv, closure).await {
+        Ok(signed) => signed,
+        Err(err) => {
+            tracing::warn!("dependencies built elsewhere are not offered to the builder: {err}");
+            Vec::new()
+        }
+    }
+}
+
+async fn signed_outputs(
+    nix: &Nix,
+    drv: &StorePath,
+    closure: &[PathInfo],
+) -> Result<Vec<PathInfo>, NixCmdError> {
+    let drvs: Vec<StorePath> = closure
+        .iter()
+        .map(|info| &info.path)
+        .filter(|path| path.is_derivation() && *path != drv)
+        .cloned()
+        .collect();
+    if drvs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let outputs = nix.derivation_outputs(&drvs).await?;
+    let signed: Vec<StorePath> = nix
+        .path_info(&outputs)
+        .await?
+        .into_iter()
+        .filter(|info| !info.signatures.is_empty())
+        .map(|info| info.path)
+        .collect();
+    if signed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let in_closure: BTreeSet<&StorePath> = closure.iter().map(|info| &info.path).collect();
+    Ok(nix
+        .closure_infos(&signed)
+        .await?
+        .into_iter()
+        .filter(|info| !info.signatures.is_empty() && !in_closure.contains(&info.path))
+        .collect())
 }
 
 /// Imports the small outputs the proxy spools, if it does; whether that

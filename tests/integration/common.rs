@@ -85,6 +85,7 @@ pub fn session_request() -> proto::OpenSessionRequest {
             nar_hash: sha256(&nar).to_string(),
             nar_size: nar.len() as u64,
         }],
+        ..Default::default()
     }
 }
 
