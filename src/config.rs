@@ -23,6 +23,9 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/drv-thru";
 /// The system-wide builders file the NixOS module writes.
 pub const SYSTEM_BUILDERS_FILE: &str = "/etc/drv-thru/builders.json";
 
+/// The client machine's Iroh key, used by the stdio program Nix's daemon starts (root only, mode 0600).
+pub const MACHINE_KEY_FILE: &str = "/etc/drv-thru/machine.key";
+
 /// Errors loading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
