@@ -105,7 +105,8 @@ fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn salt(test: &str) -> String {
+/// A salt no other test or run shares.
+pub fn salt(test: &str) -> String {
     format!(
         "{test}-{}-{}",
         std::process::id(),
