@@ -29,6 +29,13 @@ pub async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
             "no builder named: add `&remote-store=NAME` to the machine line, NAME being an entry of {SYSTEM_BUILDERS_FILE}"
         )
     })?;
+    // Nix kills its build hook's whole process group with SIGKILL, which
+    // would leave the builder to notice the lost connection only when it
+    // times out. In a session of its own the program outlives the hook,
+    // sees stdin end and closes the connection, so the builder cancels the
+    // build at once. Failing means it leads a group already: nothing to do.
+    // SAFETY: setsid(2) changes no memory.
+    unsafe { libc::setsid() };
     stdio_store::serve(&name, relay, tokio::io::stdin(), tokio::io::stdout()).await?;
     Ok(())
 }
