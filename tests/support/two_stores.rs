@@ -205,9 +205,8 @@ const PASSED: &[&str] = &[
 ];
 
 impl Store {
-    /// This store, its commands seeing `dir/upper` over the host's `/etc`
-    /// (e.g. `dir/upper/drv-thru/builders.json` as
-    /// `/etc/drv-thru/builders.json`); host commands only.
+    /// This store, its commands seeing `dir/upper` over their `/etc` (e.g.
+    /// `dir/upper/drv-thru/builders.json` as `/etc/drv-thru/builders.json`).
     pub fn with_etc(mut self, dir: &Path) -> Self {
         std::fs::create_dir_all(dir.join("upper")).unwrap();
         std::fs::create_dir_all(dir.join("work")).unwrap();
@@ -248,6 +247,7 @@ impl Store {
                     .arg(root)
                     .arg(program)
                     .env("NIXDIR", &self.dir)
+                    .env("ETCDIR", self.etc.as_deref().unwrap_or(Path::new("")))
                     .env("BIND", bind)
                     .env("PASSENV", PASSED.join(" "));
                 command
