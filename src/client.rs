@@ -9,6 +9,8 @@
 //!   before anything is uploaded.
 //! - [`session`]: the `Builder` calls of one session: admission, upload,
 //!   build events.
+//! - [`stdio_store`]: the store Nix's build hook talks to through a machine
+//!   line, building on one builder per connection.
 //! - [`cache_proxy`] and [`spool`]: the builder's signed outputs served to
 //!   the local Nix, over loopback HTTP or from files.
 
@@ -16,6 +18,7 @@ pub mod cache_proxy;
 pub mod remote_build;
 pub mod session;
 pub mod spool;
+pub mod stdio_store;
 pub mod trust;
 
 use std::{net::SocketAddr, path::Path};

@@ -16,7 +16,7 @@ use anyhow::{Context, anyhow, bail};
 use tokio::sync::OnceCell;
 
 use super::{
-    Connection, Target, bind,
+    BuilderChannel, Connection, Target, bind,
     cache_proxy::CacheProxy,
     dial,
     session::{self, RemoteSession},
@@ -25,7 +25,7 @@ use super::{
 use crate::{
     nix::{signing::PublicKey, store_path::StorePath},
     nixcmd::{EvalFlags, Evaluated, Nix, NixCmdError, PathInfo},
-    proto::{BuildResult, build_response::Event},
+    proto::{self, BuildResult, build_response::Event},
     transport::endpoint::RelayChoice,
 };
 
@@ -184,67 +184,38 @@ impl RemoteBuild {
         options: BuildOptions,
         observer: &mut impl Observer,
     ) -> anyhow::Result<Outcome> {
-        let Self {
-            import,
-            connection,
-            plan,
-        } = self;
-        let mut session = RemoteSession::open(
-            connection.channel.clone(),
-            &plan.drv,
-            session::inputs(&plan.inputs),
-            session::signed_inputs(&plan.signed),
+        let import = &self.import;
+        let built = build_in_session(
+            &self.connection,
+            nix,
+            &self.plan,
+            options,
+            observer,
+            |key| import.accept_announced(key),
         )
         .await?;
-        import.accept_announced(&session.announced_key)?;
-        // The same streams carry the upload and, after the build, the outputs.
-        let width = match options.bulk_streams {
-            Some(n) => n,
-            None => connection.bulk_width(LONG_PATH_STREAMS).await,
-        };
-        let bulk = connection.bulk_channels(width);
-        if !session.missing.is_empty() {
-            let bytes: u64 = plan
-                .inputs
-                .iter()
-                .chain(&plan.signed)
-                .filter(|info| session.missing.contains(&info.path))
-                .map(|info| info.nar_size)
-                .sum();
-            let report = observer.uploading(session.missing.len(), bytes);
-            let uploaded = session.upload(nix, bulk.clone(), report).await;
-            observer.uploaded();
-            uploaded?;
+        if built.finished.result() != BuildResult::Succeeded {
+            return Ok(Outcome::Failed(built.finished.message));
         }
-        let mut events = session.build(options.rebuild).await?;
-        let finished = loop {
-            match events.next().await {
-                Ok(Event::Finished(finished)) => break Ok(finished),
-                Ok(event) => observer.build_event(event).await,
-                Err(err) => break Err(err),
-            }
-        };
-        observer.build_ended().await;
-        let finished = finished?;
-        if finished.result() != BuildResult::Succeeded {
-            return Ok(Outcome::Failed(finished.message));
-        }
-        // Import only what was asked for, even if the derivation has more outputs.
-        let outputs: BTreeMap<String, StorePath> = session::outputs(&finished)?
-            .into_iter()
-            .filter(|(name, _)| plan.outputs.contains_key(name))
-            .collect();
-        if let Some(name) = plan
-            .outputs
-            .keys()
-            .find(|name| !outputs.contains_key(*name))
-        {
-            bail!("the builder did not report the requested output {name:?}");
-        }
+        let outputs = built.requested_outputs(&self.plan)?;
+        self.import(nix, built, &outputs, observer).await?;
+        Ok(Outcome::Built(outputs))
+    }
+
+    /// Imports `outputs` of a successful build into the local store by the
+    /// route decided in [`Self::prepare`].
+    async fn import(
+        &mut self,
+        nix: &Nix,
+        built: SessionBuild,
+        outputs: &BTreeMap<String, StorePath>,
+        observer: &mut impl Observer,
+    ) -> anyhow::Result<()> {
+        let import = &mut self.import;
         let proxy = CacheProxy::start(
-            bulk,
-            width,
-            session.id.clone(),
+            built.bulk,
+            built.width,
+            built.session.id.clone(),
             import.required_key().cloned(),
             nix.clone(),
         )
@@ -275,7 +246,7 @@ impl RemoteBuild {
             }
         }
         tracing::info!(bytes = proxy.bytes_received(), "outputs imported");
-        Ok(Outcome::Built(outputs))
+        Ok(())
     }
 
     /// Closes the connection, telling the builder we are gone.
@@ -284,11 +255,100 @@ impl RemoteBuild {
     }
 }
 
+/// A build that ran in an open session; its outputs, if any, are still on
+/// the builder, served by its `Cache` service under the session's id.
+#[derive(Debug)]
+pub struct SessionBuild {
+    /// The session.
+    pub session: RemoteSession,
+    /// Channels for bulk transfers, shared by the upload and the outputs.
+    pub bulk: Vec<BuilderChannel>,
+    /// How many of them a transfer should use.
+    pub width: usize,
+    /// How the build ended.
+    pub finished: proto::BuildFinished,
+}
+
+impl SessionBuild {
+    /// The outputs of `plan` the builder reported, by name; only those asked
+    /// for, even if the derivation has more.
+    pub fn requested_outputs(&self, plan: &Plan) -> anyhow::Result<BTreeMap<String, StorePath>> {
+        let outputs: BTreeMap<String, StorePath> = session::outputs(&self.finished)?
+            .into_iter()
+            .filter(|(name, _)| plan.outputs.contains_key(name))
+            .collect();
+        if let Some(name) = plan
+            .outputs
+            .keys()
+            .find(|name| !outputs.contains_key(*name))
+        {
+            bail!("the builder did not report the requested output {name:?}");
+        }
+        Ok(outputs)
+    }
+}
+
+/// Opens a session for `plan` on `connection`, uploads the inputs the
+/// builder lacks and builds, reporting to `observer`. `accept_key` judges
+/// the signing key the builder announces, before anything is uploaded.
+/// Imports nothing: the caller decides where the outputs go.
+pub async fn build_in_session(
+    connection: &Connection,
+    nix: &Nix,
+    plan: &Plan,
+    options: BuildOptions,
+    observer: &mut impl Observer,
+    accept_key: impl FnOnce(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<SessionBuild> {
+    let mut session = RemoteSession::open(
+        connection.channel.clone(),
+        &plan.drv,
+        session::inputs(&plan.inputs),
+        session::signed_inputs(&plan.signed),
+    )
+    .await?;
+    accept_key(&session.announced_key)?;
+    // The same streams carry the upload and, after the build, the outputs.
+    let width = match options.bulk_streams {
+        Some(n) => n,
+        None => connection.bulk_width(LONG_PATH_STREAMS).await,
+    };
+    let bulk = connection.bulk_channels(width);
+    if !session.missing.is_empty() {
+        let bytes: u64 = plan
+            .inputs
+            .iter()
+            .chain(&plan.signed)
+            .filter(|info| session.missing.contains(&info.path))
+            .map(|info| info.nar_size)
+            .sum();
+        let report = observer.uploading(session.missing.len(), bytes);
+        let uploaded = session.upload(nix, bulk.clone(), report).await;
+        observer.uploaded();
+        uploaded?;
+    }
+    let mut events = session.build(options.rebuild).await?;
+    let finished = loop {
+        match events.next().await {
+            Ok(Event::Finished(finished)) => break Ok(finished),
+            Ok(event) => observer.build_event(event).await,
+            Err(err) => break Err(err),
+        }
+    };
+    observer.build_ended().await;
+    Ok(SessionBuild {
+        session,
+        bulk,
+        width,
+        finished: finished?,
+    })
+}
+
 /// The outputs of the derivations in `closure` (but `drv`'s own) that the
 /// local store holds with signatures, and the signed paths they refer to,
 /// outside `closure`. Offering them is only a saving, so a failure to find
 /// them offers none.
-async fn built_elsewhere(nix: &Nix, drv: &StorePath, closure: &[PathInfo]) -> Vec<PathInfo> {
+pub async fn built_elsewhere(nix: &Nix, drv: &StorePath, closure: &[PathInfo]) -> Vec<PathInfo> {
     match signed_outputs(nix, drv, closure).await {
         Ok(signed) => signed,
         Err(err) => {

@@ -105,7 +105,8 @@ fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn salt(test: &str) -> String {
+/// A salt no other test or run shares.
+pub fn salt(test: &str) -> String {
     format!(
         "{test}-{}-{}",
         std::process::id(),
@@ -118,7 +119,7 @@ fn salt(test: &str) -> String {
 
 /// Build processes of the world salted with `salt` (Nix passes derivation
 /// attributes, the salt among them, in the builder's environment).
-fn build_processes(salt: &str) -> Vec<String> {
+pub fn build_processes(salt: &str) -> Vec<String> {
     let marker = format!("salt={salt}\0");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -133,7 +134,8 @@ fn build_processes(salt: &str) -> Vec<String> {
     found
 }
 
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+/// Waits until `done`, failing after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(

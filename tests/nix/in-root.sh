@@ -8,6 +8,7 @@
 #   BIND     host directories bound at the same path inside, so paths mean the same on both sides
 #            (no spaces in these paths)
 #   PASSENV  names of environment variables passed through; everything else is cleared
+#   ETCDIR   a host directory whose upper/ is layered over the root's /etc (work/ beside it)
 #   cmd      default: bash -l
 #
 # Needs root. It uses pivot_root rather than chroot(2): inside a chroot the kernel refuses
@@ -21,7 +22,7 @@ shift
 [ $# -eq 0 ] && set -- /bin/bash -l
 if [ -n "${NIXDIR:-}" ]; then mkdir -p "$NIXDIR"; NIXDIR=$(cd "$NIXDIR" && pwd -P); fi
 # The command starts in the caller's directory when that is visible inside (a BIND dir).
-export NIXDIR="${NIXDIR:-}" BIND="${BIND:-}" CALLER_PWD="$(pwd -P)"
+export NIXDIR="${NIXDIR:-}" BIND="${BIND:-}" ETCDIR="${ETCDIR:-}" CALLER_PWD="$(pwd -P)"
 # Put VAR=value in front of the command for each PASSENV variable that is set; `env` reads them.
 for v in ${PASSENV:-}; do
   case $v in *[!A-Za-z0-9_]*) echo "in-root.sh: bad variable name '$v'" >&2; exit 2;; esac
@@ -36,6 +37,9 @@ exec unshare -m --propagation private sh -c '
   mount --rbind /sys "$R/sys"
   mkdir -p "$R/nix" "$R/.oldroot"
   if [ -n "$NIXDIR" ]; then mount --bind "$NIXDIR" "$R/nix"; fi
+  if [ -n "$ETCDIR" ]; then
+    mount -t overlay overlay -o "lowerdir=$R/etc,upperdir=$ETCDIR/upper,workdir=$ETCDIR/work" "$R/etc"
+  fi
   for d in $BIND; do
     d=$(cd "$d" && pwd -P)
     mkdir -p "$R$d"
