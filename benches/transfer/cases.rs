@@ -16,9 +16,13 @@ use crate::{
     builder::Builder,
     measure::{ConcurrentRun, Measured, timed},
     options::Case,
-    setup::{Bench, Variant, progress},
+    setup::{Bench, progress},
     stores::{Side, builder_status, clear_cache},
 };
+
+/// The method name of a build in the client's own store, the reference
+/// the build overheads are measured against.
+pub(crate) const LOCAL_BUILD: &str = "local nix build";
 
 /// What to undo before each run of a method, so every run does the same work.
 #[derive(Clone, Copy)]
@@ -189,40 +193,113 @@ impl Bench {
         results
     }
 
-    pub(crate) fn trivial(&self) -> Vec<Measured> {
-        let run = |method: String, drvs: &[String], remote: Option<&Variant>| {
-            let mut samples = Vec::new();
-            for (i, drv) in drvs.iter().enumerate() {
+    /// Builds each of `drvs` once with the command `build` makes for it:
+    /// one series of `case`, so every run builds something new.
+    fn series(
+        &self,
+        case: Case,
+        method: String,
+        drvs: &[String],
+        server: Option<&Builder>,
+        build: impl Fn(&str) -> Command,
+    ) -> Measured {
+        let samples = drvs
+            .iter()
+            .enumerate()
+            .map(|(i, drv)| {
                 sync();
-                let command = match remote {
-                    Some(variant) => self.drv_thru_build(variant, drv),
-                    None => {
-                        let mut command = self.world.command(Side::Client, "nix");
-                        command.args(["build", "--no-link", drv]);
-                        command
-                    }
-                };
-                let what = format!("trivial / {method} (run {})", i + 1);
-                let sample = timed(command, &what, remote.map(|v| &v.server));
+                let what = format!("{} / {method} (run {})", case.name(), i + 1);
+                let sample = timed(build(drv), &what, server);
                 progress(&format!("{what}: {:.3} s", sample.secs));
-                samples.push(sample);
-            }
-            Measured {
-                case: Case::Trivial,
-                method,
-                bytes: 0,
-                samples,
-            }
-        };
+                sample
+            })
+            .collect();
+        Measured {
+            case,
+            method,
+            bytes: 0,
+            samples,
+        }
+    }
+
+    pub(crate) fn trivial(&self) -> Vec<Measured> {
         let runs = self.options.runs;
         let mut results: Vec<Measured> = self
             .variants
             .iter()
             .zip(self.paths.remote.chunks(runs))
-            .map(|(variant, drvs)| run(format!("{} build", variant.label), drvs, Some(variant)))
+            .map(|(variant, drvs)| {
+                self.series(
+                    Case::Trivial,
+                    format!("{} build", variant.label),
+                    drvs,
+                    Some(&variant.server),
+                    |drv| self.drv_thru_build(variant, drv),
+                )
+            })
             .collect();
-        results.push(run("local nix build".to_owned(), &self.paths.local, None));
+        results.push(self.local_series(Case::Trivial, &self.paths.local));
         results
+    }
+
+    /// A trivial derivation offloaded by Nix's own build hook (`nix build
+    /// -j0 --builders LINE`, the client's Nix), through drv-thru's machine
+    /// line and through an ssh-ng one to the same builder store, beside a
+    /// local build: what Nix's scheduler pays per offloaded derivation.
+    pub(crate) fn offload(&self) -> Vec<Measured> {
+        let runs = self.options.runs;
+        let mut drvs = self.paths.offload.chunks(runs);
+        let mut next = || drvs.next().expect("fresh derivations for every method");
+        let variant = &self.variants[0];
+        let machine_line = format!(
+            "ssh-ng://localhost?remote-program={}&remote-store={} x86_64-linux - 1 1",
+            variant.bin.display(),
+            variant.name
+        );
+        let mut results = vec![self.series(
+            Case::Offload,
+            "nix build, drv-thru machine line".to_owned(),
+            next(),
+            Some(&variant.server),
+            |drv| self.offloaded_build(&machine_line, drv),
+        )];
+        match &self.ssh {
+            Ok(ssh) => {
+                let ssh_line = format!("{} x86_64-linux - 1 1", ssh.url);
+                results.push(self.series(
+                    Case::Offload,
+                    "nix build, ssh-ng machine line".to_owned(),
+                    next(),
+                    None,
+                    |drv| {
+                        let mut command = self.offloaded_build(&ssh_line, drv);
+                        command.env("NIX_SSHOPTS", &ssh.opts);
+                        command
+                    },
+                ));
+            }
+            Err(_) => {
+                next();
+            }
+        }
+        results.push(self.local_series(Case::Offload, next()));
+        results
+    }
+
+    /// `nix build` of `drv` in the client's store, offloaded to `line`.
+    fn offloaded_build(&self, line: &str, drv: &str) -> Command {
+        let mut command = self.world.command(Side::Client, "nix");
+        command.args(["build", "--no-link", "-j0", "--builders", line, drv]);
+        command
+    }
+
+    /// `nix build` of each of `drvs` in the client's own store.
+    fn local_series(&self, case: Case, drvs: &[String]) -> Measured {
+        self.series(case, LOCAL_BUILD.to_owned(), drvs, None, |drv| {
+            let mut command = self.world.command(Side::Client, "nix");
+            command.args(["build", "--no-link", drv]);
+            command
+        })
     }
 
     pub(crate) fn concurrent(&self) -> Vec<ConcurrentRun> {

@@ -87,6 +87,7 @@ fn main() {
             }
             Case::Upload | Case::SmallUp => report.measured.extend(bench.upload(case)),
             Case::Trivial => report.measured.extend(bench.trivial()),
+            Case::Offload => report.measured.extend(bench.offload()),
             Case::Concurrent => report.concurrent = bench.concurrent(),
         }
     }

@@ -10,17 +10,19 @@ pub(crate) enum Case {
     SmallUp,
     SmallDown,
     Trivial,
+    Offload,
     Concurrent,
 }
 
 impl Case {
-    const ALL: [Case; 7] = [
+    const ALL: [Case; 8] = [
         Case::Download,
         Case::DownloadText,
         Case::Upload,
         Case::SmallUp,
         Case::SmallDown,
         Case::Trivial,
+        Case::Offload,
         Case::Concurrent,
     ];
 
@@ -32,6 +34,7 @@ impl Case {
             Case::SmallUp => "small-up",
             Case::SmallDown => "small-down",
             Case::Trivial => "trivial",
+            Case::Offload => "offload",
             Case::Concurrent => "concurrent",
         }
     }
@@ -53,7 +56,7 @@ pub(crate) struct Options {
 }
 
 pub(crate) const USAGE: &str = "usage: cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] \
-[--cases download,download-text,upload,small-up,small-down,trivial,concurrent] \
+[--cases download,download-text,upload,small-up,small-down,trivial,offload,concurrent] \
 [--small-count 2000] [--clients 8] [--dir DIR] [--keep] [--compare OTHER_DRV_THRU_BINARY [--compare-label before]] \
 [--wan (only download, upload, small-up, small-down: over a 50 ms, 1 Gbit/s emulated link)]";
 

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::{
     MIB,
+    cases::LOCAL_BUILD,
     measure::{ConcurrentRun, Measured, median, percentile},
     options::Case,
     setup::{Bench, human},
@@ -124,7 +125,7 @@ impl Bench {
         let transfer: Vec<&Measured> = report
             .measured
             .iter()
-            .filter(|m| m.case != Case::Trivial)
+            .filter(|m| !matches!(m.case, Case::Trivial | Case::Offload))
             .collect();
         if !transfer.is_empty() {
             out.push_str("| case | method | median s | MiB/s | min–max s | vs file:// | vs http | vs ssh-ng |\n");
@@ -163,32 +164,21 @@ impl Bench {
             }
             out.push_str("\nRatios are throughput relative to the baseline (baseline time ÷ drv-thru time; above 1 is faster). drv-thru times are a whole `drv-thru build` of an instantiated .drv (session, upload, a no-op or trivial build, import).\n");
         }
-        let trivial: Vec<&Measured> = report
-            .measured
-            .iter()
-            .filter(|m| m.case == Case::Trivial)
-            .collect();
-        if let Some(local) = trivial.iter().find(|m| !m.method.starts_with("drv-thru")) {
-            let _ = writeln!(
-                out,
-                "\n| trivial build (`echo > $out`), evaluation excluded | median s | min–max s | overhead s |\n|---|---|---|---|"
+        for (case, title) in [
+            (
+                Case::Trivial,
+                "trivial build (`echo > $out`) with `drv-thru build`, evaluation excluded",
+            ),
+            (
+                Case::Offload,
+                "trivial build offloaded by Nix's build hook (`nix build -j0 --builders LINE`)",
+            ),
+        ] {
+            overheads(
+                &mut out,
+                title,
+                report.measured.iter().filter(|m| m.case == case),
             );
-            for m in &trivial {
-                let secs = m.secs();
-                let overhead = if m.method.starts_with("drv-thru") {
-                    format!("**{:.3}**", m.median() - local.median())
-                } else {
-                    String::new()
-                };
-                let _ = writeln!(
-                    out,
-                    "| {} | {:.3} | {:.3}–{:.3} | {overhead} |",
-                    m.method,
-                    m.median(),
-                    secs.iter().copied().fold(f64::INFINITY, f64::min),
-                    secs.iter().copied().fold(0.0, f64::max)
-                );
-            }
         }
         if !report.concurrent.is_empty() {
             let c = &report.concurrent;
@@ -320,5 +310,34 @@ impl Bench {
             })
             .collect();
         json!({ "meta": self.meta(), "measured": measured, "concurrent": concurrent })
+    }
+}
+
+/// A table of `measured` build times with each one's overhead over the
+/// local build among them; nothing without that reference.
+fn overheads<'a>(out: &mut String, title: &str, measured: impl Iterator<Item = &'a Measured>) {
+    let measured: Vec<&Measured> = measured.collect();
+    let Some(local) = measured.iter().find(|m| m.method == LOCAL_BUILD) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n| {title} | median s | min–max s | overhead s |\n|---|---|---|---|"
+    );
+    for m in &measured {
+        let secs = m.secs();
+        let overhead = if m.method == LOCAL_BUILD {
+            String::new()
+        } else {
+            format!("**{:.3}**", m.median() - local.median())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.3} | {:.3}–{:.3} | {overhead} |",
+            m.method,
+            m.median(),
+            secs.iter().copied().fold(f64::INFINITY, f64::min),
+            secs.iter().copied().fold(0.0, f64::max)
+        );
     }
 }

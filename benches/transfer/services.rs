@@ -73,7 +73,9 @@ pub(crate) struct Ssh {
     pub(crate) url: String,
 }
 
-/// An sshd in the builder's store, so `nix-daemon --stdio` serves that store.
+/// An sshd in the builder's store, so `nix-daemon --stdio` serves that store
+/// with the benchmark's Nix settings (no substituters), as drv-thru's builder
+/// does: sshd gives its sessions an environment of its own.
 pub(crate) fn start_sshd(world: &World) -> Result<Ssh, String> {
     let sshd = Path::new("/usr/sbin/sshd");
     if !sshd.exists() {
@@ -102,9 +104,10 @@ pub(crate) fn start_sshd(world: &World) -> Result<Ssh, String> {
         format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPermitRootLogin yes\n\
              AuthorizedKeysFile {auth}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
-             PidFile none\nLogLevel ERROR\n",
+             PidFile none\nLogLevel ERROR\nSetEnv NIX_CONF_DIR={conf}\n",
             host = dir.join("host").display(),
             auth = dir.join("authorized_keys").display(),
+            conf = world.dir.join("conf").display(),
         ),
     )
     .map_err(|e| e.to_string())?;

@@ -82,6 +82,7 @@ in rec {
   remote = fresh "remote";
   local = fresh "local";
   conc = fresh "conc";
+  offload = fresh "offload";
 }
 "#;
 
@@ -120,6 +121,8 @@ pub(crate) struct Paths {
     pub(crate) remote: Vec<String>,
     pub(crate) local: Vec<String>,
     pub(crate) conc: Vec<String>,
+    /// Fresh trivial derivations for the offload case, `runs` per method.
+    pub(crate) offload: Vec<String>,
 }
 
 pub(crate) struct Bench {
@@ -231,7 +234,7 @@ impl Bench {
                 .map(|d| d.as_nanos())
                 .unwrap_or_default()
         );
-        let fresh = options.runs * options.clients.max(2) + 1;
+        let fresh = options.runs * options.clients.max(3) + 1;
         std::fs::write(
             dir.join("params.nix"),
             format!(
@@ -266,9 +269,16 @@ impl Bench {
         client_attrs.extend(fresh_attrs("remote", runs * 2));
         client_attrs.extend(fresh_attrs("local", runs));
         client_attrs.extend(fresh_attrs("conc", runs * options.clients));
+        client_attrs.extend(fresh_attrs("offload", runs * 3));
         progress("instantiating in the client store");
         let drvs = instantiate(&world, Side::Client, &client_attrs);
         let drv = |attr: &str| drvs[attr].clone();
+        if options.cases.contains(&Case::Offload) {
+            progress(
+                "building the tools in the client store, so only the offloaded build runs remotely",
+            );
+            world.run_ok(Side::Client, "nix-store", &["--realise", &drv("tools")]);
+        }
         progress("building download data in the builder store");
         let builder_attrs: Vec<String> = ["tools", "rand", "text", "smallDown"]
             .map(str::to_owned)
@@ -331,6 +341,10 @@ impl Bench {
                 .collect(),
             local: fresh_attrs("local", runs).iter().map(|a| drv(a)).collect(),
             conc: fresh_attrs("conc", runs * options.clients)
+                .iter()
+                .map(|a| drv(a))
+                .collect(),
+            offload: fresh_attrs("offload", runs * 3)
                 .iter()
                 .map(|a| drv(a))
                 .collect(),
@@ -410,13 +424,21 @@ impl Bench {
                 line,
             });
         }
+        let builders = json!({ "builders": builders }).to_string();
         std::fs::write(
             world
                 .home(Side::Client)
                 .join(".config/drv-thru/builders.json"),
-            json!({ "builders": builders }).to_string(),
+            &builders,
         )
         .map_err(|e| e.to_string())?;
+        // Nix's build hook runs `drv-thru --stdio` as root with no home: it
+        // reads the system builders file and dials with the machine key, here
+        // the client's own key, which the builders trust.
+        let system = world.client_etc().join("drv-thru");
+        std::fs::create_dir_all(&system).map_err(|e| e.to_string())?;
+        std::fs::write(system.join("builders.json"), &builders).map_err(|e| e.to_string())?;
+        std::fs::copy(&key, system.join("machine.key")).map_err(|e| format!("machine key: {e}"))?;
 
         Ok(Self {
             options,

@@ -52,7 +52,7 @@ impl World {
         };
         Self {
             builder: store(Side::Builder, "builder"),
-            client: store(Side::Client, "client"),
+            client: store(Side::Client, "client").with_etc(&dir.join("client-etc")),
             dir,
             wan,
             runtime: tempfile::Builder::new()
@@ -71,6 +71,11 @@ impl World {
 
     pub(crate) fn store_dir(&self, side: Side) -> &Path {
         &self.store(side).dir
+    }
+
+    /// The directory the client's commands see layered over their `/etc`.
+    pub(crate) fn client_etc(&self) -> PathBuf {
+        self.dir.join("client-etc/upper")
     }
 
     pub(crate) fn home(&self, side: Side) -> &Path {
