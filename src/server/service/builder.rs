@@ -157,10 +157,9 @@ fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, ServerError> {
         .extensions()
         .get::<IrohPeer>()
         .cloned()
+        // The auth layer refuses session methods on the admin socket.
         .ok_or_else(|| {
-            ServerError::FailedPrecondition(
-                "build sessions are opened over Iroh, not the admin socket".to_owned(),
-            )
+            ServerError::Internal("a session call arrived without an Iroh peer".to_owned())
         })
 }
 
