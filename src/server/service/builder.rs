@@ -392,6 +392,8 @@ impl builder_server::Builder for BuilderService {
             )))
         })?;
         row.keep();
+        self.board
+            .set_phase(&session_id, BuildPhase::WaitingForClient);
         info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
         self.end_when_over(session, peer);
         Ok(Response::new(proto::OpenSessionResponse {
@@ -424,7 +426,7 @@ impl builder_server::Builder for BuilderService {
         let messages = tokio_stream::once(Ok(first)).chain(stream);
         let result = self.uploads.receive(&session, messages).await;
         self.board
-            .set_phase(&session.id, BuildPhase::CheckingInputs);
+            .set_phase(&session.id, BuildPhase::WaitingForClient);
         Ok(Response::new(result?))
     }
 
