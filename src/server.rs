@@ -9,6 +9,8 @@
 //! - [`error`]: every refusal and failure, and its one mapping to a status.
 //! - [`sessions`]: the admitted sessions, their limits and what they may read.
 //! - [`declared_input`]: the inputs a client announces, checked.
+//! - [`signed_inputs`]: which announced signed inputs (built elsewhere) the
+//!   builder asks for.
 //! - [`upload`]: receiving a session's inputs and importing them.
 //! - [`build_queue`]: the build slots and running one session's build.
 //! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
@@ -38,6 +40,7 @@ pub mod nar_file;
 pub mod resources;
 pub mod service;
 pub mod sessions;
+pub mod signed_inputs;
 pub mod status;
 pub mod ticket_store;
 pub mod upload;

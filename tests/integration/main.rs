@@ -10,6 +10,7 @@ mod cache;
 mod common;
 mod crash;
 mod helper;
+mod scale_out;
 mod server;
 mod status;
 mod tickets;

@@ -1,17 +1,14 @@
 //! Trusted clients: a configured key builds and watches without a ticket; a
 //! stranger is refused.
 
-use drv_thru::{
-    client::Target,
-    config::NamedBuilder,
-    proto::{
-        ListTicketsRequest, StatusRequest, builder_client::BuilderClient,
-        tickets_client::TicketsClient,
-    },
+use drv_thru::proto::{
+    ListTicketsRequest, StatusRequest, builder_client::BuilderClient, tickets_client::TicketsClient,
 };
 use tonic::Code;
 
-use crate::common::{Builder, connect, endpoint_id_of, key_file, open_session, refusal};
+use crate::common::{
+    Builder, connect, endpoint_id_of, key_file, named_builder, open_session, refusal,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn trusted_key_builds_and_watches_a_stranger_is_refused() {
@@ -76,14 +73,14 @@ async fn trusted_client_flag_and_named_builder_work() {
     let key = key_file(dir.path(), "sam");
     let sam = endpoint_id_of(&key);
     let builder = Builder::start(dir.path(), &["--trusted-client", &sam.to_string()]);
-    let named = Target::Named(Box::new(NamedBuilder {
-        name: "leviathan".into(),
-        endpoint_id: builder.endpoint_id,
-        relay_url: None,
-        addrs: vec![builder.addr],
-        public_key: None,
-        source: dir.path().join("builders.json"),
-    }));
+    let named = named_builder(
+        dir.path(),
+        "leviathan",
+        &format!(
+            r#"{{"endpoint_id": "{}", "addrs": ["{}"]}}"#,
+            builder.endpoint_id, builder.addr
+        ),
+    );
     let client = connect(&named, &key).await;
     open_session(&client).await.unwrap();
     client.close().await;
