@@ -426,3 +426,32 @@ async fn a_session_is_useless_on_another_connection_of_the_same_client() {
     first.close().await;
     second.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ticket_change_that_cannot_be_recorded_is_unavailable_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let state = builder.data_dir.join("tickets.json");
+    // Renaming the new state over a directory fails, for root too.
+    let _ = std::fs::remove_file(&state);
+    std::fs::create_dir(&state).unwrap();
+    let mut tickets = TicketsClient::new(drv_thru::client::admin(&builder.data_dir).await.unwrap());
+    let refused = tickets
+        .create_ticket(drv_thru::proto::CreateTicketRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(!builder.data_dir.join(".tickets.json.tmp").exists());
+    let listed = tickets
+        .list_tickets(drv_thru::proto::ListTicketsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tickets.is_empty(), "{listed:?}");
+
+    std::fs::remove_dir(&state).unwrap();
+    tickets
+        .create_ticket(drv_thru::proto::CreateTicketRequest::default())
+        .await
+        .unwrap();
+}

@@ -1,7 +1,9 @@
 //! Trusted clients: a configured key builds and watches without a ticket; a
 //! stranger is refused.
 
-use drv_thru::proto::{StatusRequest, builder_client::BuilderClient};
+use drv_thru::proto::{
+    ListTicketsRequest, StatusRequest, builder_client::BuilderClient, tickets_client::TicketsClient,
+};
 use tonic::Code;
 
 use crate::common::{
@@ -34,18 +36,35 @@ async fn trusted_key_builds_and_watches_a_stranger_is_refused() {
         .unwrap();
     assert_eq!(status.endpoint_id, builder.endpoint_id.to_string());
     assert_eq!(status.active.len(), 1, "the open session shows as active");
+    // Known and trusted, but tickets are the local admin's business.
+    let tickets = list_tickets(&trusted).await;
+    assert_eq!(
+        (tickets.code(), refusal(&tickets)),
+        (Code::PermissionDenied, "not-allowed")
+    );
     trusted.close().await;
 
     let stranger = connect(&builder.direct_target(), &key_file(dir.path(), "stranger")).await;
-    let refused = BuilderClient::new(stranger.channel.clone())
+    let status = BuilderClient::new(stranger.channel.clone())
         .status(StatusRequest {})
         .await
         .unwrap_err();
-    assert_eq!(
-        (refused.code(), refusal(&refused)),
-        (Code::Unauthenticated, "client-not-trusted")
-    );
+    // A stranger learns the same from every method, tickets included.
+    for refused in [status, list_tickets(&stranger).await] {
+        assert_eq!(
+            (refused.code(), refusal(&refused)),
+            (Code::Unauthenticated, "client-not-trusted")
+        );
+    }
     stranger.close().await;
+}
+
+/// How `ListTickets` over Iroh is refused.
+async fn list_tickets(connection: &drv_thru::client::Connection) -> tonic::Status {
+    TicketsClient::new(connection.channel.clone())
+        .list_tickets(ListTicketsRequest::default())
+        .await
+        .unwrap_err()
 }
 
 #[tokio::test(flavor = "multi_thread")]

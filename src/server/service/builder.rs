@@ -201,10 +201,9 @@ fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, ServerError> {
         .extensions()
         .get::<IrohPeer>()
         .cloned()
+        // The auth layer refuses session methods on the admin socket.
         .ok_or_else(|| {
-            ServerError::FailedPrecondition(
-                "build sessions are opened over Iroh, not the admin socket".to_owned(),
-            )
+            ServerError::Internal("a session call arrived without an Iroh peer".to_owned())
         })
 }
 
@@ -455,6 +454,8 @@ impl builder_server::Builder for BuilderService {
             )))
         })?;
         row.keep();
+        self.board
+            .set_phase(&session_id, BuildPhase::WaitingForClient);
         info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
         self.end_when_over(session, peer);
         Ok(Response::new(proto::OpenSessionResponse {
@@ -487,7 +488,7 @@ impl builder_server::Builder for BuilderService {
         let messages = tokio_stream::once(Ok(first)).chain(stream);
         let result = self.uploads.receive(&session, messages).await;
         self.board
-            .set_phase(&session.id, BuildPhase::CheckingInputs);
+            .set_phase(&session.id, BuildPhase::WaitingForClient);
         Ok(Response::new(result?))
     }
 
