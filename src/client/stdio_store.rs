@@ -50,8 +50,9 @@ use crate::{
 };
 
 /// How long reaching the builder may take before Nix is told to try
-/// another machine.
-pub const REACH_WITHIN: Duration = Duration::from_secs(10);
+/// another machine: short enough that, with starting up, Nix hears within
+/// 10 s.
+pub const REACH_WITHIN: Duration = Duration::from_secs(8);
 
 pub mod shared;
 
@@ -62,10 +63,12 @@ const STORE_VERSION: &str = concat!("drv-thru ", env!("CARGO_PKG_VERSION"));
 
 /// Serves Nix's worker protocol on `input`/`output` for the builder `name`
 /// of the system's builders file ([`SYSTEM_BUILDERS_FILE`]), dialling it
-/// with the machine key ([`config::MACHINE_KEY_FILE`]). Returns when Nix
-/// closes the connection.
+/// with the machine key ([`config::MACHINE_KEY_FILE`]), and sharing outputs
+/// with the other connections of Nix's build hook, process `hook`. Returns
+/// when Nix closes the connection.
 pub async fn serve(
     name: &str,
+    hook: u32,
     relay: RelayChoice,
     input: impl AsyncRead + Unpin,
     output: impl AsyncWrite + Unpin,
@@ -76,7 +79,7 @@ pub async fn serve(
             "builder {name:?} has no public_key in {SYSTEM_BUILDERS_FILE}; add it, since the outputs Nix imports through drv-thru are checked against it"
         )
     })?;
-    let shared = SharedOutputs::open(Path::new(SHARED_DIR))?;
+    let shared = SharedOutputs::open(Path::new(SHARED_DIR), hook)?;
     let endpoint = bind(relay, Some(Path::new(config::MACHINE_KEY_FILE))).await?;
     let served = Store::start(name, key, shared, &target, &endpoint, input, output).await;
     let served = match served {
@@ -711,6 +714,9 @@ impl<W: AsyncWrite + Unpin> Observer for LogFrames<'_, W> {
             Event::Started(_) => {
                 self.activity(&mut w);
             }
+            // Structured lines only renderers of the builder's own Nix
+            // would use: nothing to print.
+            Event::Log(line) if line.text.is_empty() => return,
             Event::Log(line) => {
                 let id = self.activity(&mut w);
                 w.result(id, wire::RESULT_BUILD_LOG_LINE, &[Field::Str(line.text)]);

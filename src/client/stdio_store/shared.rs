@@ -12,9 +12,8 @@
 //! start time, so a reused process id names a new directory. Everything is
 //! root only: the directories are created `0700`, and one owned by another
 //! user or writable by others is refused rather than followed. A directory
-//! whose hook is gone is removed by the last connection of that hook as it
-//! ends, and otherwise (Nix kills connections with SIGKILL) by the next
-//! connection to start.
+//! whose hook is gone is removed by a connection of that hook that ends
+//! after it, or else by the next connection to start.
 
 use std::{
     fs::DirBuilder,
@@ -40,13 +39,17 @@ pub struct SharedOutputs {
 }
 
 impl SharedOutputs {
-    /// Opens the directory of this process's hook (its parent) under
-    /// `root`, creating it, and removes those of hooks that are gone.
-    pub fn open(root: &Path) -> anyhow::Result<Self> {
-        let parent = std::os::unix::process::parent_id();
-        let hook = ProcessId::of(parent)
-            .with_context(|| format!("cannot read /proc/{parent}/stat, the hook's"))?;
-        Self::open_for(root, hook)
+    /// Opens the directory of the hook, process `hook`, under `root`,
+    /// creating it, and removes those of hooks that are gone.
+    pub fn open(root: &Path, hook: u32) -> anyhow::Result<Self> {
+        let hook = ProcessId::of(hook)
+            .with_context(|| format!("cannot read /proc/{hook}/stat, Nix's build hook's"))?;
+        Self::open_for(root, hook).with_context(|| {
+            format!(
+                "cannot keep outputs in {}, as drv-thru --stdio does when nix-daemon runs it as root",
+                root.display()
+            )
+        })
     }
 
     fn open_for(root: &Path, hook: ProcessId) -> anyhow::Result<Self> {
@@ -102,7 +105,7 @@ impl SharedOutputs {
     /// Removes the hook's directory if the hook is gone: no connection of
     /// it will ask for its outputs again.
     pub fn close(self) {
-        if std::os::unix::process::parent_id() != self.hook.pid {
+        if !self.hook.is_running() {
             remove(&self.dir);
         }
     }
@@ -222,12 +225,7 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
         Ok(()) => {}
         Err(err) if err.kind() == ErrorKind::AlreadyExists => {}
         Err(err) => {
-            return Err(err).with_context(|| {
-                format!(
-                    "cannot create {}, where drv-thru --stdio keeps the outputs Nix fetches; it runs as root, under nix-daemon",
-                    dir.display()
-                )
-            });
+            return Err(err).with_context(|| format!("cannot create {}", dir.display()));
         }
     }
     let meta = std::fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
