@@ -184,7 +184,7 @@ fn the_stdio_program_needs_root() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("cannot keep outputs in /run/drv-thru/nix-stdio, as drv-thru --stdio does when nix-daemon runs it as root"),
+        stderr.contains("cannot keep outputs in /var/cache/drv-thru-nix-stdio, as drv-thru --stdio does when nix-daemon runs it as root"),
         "{stderr}"
     );
 }

@@ -28,8 +28,10 @@ use tokio::io::AsyncWriteExt;
 
 use crate::nix::{narinfo::NarInfo, store_path::StorePath};
 
-/// Where the hooks' directories are.
-pub const SHARED_DIR: &str = "/run/drv-thru/nix-stdio";
+/// Where the hooks' directories are: on disk, since outputs may be large,
+/// and apart from the directories of drv-thru's services, which systemd
+/// owns and may remove.
+pub const SHARED_DIR: &str = "/var/cache/drv-thru-nix-stdio";
 
 /// The outputs kept for one build hook, whose connection this process
 /// serves.
@@ -219,8 +221,8 @@ fn start_time(stat: &str) -> Option<u64> {
 
 /// Creates `dir` (mode 0700) unless it exists, and makes sure it is a
 /// directory of this user's that no one else may write to. One that others
-/// may read is used still: `/run/drv-thru` is shared with the import
-/// helper's socket, and what is kept here goes to the world-readable store.
+/// may read is used still: the parent, `/var/cache`, is everyone's to
+/// read, and what is kept here goes to the world-readable store.
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
     match DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
