@@ -3,8 +3,9 @@
 # services.drv-thru.server: the builder, a hardened `drv-thru serve` service
 #   running as its own system user (never a Nix trusted user).
 # services.drv-thru.client: the CLI, /etc/drv-thru/builders.json, the builder
-#   signing keys Nix trusts, and the root import helper that lets users who
-#   are not trusted by Nix import outputs signed by allowlisted builders.
+#   signing keys Nix trusts, nix.buildMachines entries that offload Nix's own
+#   builds, and the root import helper that lets users who are not trusted
+#   by Nix import outputs signed by allowlisted builders.
 #
 # Convention for option declarations (tests/module_options.rs relies on it to
 # compare this file with the option table in README.md without evaluating Nix):
@@ -55,6 +56,10 @@ let
   isSocketAddr = matches "([0-9.]+|[[][0-9A-Fa-f:.]+[]]):[0-9]+";
   isAbsolutePath = lib.hasPrefix "/";
   isStoreFile = lib.hasPrefix "${builtins.storeDir}/";
+  # Builder names go verbatim into machine lines (`remote-store=NAME`).
+  isBuilderName = matches "[A-Za-z0-9._-]+";
+  # Systems and features are comma-separated in machine lines.
+  isMachineListItem = item: matches "[A-Za-z0-9._+-]+" item && item != "-";
 
   # Sandboxing both services share; each adds what sets it apart.
   commonHardening = {
@@ -158,15 +163,40 @@ let
     builders = lib.mapAttrs (_: builder: {
       endpoint_id = builder.endpointId;
       endpoint_id_file = builder.endpointIdFile;
+      ticket_file = builder.ticketFile;
       relay_url = builder.relayUrl;
       addrs = builder.addrs;
       public_key = builder.publicKey;
+      systems = builder.systems;
+      max_jobs = builder.maxJobs;
+      speed_factor = builder.speedFactor;
+      supported_features = builder.supportedFeatures;
+      mandatory_features = builder.mandatoryFeatures;
     }) clientCfg.builders;
   };
 
+  # Builders Nix's own scheduler offloads to. For host `localhost` Nix runs
+  # no ssh: it starts `drv-thru --stdio --store NAME` as root and speaks
+  # its worker protocol over the pipe (the same line `drv-thru machines`
+  # prints).
+  offloadBuilders = lib.filterAttrs (_: builder: builder.offload) clientCfg.builders;
+  buildMachines = lib.mapAttrsToList (name: builder: {
+    protocol = "ssh-ng";
+    hostName = "localhost?remote-program=${cfg.package}/bin/drv-thru&remote-store=${name}";
+    systems = if builder.systems != null then builder.systems else [ pkgs.stdenv.hostPlatform.system ];
+    inherit (builder)
+      maxJobs
+      speedFactor
+      supportedFeatures
+      mandatoryFeatures
+      ;
+  }) offloadBuilders;
+
   # Keys every user's Nix accepts (nix.settings.extra-trusted-public-keys).
   globallyTrustedKeys = lib.unique (
-    lib.mapAttrsToList (_: builder: builder.publicKey) clientCfg.builders
+    lib.filter (key: key != null) (
+      lib.mapAttrsToList (_: builder: builder.publicKey) clientCfg.builders
+    )
     ++ lib.mapAttrsToList (_: builder: builder.publicKey) clientCfg.trustedBuilders
   );
   # Keys the import helper accepts on behalf of users Nix does not trust.
@@ -188,7 +218,7 @@ let
     lib.mapAttrsToList (name: builder: {
       key = builder.publicKey;
       origin = "client.builders.${name}.publicKey";
-    }) clientCfg.builders
+    }) (lib.filterAttrs (_: builder: builder.publicKey != null) clientCfg.builders)
     ++ lib.mapAttrsToList (name: builder: {
       key = builder.publicKey;
       origin = "client.trustedBuilders.${name}.publicKey";
@@ -241,55 +271,127 @@ let
     };
   };
 
-  builderModule = {
-    # option-prefix: services.drv-thru.client.builders.<name>
-    options = {
-      endpointId = lib.mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        description = ''
-          The builder's Iroh endpoint id (`drv-thru status` on the builder
-          prints it). Set exactly one of this and `endpointIdFile`.
-        '';
-      };
-      endpointIdFile = lib.mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "/run/secrets/drv-thru-leviathan-endpoint-id";
-        description = ''
-          A file holding the builder's endpoint id, read by the CLI at build
-          time, for deployments that keep builder addresses out of the Nix
-          store. It must be readable by the users who run `drv-thru build`.
-          Set exactly one of this and `endpointId`.
-        '';
-      };
-      relayUrl = lib.mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "https://relay.example.org";
-        description = "A relay through which the builder can be reached; `null` uses address lookup.";
-      };
-      addrs = lib.mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-        example = [ "192.0.2.10:7000" ];
-        description = ''
-          Direct `IP:PORT` addresses of the builder (its `server.listenPort`),
-          tried before relays. Needed when relays are disabled.
-        '';
-      };
-      publicKey = lib.mkOption {
-        type = types.str;
-        example = "drv-thru-leviathan-1a2b3c4d:base64…";
-        description = ''
-          The builder's Nix signing key (`/var/lib/drv-thru/signing-public.key`
-          on the builder). It is added to `nix.settings.extra-trusted-public-keys`,
-          so every user's Nix accepts paths it signed, and to the import
-          helper's allowlist.
-        '';
+  builderModule =
+    { config, ... }:
+    {
+      # option-prefix: services.drv-thru.client.builders.<name>
+      options = {
+        endpointId = lib.mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = ''
+            The builder's Iroh endpoint id (`drv-thru status` on the builder
+            prints it). Set exactly one of this and `endpointIdFile`, or
+            neither to take it from `ticketFile`.
+          '';
+        };
+        endpointIdFile = lib.mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "/run/secrets/drv-thru-leviathan-endpoint-id";
+          description = ''
+            A file holding the builder's endpoint id, read by the CLI at build
+            time, for deployments that keep builder addresses out of the Nix
+            store. It must be readable by the users who run `drv-thru build`.
+            Set exactly one of this and `endpointId`, or neither to take
+            it from `ticketFile`.
+          '';
+        };
+        ticketFile = lib.mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "/run/secrets/drv-thru-farm-ticket";
+          description = ''
+            A file holding a ticket for this builder (`drvthru…`), presented
+            instead of trusted-client access; the endpoint id, addresses and
+            signing key then come from the ticket unless set here. Every
+            build takes one of its uses and the client cannot see how many
+            are left, so create it with `--unlimited` (or plenty of `--uses`).
+            Read as root by Nix's daemon when it offloads, and by the users
+            who run `drv-thru build --builder`: keep it mode 0600, owned by
+            whoever uses it.
+          '';
+        };
+        relayUrl = lib.mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "https://relay.example.org";
+          description = "A relay through which the builder can be reached; `null` uses address lookup.";
+        };
+        addrs = lib.mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "192.0.2.10:7000" ];
+          description = ''
+            Direct `IP:PORT` addresses of the builder (its `server.listenPort`),
+            tried before relays. Needed when relays are disabled.
+          '';
+        };
+        publicKey = lib.mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "drv-thru-leviathan-1a2b3c4d:base64…";
+          description = ''
+            The builder's Nix signing key (`/var/lib/drv-thru/signing-public.key`
+            on the builder). It is added to `nix.settings.extra-trusted-public-keys`,
+            so every user's Nix accepts paths it signed, and to the import
+            helper's allowlist. Required unless `ticketFile` is set (the
+            ticket carries the key, but only drv-thru reads it).
+          '';
+        };
+        offload = lib.mkOption {
+          type = types.bool;
+          default = config.systems != null;
+          defaultText = lib.literalExpression "systems != null";
+          description = ''
+            Whether Nix's own scheduler sends builds here (`nix build`,
+            `nixos-rebuild`, …): the builder becomes a `nix.buildMachines`
+            entry and `nix.distributedBuilds` is turned on. Defaults to on
+            once `systems` is set, so a builder meant only for
+            `drv-thru build --builder` stays out of Nix's way. The builder
+            must trust this machine's key (`sudo drv-thru key show --machine`)
+            or `ticketFile` must hold a ticket.
+          '';
+        };
+        systems = lib.mkOption {
+          type = types.nullOr (types.listOf types.str);
+          default = null;
+          example = [
+            "x86_64-linux"
+            "i686-linux"
+          ];
+          description = ''
+            Systems Nix may build there. `null` means this machine's system
+            (`pkgs.stdenv.hostPlatform.system`).
+          '';
+        };
+        maxJobs = lib.mkOption {
+          type = types.ints.positive;
+          default = 1;
+          description = "Builds Nix runs there at once (its `server.maxConcurrentBuilds` is a good value).";
+        };
+        speedFactor = lib.mkOption {
+          type = types.ints.positive;
+          default = 1;
+          description = "Nix prefers builders with a higher speed factor when several have free slots.";
+        };
+        supportedFeatures = lib.mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [
+            "big-parallel"
+            "kvm"
+          ];
+          description = "System features a derivation may require (`requiredSystemFeatures`) and still be built there.";
+        };
+        mandatoryFeatures = lib.mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "benchmark" ];
+          description = "System features a derivation must require to be built there at all.";
+        };
       };
     };
-  };
 
   trustedBuilderModule = {
     # option-prefix: services.drv-thru.client.trustedBuilders.<name>
@@ -580,7 +682,9 @@ in
           Named builders for `drv-thru build --builder NAME`, written to
           `/etc/drv-thru/builders.json` (a user's
           `~/.config/drv-thru/builders.json` overrides entries of the same
-          name). Their signing keys are trusted by Nix for every user.
+          name). Their signing keys are trusted by Nix for every user. Those
+          with `offload` (on once `systems` is set) also take the builds of
+          Nix's own scheduler, as `nix.buildMachines` entries.
         '';
       };
 
@@ -800,8 +904,28 @@ in
         ++ lib.concatLists (
           lib.mapAttrsToList (name: builder: [
             {
-              assertion = (builder.endpointId == null) != (builder.endpointIdFile == null);
-              message = "services.drv-thru.client.builders.${name}: set exactly one of endpointId and endpointIdFile.";
+              assertion = isBuilderName name;
+              message = "services.drv-thru.client.builders.\"${name}\": a builder name may hold only letters, digits and . _ - (it goes into Nix's machine lines).";
+            }
+            {
+              assertion =
+                !(builder.endpointId != null && builder.endpointIdFile != null)
+                && (builder.endpointId != null || builder.endpointIdFile != null || builder.ticketFile != null);
+              message = "services.drv-thru.client.builders.${name}: set exactly one of endpointId and endpointIdFile, or a ticketFile.";
+            }
+            {
+              assertion =
+                builder.ticketFile == null
+                || (isAbsolutePath builder.ticketFile && !(isStoreFile builder.ticketFile));
+              message = "services.drv-thru.client.builders.${name}.ticketFile must be an absolute path outside the world-readable Nix store, not \"${toString builder.ticketFile}\".";
+            }
+            {
+              assertion = lib.all isMachineListItem (
+                lib.optionals (builder.systems != null) builder.systems
+                ++ builder.supportedFeatures
+                ++ builder.mandatoryFeatures
+              );
+              message = "services.drv-thru.client.builders.${name}: systems and features may hold only letters, digits and . _ + - (they are comma-separated in Nix's machine lines).";
             }
             {
               assertion = builder.endpointId == null || isEndpointId builder.endpointId;
@@ -822,8 +946,9 @@ in
               message = "services.drv-thru.client.builders.${name}.addrs must be IP:PORT addresses (IPv6 as [ADDR]:PORT), not ${builtins.toJSON builder.addrs}.";
             }
             {
-              assertion = isSigningKey builder.publicKey;
-              message = "services.drv-thru.client.builders.${name}.publicKey must be a Nix signing key NAME:BASE64 (the builder's /var/lib/drv-thru/signing-public.key), not \"${builder.publicKey}\".";
+              assertion =
+                if builder.publicKey == null then builder.ticketFile != null else isSigningKey builder.publicKey;
+              message = "services.drv-thru.client.builders.${name}.publicKey must be a Nix signing key NAME:BASE64 (the builder's /var/lib/drv-thru/signing-public.key), not \"${toString builder.publicKey}\"; only a builder with a ticketFile may leave it unset.";
             }
           ]) clientCfg.builders
         )
@@ -844,6 +969,9 @@ in
       environment.etc."drv-thru/builders.json" = lib.mkIf (clientCfg.builders != { }) {
         source = buildersFile;
       };
+
+      nix.buildMachines = buildMachines;
+      nix.distributedBuilds = lib.mkIf (offloadBuilders != { }) true;
 
       environment.sessionVariables =
         lib.optionalAttrs (clientCfg.relay != null) { DRV_THRU_RELAY = clientCfg.relay; }

@@ -4,13 +4,15 @@
 mod build;
 mod import_helper;
 mod key;
+mod machines;
+mod nix_stdio;
 mod serve;
 mod status;
 mod ticket;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::{config::DEFAULT_DATA_DIR, transport::endpoint::RelayChoice};
@@ -26,7 +28,8 @@ use crate::{config::DEFAULT_DATA_DIR, transport::endpoint::RelayChoice};
     name = "drv-thru",
     version,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// More log output on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
@@ -38,8 +41,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "DRV_THRU_RELAY", value_name = "MODE|URL")]
     relay: Option<RelayChoice>,
 
+    #[command(flatten)]
+    stdio: nix_stdio::Args,
+
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +68,12 @@ enum Command {
     /// Manage this client's Iroh key.
     #[command(subcommand)]
     Key(key::Command),
+    /// Print `/etc/nix/machines` lines that offload Nix's builds to the
+    /// builders of /etc/drv-thru/builders.json.
+    ///
+    /// Nix's own scheduler then picks among them by system, features,
+    /// max jobs and speed factor, for `nix build` and everything else.
+    Machines(machines::Args),
     /// Run the root import helper for users Nix does not trust (on a client).
     ///
     /// Imports builder outputs signed by an allowlisted key, from a loopback
@@ -130,10 +142,18 @@ fn limit_malloc_arenas() {
 pub fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
+    if cli.command.is_none() && !cli.stdio.stdio {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingSubcommand,
+                "a command is needed (see --help)",
+            )
+            .exit();
+    }
     // The server's log is its interface; a client command logs only
     // warnings unless asked.
     let default_filter = match cli.command {
-        Command::Serve(_) | Command::ImportHelper(_) => "drv_thru=info,iroh=warn",
+        Some(Command::Serve(_) | Command::ImportHelper(_)) => "drv_thru=info,iroh=warn",
         _ => "drv_thru=warn,iroh=error",
     };
     init_logging(cli.verbose, default_filter);
@@ -147,14 +167,21 @@ pub fn main() -> ExitCode {
     let relay = cli.relay.clone().unwrap_or_default();
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Build(args) => build::run(*args, relay.clone()).await,
-            Command::Serve(args) => serve::run(args, cli.relay).await,
-            Command::Ticket(command) => ticket::run(command).await,
-            Command::Status(args) => status::run(args, relay).await,
-            Command::Key(command) => key::run(command),
-            Command::ImportHelper(args) => import_helper::run(args).await,
+            Some(Command::Build(args)) => build::run(*args, relay.clone()).await,
+            Some(Command::Serve(args)) => serve::run(args, cli.relay).await,
+            Some(Command::Ticket(command)) => ticket::run(command).await,
+            Some(Command::Status(args)) => status::run(args, relay).await,
+            Some(Command::Key(command)) => key::run(command),
+            Some(Command::Machines(args)) => machines::run(args),
+            Some(Command::ImportHelper(args)) => import_helper::run(args).await,
+            None => nix_stdio::run(cli.stdio.clone(), relay).await,
         }
     });
+    // Tokio reads stdin on a blocking thread the runtime would wait for on
+    // drop, while Nix may keep the pipe open.
+    if cli.stdio.stdio {
+        runtime.shutdown_background();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Error(err)) => {

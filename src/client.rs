@@ -9,6 +9,8 @@
 //!   before anything is uploaded.
 //! - [`session`]: the `Builder` calls of one session: admission, upload,
 //!   build events.
+//! - [`stdio_store`]: the store Nix's build hook talks to through a machine
+//!   line, building on one builder per connection.
 //! - [`cache_proxy`] and [`spool`]: the builder's signed outputs served to
 //!   the local Nix, over loopback HTTP or from files.
 
@@ -16,6 +18,7 @@ pub mod cache_proxy;
 pub mod remote_build;
 pub mod session;
 pub mod spool;
+pub mod stdio_store;
 pub mod trust;
 
 use std::{net::SocketAddr, path::Path};
@@ -61,7 +64,8 @@ impl Interceptor for Credentials {
 pub enum Target {
     /// A ticket: address, signing key and credentials in one.
     Ticket(Box<Ticket>),
-    /// A named builder from `builders.json` (trusted-client access).
+    /// A named builder from `builders.json`: trusted-client access, or the
+    /// ticket of its `ticket_file`.
     Named(Box<NamedBuilder>),
     /// An endpoint id given directly (trusted-client access).
     Direct {
@@ -75,7 +79,8 @@ pub enum Target {
 }
 
 impl Target {
-    /// The builder called `name` in the builders files (`--builder NAME`).
+    /// The builder called `name` in the builders files (`--builder NAME`),
+    /// with its ticket loaded if it names a `ticket_file`.
     pub fn named_builder(name: &str) -> anyhow::Result<Self> {
         let builder = config::find_builder(&config::builders_files(), name)?;
         Ok(Self::Named(Box::new(builder)))
@@ -130,16 +135,18 @@ impl Target {
     }
 
     fn credentials(&self) -> Credentials {
-        match self {
-            Self::Ticket(ticket) => Credentials(Some(
-                ticket
-                    .secret()
-                    .authorization(ticket.id())
-                    .parse()
-                    .expect("the authorization value is ASCII"),
-            )),
-            Self::Named(_) | Self::Direct { .. } => Credentials::default(),
-        }
+        let ticket = match self {
+            Self::Ticket(ticket) => Some(&**ticket),
+            Self::Named(builder) => builder.ticket.as_ref(),
+            Self::Direct { .. } => None,
+        };
+        Credentials(ticket.map(|ticket| {
+            ticket
+                .secret()
+                .authorization(ticket.id())
+                .parse()
+                .expect("the authorization value is ASCII")
+        }))
     }
 }
 
@@ -261,5 +268,50 @@ pub fn status_error(status: Status) -> anyhow::Error {
         Code::DeadlineExceeded => anyhow!("the builder did not answer in time: {message}"),
         _ if message.is_empty() => anyhow!("the builder refused the request ({:?})", status.code()),
         _ => anyhow!("{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::ticket::{BearerSecret, TicketId};
+
+    #[test]
+    fn a_named_builder_with_a_ticket_file_presents_the_ticket() {
+        let dir = tempfile::tempdir().unwrap();
+        let builder_id = iroh::SecretKey::from_bytes(&[3; 32]).public();
+        let ticket = Ticket::new(
+            EndpointAddr::new(builder_id).with_ip_addr("127.0.0.1:7000".parse().unwrap()),
+            signing::SecretKey::generate("drv-thru-test-1")
+                .unwrap()
+                .to_public(),
+            TicketId::generate(),
+            BearerSecret::from_bytes([7; 32]),
+        );
+        let ticket_file = dir.path().join("ticket");
+        std::fs::write(&ticket_file, ticket.to_string()).unwrap();
+        std::fs::set_permissions(&ticket_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let builders = dir.path().join("builders.json");
+        std::fs::write(
+            &builders,
+            format!(
+                r#"{{"builders": {{"farm": {{"ticket_file": "{}"}}}}}}"#,
+                ticket_file.display()
+            ),
+        )
+        .unwrap();
+        let target = Target::Named(Box::new(config::find_builder(&[builders], "farm").unwrap()));
+
+        let Credentials(Some(authorization)) = target.credentials() else {
+            panic!("the ticket is not presented");
+        };
+        assert_eq!(
+            authorization.to_str().unwrap(),
+            ticket.secret().authorization(ticket.id())
+        );
+        assert_eq!(&target.addr().unwrap(), ticket.builder());
+        assert_eq!(target.trusted_signing_key(), Some(ticket.signing_key()));
     }
 }

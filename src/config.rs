@@ -12,7 +12,12 @@ use iroh::EndpointId;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
-    nix::signing,
+    keys::{self, KeyError},
+    nix::{
+        machines::{self, Scheduling},
+        signing,
+    },
+    ticket::Ticket,
     transport::endpoint::RelayChoice,
     units::{ByteSize, HumanDuration},
 };
@@ -22,6 +27,9 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/drv-thru";
 
 /// The system-wide builders file the NixOS module writes.
 pub const SYSTEM_BUILDERS_FILE: &str = "/etc/drv-thru/builders.json";
+
+/// The client machine's Iroh key, used by the stdio program Nix's daemon starts (root only, mode 0600).
+pub const MACHINE_KEY_FILE: &str = "/etc/drv-thru/machine.key";
 
 /// Errors loading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +61,17 @@ pub enum ConfigError {
         path: PathBuf,
         /// What is wrong and how to fix it.
         message: String,
+    },
+    /// A builder's `ticket_file` that cannot be read or holds no ticket.
+    #[error("{path}: builder {name:?}: unusable ticket_file")]
+    TicketFile {
+        /// The builders file.
+        path: PathBuf,
+        /// The builder's name.
+        name: String,
+        /// Why the ticket could not be loaded.
+        #[source]
+        source: KeyError,
     },
 }
 
@@ -367,6 +386,32 @@ pub struct BuilderEntry {
     /// builder's outputs.
     #[serde(default)]
     pub public_key: Option<signing::PublicKey>,
+    /// A file holding a ticket (`drvthru…`) to present instead of using
+    /// trusted-client access; the endpoint id, addresses and signing key
+    /// come from it unless set above. Every build takes one of its uses,
+    /// so it must be unlimited or have enough of them: a client cannot see
+    /// how many are left.
+    #[serde(default)]
+    pub ticket_file: Option<PathBuf>,
+    /// Systems Nix may build there; `None` means this machine's.
+    #[serde(default)]
+    pub systems: Option<Vec<String>>,
+    /// Builds Nix runs there at once.
+    #[serde(default = "one")]
+    pub max_jobs: u32,
+    /// Nix prefers builders with a higher speed factor.
+    #[serde(default = "one")]
+    pub speed_factor: u32,
+    /// Features a derivation may require and still be built there.
+    #[serde(default)]
+    pub supported_features: Vec<String>,
+    /// Features a derivation must require to be built there.
+    #[serde(default)]
+    pub mandatory_features: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A builder entry with its endpoint id resolved.
@@ -380,8 +425,13 @@ pub struct NamedBuilder {
     pub relay_url: Option<String>,
     /// Direct addresses to dial.
     pub addrs: Vec<SocketAddr>,
-    /// The configured signing key, if any.
+    /// The configured signing key, or the ticket's.
     pub public_key: Option<signing::PublicKey>,
+    /// The ticket presented with every call, from `ticket_file`; without
+    /// one the builder must list this client as trusted.
+    pub ticket: Option<Ticket>,
+    /// What Nix's scheduler may send there.
+    pub scheduling: Scheduling,
     /// The file the entry came from.
     pub source: PathBuf,
 }
@@ -402,10 +452,22 @@ pub fn builders_files() -> Vec<PathBuf> {
     files
 }
 
-/// Looks up the builder `name` in `files` (later files win).
-pub fn find_builder(files: &[PathBuf], name: &str) -> Result<NamedBuilder, ConfigError> {
-    let mut found: Option<(BuilderEntry, &PathBuf)> = None;
-    let mut names = Vec::new();
+/// Whether `name` can name a builder: it goes verbatim into a machine
+/// line's URI (`remote-store=NAME`), so it needs no escaping there.
+fn is_builder_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Builder entries by name, each with the file it came from.
+type Entries<'a> = BTreeMap<String, (BuilderEntry, &'a PathBuf)>;
+
+/// The entries of `files`, a later file's replacing a same-named earlier
+/// one; `None` when no file exists.
+fn read_entries(files: &[PathBuf]) -> Result<Option<Entries<'_>>, ConfigError> {
+    let mut entries = BTreeMap::new();
     let mut read_any = false;
     for path in files {
         let file: BuildersFile = match read_json(path) {
@@ -416,68 +478,153 @@ pub fn find_builder(files: &[PathBuf], name: &str) -> Result<NamedBuilder, Confi
             Err(err) => return Err(err),
         };
         read_any = true;
-        for (entry_name, entry) in file.builders {
-            if entry_name == name {
-                found = Some((entry, path));
-            } else if !names.contains(&entry_name) {
-                names.push(entry_name);
+        for (name, entry) in file.builders {
+            if !is_builder_name(&name) {
+                return Err(ConfigError::Invalid {
+                    path: path.clone(),
+                    message: format!(
+                        "builder name {name:?} may hold only letters, digits and . _ - (it goes into Nix's machine lines); rename it"
+                    ),
+                });
             }
+            entries.insert(name, (entry, path));
         }
     }
-    let listing = files
+    Ok(read_any.then_some(entries))
+}
+
+fn listing(files: &[PathBuf]) -> String {
+    files
         .iter()
         .map(|path| path.display().to_string())
         .collect::<Vec<_>>()
-        .join(", ");
-    let Some((entry, path)) = found else {
-        let message = if !read_any {
+        .join(", ")
+}
+
+/// Looks up the builder `name` in `files` (later files win).
+pub fn find_builder(files: &[PathBuf], name: &str) -> Result<NamedBuilder, ConfigError> {
+    let not_found = |message: String| ConfigError::Invalid {
+        path: files.last().cloned().unwrap_or_default(),
+        message,
+    };
+    let Some(mut entries) = read_entries(files)? else {
+        return Err(not_found(format!(
+            "no builders file exists (looked at {}); add the builder there or use --server/--ticket",
+            listing(files)
+        )));
+    };
+    let Some((entry, path)) = entries.remove(name) else {
+        return Err(not_found(if entries.is_empty() {
             format!(
-                "no builders file exists (looked at {listing}); add the builder there or use --server/--ticket"
+                "no builder named {name:?}: the builders files ({}) define none",
+                listing(files)
             )
-        } else if names.is_empty() {
-            format!("no builder named {name:?}: the builders files ({listing}) define none")
         } else {
             format!(
                 "no builder named {name:?}; configured builders: {}",
-                names.join(", ")
+                entries.into_keys().collect::<Vec<_>>().join(", ")
             )
-        };
-        return Err(ConfigError::Invalid {
-            path: files.last().cloned().unwrap_or_default(),
-            message,
-        });
+        }));
     };
+    resolve(name, entry, path)
+}
+
+/// Every builder of the builders file `file`, resolved, in name order.
+pub fn all_builders(file: &Path) -> Result<Vec<NamedBuilder>, ConfigError> {
+    let files = [file.to_owned()];
+    let invalid = |message: &str| ConfigError::Invalid {
+        path: file.to_owned(),
+        message: message.to_owned(),
+    };
+    let entries = read_entries(&files)?
+        .ok_or_else(|| invalid("the file does not exist; add the builders there"))?;
+    if entries.is_empty() {
+        return Err(invalid("the file defines no builders"));
+    }
+    entries
+        .into_iter()
+        .map(|(name, (entry, path))| resolve(&name, entry, path))
+        .collect()
+}
+
+/// Checks an entry and fills in what it leaves to its ticket or to the
+/// defaults.
+fn resolve(name: &str, entry: BuilderEntry, path: &Path) -> Result<NamedBuilder, ConfigError> {
     let invalid = |message: String| ConfigError::Invalid {
-        path: path.clone(),
-        message,
+        path: path.to_owned(),
+        message: format!("builder {name:?}: {message}"),
     };
-    let endpoint_id = match (&entry.endpoint_id, &entry.endpoint_id_file) {
-        (Some(id), None) => *id,
-        (None, Some(file)) => {
+    let ticket = entry
+        .ticket_file
+        .as_deref()
+        .map(keys::load_ticket)
+        .transpose()
+        .map_err(|source| ConfigError::TicketFile {
+            path: path.to_owned(),
+            name: name.to_owned(),
+            source,
+        })?;
+    let endpoint_id = match (&entry.endpoint_id, &entry.endpoint_id_file, &ticket) {
+        (Some(_), Some(_), _) => {
+            return Err(invalid(
+                "sets both endpoint_id and endpoint_id_file; keep exactly one".to_owned(),
+            ));
+        }
+        (Some(id), None, _) => *id,
+        (None, Some(file), _) => {
             let text = fs::read_to_string(file).map_err(|source| ConfigError::Read {
                 path: file.clone(),
                 source,
             })?;
             text.trim().parse().map_err(|_| {
                 invalid(format!(
-                    "builder {name:?}: {} does not hold an endpoint id (64 hex characters)",
+                    "{} does not hold an endpoint id (64 hex characters)",
                     file.display()
                 ))
             })?
         }
-        _ => {
-            return Err(invalid(format!(
-                "builder {name:?} must set exactly one of endpoint_id and endpoint_id_file"
-            )));
+        (None, None, Some(ticket)) => ticket.builder_id(),
+        (None, None, None) => {
+            return Err(invalid(
+                "set exactly one of endpoint_id and endpoint_id_file, or a ticket_file".to_owned(),
+            ));
         }
     };
+    let from_ticket = ticket.as_ref().map(Ticket::builder);
+    let relay_url = entry.relay_url.or_else(|| {
+        from_ticket
+            .and_then(|addr| addr.relay_urls().next())
+            .map(ToString::to_string)
+    });
+    let addrs = if entry.addrs.is_empty() {
+        from_ticket
+            .map(|addr| addr.ip_addrs().copied().collect())
+            .unwrap_or_default()
+    } else {
+        entry.addrs
+    };
+    let public_key = entry
+        .public_key
+        .or_else(|| ticket.as_ref().map(|ticket| ticket.signing_key().clone()));
+    let scheduling = Scheduling {
+        systems: entry
+            .systems
+            .unwrap_or_else(|| vec![machines::local_system()]),
+        max_jobs: entry.max_jobs,
+        speed_factor: entry.speed_factor,
+        supported_features: entry.supported_features,
+        mandatory_features: entry.mandatory_features,
+    };
+    scheduling.validate().map_err(invalid)?;
     Ok(NamedBuilder {
         name: name.to_owned(),
         endpoint_id,
-        relay_url: entry.relay_url,
-        addrs: entry.addrs,
-        public_key: entry.public_key,
-        source: path.clone(),
+        relay_url,
+        addrs,
+        public_key,
+        ticket,
+        scheduling,
+        source: path.to_owned(),
     })
 }
 
@@ -650,6 +797,188 @@ mod tests {
                 .to_string(),
             ID_A
         );
+    }
+
+    /// A ticket for a builder with one direct address and a relay, in a
+    /// private file.
+    fn ticket_file(dir: &Path) -> (Ticket, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+
+        let builder = iroh::EndpointAddr::new(ID_A.parse().unwrap())
+            .with_ip_addr("192.0.2.1:7000".parse().unwrap())
+            .with_relay_url("https://relay.example.org./".parse().unwrap());
+        let signing_key = signing::SecretKey::generate("drv-thru-test-1")
+            .unwrap()
+            .to_public();
+        let ticket = Ticket::new(
+            builder,
+            signing_key,
+            crate::ticket::TicketId::generate(),
+            crate::ticket::BearerSecret::from_bytes([7; 32]),
+        );
+        let path = write(dir, "ticket", &format!("{ticket}\n"));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        (ticket, path)
+    }
+
+    fn builders_json(dir: &Path, entry: &str) -> PathBuf {
+        write(
+            dir,
+            "builders.json",
+            &format!(r#"{{"builders": {{"farm": {entry}}}}}"#),
+        )
+    }
+
+    #[test]
+    fn ticket_file_entry_takes_address_and_key_from_the_ticket() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ticket, file) = ticket_file(dir.path());
+        let only_ticket = builders_json(
+            dir.path(),
+            &format!(r#"{{"ticket_file": "{}"}}"#, file.display()),
+        );
+        let found = find_builder(&[only_ticket], "farm").unwrap();
+        assert_eq!(found.endpoint_id.to_string(), ID_A);
+        assert_eq!(found.addrs, ["192.0.2.1:7000".parse().unwrap()]);
+        assert_eq!(
+            found.relay_url.as_deref(),
+            Some("https://relay.example.org./")
+        );
+        assert_eq!(found.public_key.as_ref(), Some(ticket.signing_key()));
+        assert_eq!(found.ticket.unwrap().id(), ticket.id());
+
+        let other_key = signing::SecretKey::generate("drv-thru-test-2")
+            .unwrap()
+            .to_public();
+        let overridden = builders_json(
+            dir.path(),
+            &format!(
+                r#"{{"ticket_file": "{}", "endpoint_id": "{ID_B}", "addrs": ["127.0.0.1:9"], "public_key": "{other_key}"}}"#,
+                file.display()
+            ),
+        );
+        let found = find_builder(&[overridden], "farm").unwrap();
+        assert_eq!(found.endpoint_id.to_string(), ID_B);
+        assert_eq!(found.addrs, ["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(found.public_key, Some(other_key));
+        assert!(found.ticket.is_some());
+    }
+
+    #[test]
+    fn unusable_ticket_files_are_refused_with_the_reason() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (_, readable) = ticket_file(dir.path());
+        fs::set_permissions(&readable, fs::Permissions::from_mode(0o644)).unwrap();
+        let garbage = write(dir.path(), "garbage", "drvthruoops\n");
+        fs::set_permissions(&garbage, fs::Permissions::from_mode(0o600)).unwrap();
+        for (file, needle) in [
+            (dir.path().join("missing"), "the file does not exist"),
+            (readable, "chmod 600"),
+            (garbage, "does not hold a valid drv-thru ticket"),
+        ] {
+            let builders = builders_json(
+                dir.path(),
+                &format!(r#"{{"ticket_file": "{}"}}"#, file.display()),
+            );
+            let err = find_builder(&[builders], "farm").unwrap_err();
+            let message = format!("{:#}", anyhow::Error::from(err));
+            assert!(
+                message.contains("builder \"farm\": unusable ticket_file")
+                    && message.contains(needle),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn scheduling_defaults_to_one_job_on_this_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let builders = builders_json(dir.path(), &format!(r#"{{"endpoint_id": "{ID_A}"}}"#));
+        let scheduling = find_builder(&[builders], "farm").unwrap().scheduling;
+        assert_eq!(
+            scheduling,
+            Scheduling {
+                systems: vec![machines::local_system()],
+                max_jobs: 1,
+                speed_factor: 1,
+                supported_features: Vec::new(),
+                mandatory_features: Vec::new(),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_entries_are_refused_with_what_to_change() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, needle) in [
+            (
+                format!(r#"{{"builders": {{"a b": {{"endpoint_id": "{ID_A}"}}}}}}"#),
+                r#"builder name "a b" may hold only letters, digits and . _ -"#,
+            ),
+            (
+                format!(
+                    r#"{{"builders": {{"farm": {{"endpoint_id": "{ID_A}", "max_jobs": 0}}}}}}"#
+                ),
+                r#"builder "farm": max_jobs must be at least 1"#,
+            ),
+            (
+                format!(
+                    r#"{{"builders": {{"farm": {{"endpoint_id": "{ID_A}", "systems": []}}}}}}"#
+                ),
+                "systems must name at least one system",
+            ),
+            (
+                format!(
+                    r#"{{"builders": {{"farm": {{"endpoint_id": "{ID_A}", "speed_factor": -1}}}}}}"#
+                ),
+                "invalid value",
+            ),
+            (
+                format!(r#"{{"builders": {{"farm": {{"endpoint_id": "{ID_A}", "max_job": 2}}}}}}"#),
+                "unknown field `max_job`",
+            ),
+            (
+                r#"{"builders": {"farm": {}}}"#.to_owned(),
+                "set exactly one of endpoint_id and endpoint_id_file, or a ticket_file",
+            ),
+        ] {
+            let err = find_builder(&[write(dir.path(), "b.json", &text)], "farm")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn all_builders_lists_a_file_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "builders.json",
+            &format!(
+                r#"{{"builders": {{"b": {{"endpoint_id": "{ID_A}"}}, "a": {{"endpoint_id": "{ID_B}", "max_jobs": 4}}}}}}"#
+            ),
+        );
+        let summary: Vec<_> = all_builders(&file)
+            .unwrap()
+            .into_iter()
+            .map(|builder| (builder.name, builder.scheduling.max_jobs))
+            .collect();
+        assert_eq!(summary, [("a".to_owned(), 4), ("b".to_owned(), 1)]);
+
+        let empty = write(dir.path(), "empty.json", r#"{"builders": {}}"#);
+        for (file, needle) in [
+            (
+                dir.path().join("none.json"),
+                "none.json: the file does not exist",
+            ),
+            (empty, "empty.json: the file defines no builders"),
+        ] {
+            let err = all_builders(&file).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 
     #[test]

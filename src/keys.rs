@@ -189,6 +189,23 @@ pub fn load_or_create_endpoint_key(path: &Path) -> Result<iroh::SecretKey, KeyEr
         .map(|bytes| iroh::SecretKey::from_bytes(&bytes))
 }
 
+/// Reads a ticket kept in a file (a builders.json entry's `ticket_file`):
+/// its bearer secret is as sensitive as a key, so the file gets the same
+/// ownership and mode checks.
+pub fn load_ticket(path: &Path) -> Result<crate::ticket::Ticket, KeyError> {
+    let text = read_private(path)?.ok_or_else(|| KeyError::Io {
+        action: "reading",
+        path: path.to_owned(),
+        source: io::Error::new(io::ErrorKind::NotFound, "the file does not exist"),
+    })?;
+    text.parse()
+        .map_err(|err: crate::ticket::TicketParseError| KeyError::Malformed {
+            path: path.to_owned(),
+            kind: "drv-thru ticket",
+            reason: err.to_string(),
+        })
+}
+
 /// The default client key file: `$XDG_CONFIG_HOME/drv-thru/secret.key`,
 /// falling back to `~/.config/drv-thru/secret.key`.
 pub fn default_client_key_path() -> Option<PathBuf> {

@@ -10,6 +10,8 @@
 //! - [`nix`]: store paths, hashes, NARs, narinfo, signatures, `.drv` files.
 //! - [`ticket`]: the `drvthru…` ticket string.
 //! - [`units`]: durations and byte sizes as people write them.
+//! - [`worker_protocol`]: Nix's worker protocol, the store side, as
+//!   `drv-thru --stdio` speaks it to the local Nix.
 //! - [`proto`]: the generated `drvthru.v1` code, fenced off, and the wire
 //!   constants (ALPN, refusal metadata key).
 //!
@@ -27,7 +29,8 @@
 //!   state they use, the auth layer and the one error type that maps every
 //!   refusal to a status.
 //! - [`client`]: reaching a builder, and one remote build from an evaluated
-//!   derivation to its signed outputs in the local store.
+//!   derivation to its signed outputs in the local store; also the store
+//!   Nix's own scheduler builds through (`client::stdio_store`).
 //! - [`loopback_cache`]: binary caches served to the local Nix over
 //!   loopback HTTP, so Nix imports while the data still arrives.
 //! - [`config`]: the server's JSON config and the client's `builders.json`.
@@ -62,6 +65,7 @@ pub mod store_nar;
 pub mod ticket;
 pub mod transport;
 pub mod units;
+pub mod worker_protocol;
 
 #[cfg(test)]
 #[path = "../tests/support/two_stores.rs"]

@@ -149,8 +149,8 @@ pub enum NixCmdError {
     /// An argument cannot be passed to Nix safely.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// A path offered for [`Nix::add_content_addressed_from_cache`] is not properly
-    /// content-addressed, or its narinfo cannot be used.
+    /// A path offered for [`Nix::add_verifiable_from_cache`] is neither properly
+    /// content-addressed nor signed, or its narinfo cannot be used.
     #[error("cannot add {path} from {cache}: {reason}")]
     NotContentAddressed {
         /// The path.
@@ -192,7 +192,7 @@ pub struct EvalFlags {
 }
 
 /// A binary cache a server serves over HTTP in front of a directory, for
-/// [`Nix::add_content_addressed_from_cache`].
+/// [`Nix::add_verifiable_from_cache`].
 #[derive(Debug, Clone, Copy)]
 pub struct ServedCache<'a> {
     /// Its URL.
@@ -459,6 +459,27 @@ impl Nix {
         Ok(refs)
     }
 
+    /// The output paths of the given valid derivations, sorted and without duplicates.
+    ///
+    /// Runs `nix-store --query --outputs`, in batches.
+    pub async fn derivation_outputs(
+        &self,
+        drvs: &[StorePath],
+    ) -> Result<Vec<StorePath>, NixCmdError> {
+        let mut outputs = BTreeSet::new();
+        for batch in batches(drvs) {
+            let mut args: Vec<OsString> = vec!["--query".into(), "--outputs".into()];
+            args.extend(batch.iter().map(|p| OsString::from(p.to_string())));
+            let line = self.command_line(Program::NixStore, args);
+            let output = self.run_ok(&line).await?;
+            outputs.extend(
+                parse::path_lines(&output.stdout_text())
+                    .map_err(|reason| output.parse_error(&line, reason))?,
+            );
+        }
+        Ok(outputs.into_iter().collect())
+    }
+
     /// What the store knows about the given paths: hashes, sizes, references, deriver, content
     /// address and signatures. Paths that are not valid are left out; the rest come in the order
     /// given.
@@ -604,20 +625,25 @@ impl Nix {
             .await
     }
 
-    /// Adds content-addressed paths (`.drv` files, sources, fixed outputs) from a `file://` binary
-    /// cache in `dir` to the store, without needing signatures or a trusted user.
+    /// Adds paths from a `file://` binary cache in `dir` to the store, without needing a trusted
+    /// user: content-addressed paths (`.drv` files, sources, fixed outputs), and input-addressed
+    /// paths whose narinfos carry signatures, which the store checks against its own
+    /// `trusted-public-keys`.
     ///
-    /// The cache holds `<hash>.narinfo` files (with `CA:` and `References:`) and the NARs they
-    /// point to, as drv-thru's builder writes them from an upload. Nix accepts a content-addressed
-    /// path from a binary cache without a signature because it recomputes the store path from the
-    /// content address, name and references, and refuses the NAR if its content does not match
-    /// the content address (`ca hash mismatch`); this works the same for an ordinary user through
-    /// a nix-daemon (checked on Nix 2.8 and 2.26).
+    /// The cache holds `<hash>.narinfo` files (with `References:`, and `CA:` or `Sig:`) and the
+    /// NARs they point to, as drv-thru's builder writes them from an upload. Nix accepts a
+    /// content-addressed path from a binary cache without a signature because it recomputes the
+    /// store path from the content address, name and references, and refuses the NAR if its
+    /// content does not match the content address (`ca hash mismatch`); this works the same for an
+    /// ordinary user through a nix-daemon (checked on Nix 2.8 and 2.26). An input-addressed path
+    /// needs a signature by a trusted key: the copy runs with `require-sigs` on, which a daemon
+    /// enforces for users that are not trusted anyway.
     ///
-    /// Before running Nix, every narinfo of `paths` is read and its content address checked against
-    /// its store path, name and references, so nothing else can be smuggled in: a narinfo that fails
-    /// this is refused with [`NixCmdError::NotContentAddressed`] (Nix 2.26 would even abort on a
-    /// narinfo whose references disagree with its path). Only `paths` are copied
+    /// Before running Nix, every narinfo of `paths` is read and checked: a content address must
+    /// give back its store path from its name and references, and a narinfo without one must carry
+    /// signatures, so nothing else can be smuggled in: a narinfo that fails this is refused with
+    /// [`NixCmdError::NotContentAddressed`] (Nix 2.26 would even abort on a narinfo whose
+    /// references disagree with its path). Only `paths` are copied
     /// (`--no-recursive`), in dependency order; any reference outside `paths` must already be
     /// valid. Missing `nar/`, `realisations/` and `log/` directories and `nix-cache-info` are
     /// created first, as Nix wants to create them even when only reading. Afterwards every path
@@ -625,7 +651,7 @@ impl Nix {
     ///
     /// With `served_at`, Nix reads the cache from there instead: a server in front of `dir` that
     /// may still be receiving the NARs while Nix reads them.
-    pub async fn add_content_addressed_from_cache(
+    pub async fn add_verifiable_from_cache(
         &self,
         dir: &Path,
         served_at: Option<ServedCache<'_>>,
@@ -640,9 +666,10 @@ impl Nix {
             command: format!("preparing {}", dir.display()),
             source,
         })?;
+        // Signed paths are checked by Nix itself, whatever the configuration says.
+        let mut options = vec![("require-sigs".to_owned(), "true".to_owned())];
         // A server may hold a NAR back while the rest of an upload arrives;
         // its owner, not a timeout, decides when that has taken too long.
-        let mut options = Vec::new();
         if let Some(served) = served_at {
             options.push(("stalled-download-timeout".to_owned(), "86400".to_owned()));
             if let Some(netrc) = served.netrc_file {

@@ -9,6 +9,8 @@
 //! - [`error`]: every refusal and failure, and its one mapping to a status.
 //! - [`sessions`]: the admitted sessions, their limits and what they may read.
 //! - [`declared_input`]: the inputs a client announces, checked.
+//! - [`signed_inputs`]: which announced signed inputs (built elsewhere) the
+//!   builder asks for.
 //! - [`upload`]: receiving a session's inputs and importing them.
 //! - [`build_queue`]: the build slots and running one session's build.
 //! - [`cache`]: the signed output cache in `DATA_DIR/cache`.
@@ -38,6 +40,7 @@ pub mod nar_file;
 pub mod resources;
 pub mod service;
 pub mod sessions;
+pub mod signed_inputs;
 pub mod status;
 pub mod ticket_store;
 pub mod upload;
@@ -392,6 +395,33 @@ impl Signals {
 /// authenticate must not make the builder hold megabytes.
 const PUBLIC_MESSAGE_SIZE: usize = 16 << 10;
 
+/// Server reflection describing exactly the services the builder serves:
+/// `proto::FILE_DESCRIPTOR_SET` also holds the import helper's, which only
+/// the helper serves. Both reflection versions are listed, since tools ask
+/// for one or the other (grpcurl v1, grpcio-reflection's client v1alpha).
+fn reflection_of_the_builder() -> tonic_reflection::server::Builder<'static> {
+    [
+        proto::builder_server::SERVICE_NAME,
+        proto::tickets_server::SERVICE_NAME,
+        proto::cache_server::SERVICE_NAME,
+        tonic_health::pb::health_server::SERVICE_NAME,
+        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+        tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+    ]
+    .into_iter()
+    .fold(
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ),
+        |builder, name| builder.with_service_name(name),
+    )
+}
+
 /// The services every transport serves.
 struct Services {
     builder: Arc<BuilderService>,
@@ -424,11 +454,15 @@ impl Services {
                 .set_serving::<CacheServer<CacheService>>()
                 .await;
         });
-        let reflection = reflection.then(|| {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection_v1 = reflection.then(|| {
+            reflection_of_the_builder()
                 .build_v1()
+                .expect("the embedded descriptor sets are valid")
+                .max_decoding_message_size(PUBLIC_MESSAGE_SIZE)
+        });
+        let reflection_v1alpha = reflection.then(|| {
+            reflection_of_the_builder()
+                .build_v1alpha()
                 .expect("the embedded descriptor sets are valid")
                 .max_decoding_message_size(PUBLIC_MESSAGE_SIZE)
         });
@@ -440,7 +474,8 @@ impl Services {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(self.layer.clone())
             .add_service(health.max_decoding_message_size(PUBLIC_MESSAGE_SIZE))
-            .add_optional_service(reflection)
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
             .add_service(
                 BuilderServer::from_arc(self.builder.clone())
                     .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),

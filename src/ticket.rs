@@ -110,13 +110,28 @@ impl BearerSecret {
         format!("Bearer {id}.{}", data_encoding::HEXLOWER.encode(&self.0))
     }
 
-    /// Parses an `authorization` metadata value made by [`Self::authorization`].
+    /// Parses an `authorization` metadata value: `Bearer <id>.<secret>` as
+    /// [`Self::authorization`] makes it, read as leniently as RFC 9110
+    /// allows a stock client to vary it: the scheme in any case, one or more
+    /// spaces after it, hex digits in either case, and surrounding
+    /// whitespace. `proto/README.md` documents exactly this.
     pub fn from_authorization(value: &str) -> Option<(TicketId, BearerSecret)> {
-        let token = value.strip_prefix("Bearer ")?;
-        let (id, secret) = token.split_once('.')?;
-        let secret = data_encoding::HEXLOWER.decode(secret.as_bytes()).ok()?;
-        Some((id.parse().ok()?, BearerSecret(secret.try_into().ok()?)))
+        let (scheme, token) = value.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("Bearer") {
+            return None;
+        }
+        let (id, secret) = token.trim_start_matches(' ').split_once('.')?;
+        Some((TicketId(hex_array(id)?), BearerSecret(hex_array(secret)?)))
     }
+}
+
+/// Exactly `N` bytes from hex digits of either case, and nothing else.
+fn hex_array<const N: usize>(text: &str) -> Option<[u8; N]> {
+    data_encoding::HEXLOWER_PERMISSIVE
+        .decode(text.as_bytes())
+        .ok()?
+        .try_into()
+        .ok()
 }
 
 impl fmt::Debug for BearerSecret {
@@ -376,6 +391,60 @@ mod tests {
         assert_eq!(back.to_string(), text);
     }
 
+    /// The worked example in `proto/README.md` ("The ticket string").
+    const EXAMPLE: &str = "drvthruagfiry65oqe7dfp5klns2pf2lvzmuzyjx4ozieq36n2iqanub5xvyaareizuivlgo4aacaqdaqcqmbyibefawdanbyhraeiscmkbkfqxdamrugy4dupb6clcovuwyzdfoiwtdajzo4hkq7ixl5lkgvdgyngh5tglrwfjdnhog6rf35qploh4tm4uaalgq5duobztulzpojswyylzfzsxqylnobwgklybataaaaqhcfiwiwwstu";
+
+    fn example() -> Ticket {
+        let builder = EndpointAddr::new(iroh::SecretKey::from_bytes(&[1; 32]).public())
+            .with_relay_url("https://relay.example/".parse().unwrap())
+            .with_ip_addr("192.0.2.7:4433".parse().unwrap());
+        let key = *iroh::SecretKey::from_bytes(&[2; 32]).public().as_bytes();
+        Ticket::new(
+            builder,
+            signing::PublicKey::from_parts("builder-1", key).unwrap(),
+            "0011223344556677".parse().unwrap(),
+            BearerSecret(std::array::from_fn(|i| i as u8)),
+        )
+    }
+
+    #[test]
+    fn the_documented_example_is_what_a_ticket_encodes_to() {
+        let readme = include_str!("../proto/README.md");
+        let ticket = example();
+        assert_eq!(ticket.to_string(), EXAMPLE);
+        assert!(
+            readme.contains(EXAMPLE),
+            "proto/README.md lacks the example"
+        );
+        // The README lists the record field by field, each line's first
+        // word a field's bytes in hex.
+        let listed: String = readme
+            .split_once("```text\n01 ")
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(block, _)| {
+                std::iter::once("01")
+                    .chain(
+                        block
+                            .lines()
+                            .skip(1)
+                            .filter_map(|line| line.split_whitespace().next()),
+                    )
+                    .collect()
+            })
+            .expect("proto/README.md lists the example record");
+        assert_eq!(
+            listed,
+            data_encoding::HEXLOWER.encode(&ticket.encode_record())
+        );
+        let authorization = ticket.secret().authorization(ticket.id());
+        assert!(
+            readme.contains(&format!("authorization: {authorization}\n")),
+            "proto/README.md lacks {authorization:?}"
+        );
+        let back: Ticket = EXAMPLE.parse().unwrap();
+        assert_eq!(back.builder(), ticket.builder());
+    }
+
     #[test]
     fn round_trips_without_addresses() {
         let ticket = sample(&[], None);
@@ -423,6 +492,35 @@ mod tests {
         assert!(back_secret.matches(&secret));
         assert!(BearerSecret::from_authorization("Bearer nope").is_none());
         assert!(BearerSecret::from_authorization("Basic abc").is_none());
+    }
+
+    #[test]
+    fn authorization_is_read_as_leniently_as_documented() {
+        let id = "0011223344556677";
+        let secret = "ab".repeat(32);
+        let upper = secret.to_ascii_uppercase();
+        for value in [
+            format!("bearer {id}.{secret}"),
+            format!("BEARER  {id}.{upper}"),
+            format!(" Bearer {}.{secret}\t", id.to_ascii_uppercase()),
+        ] {
+            let (back_id, back_secret) = BearerSecret::from_authorization(&value)
+                .unwrap_or_else(|| panic!("{value:?} refused"));
+            assert_eq!(back_id.to_string(), id);
+            assert!(back_secret.matches(&BearerSecret([0xab; 32])));
+        }
+        for value in [
+            format!("Bearer{id}.{secret}"),
+            format!("Bearer {id} .{secret}"),
+            format!("Bearer {id}.{secret}00"),
+            format!("Bearer {id}.{}", &secret[1..]),
+            format!("Bearer {id}:{secret}"),
+        ] {
+            assert!(
+                BearerSecret::from_authorization(&value).is_none(),
+                "{value:?} accepted"
+            );
+        }
     }
 
     #[test]

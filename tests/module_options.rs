@@ -381,14 +381,25 @@ fn the_flags_the_module_uses_exist() {
             "module.nix no longer uses {expected}"
         );
     }
-    let help: String = ["serve", "import-helper", "build"]
+    let commands: [&[&str]; 5] = [
+        &["serve"],
+        &["import-helper"],
+        &["build"],
+        &["key", "show"],
+        &["ticket", "create"],
+    ];
+    let help: String = commands
         .iter()
         .map(|command| {
             let output = Command::new(env!("CARGO_BIN_EXE_drv-thru"))
-                .args([command, "--help"])
+                .args(command.iter().chain(&["--help"]))
                 .output()
                 .unwrap();
-            assert!(output.status.success(), "drv-thru {command} --help failed");
+            assert!(
+                output.status.success(),
+                "drv-thru {} --help failed",
+                command.join(" ")
+            );
             String::from_utf8(output.stdout).unwrap()
         })
         .collect();

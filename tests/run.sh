@@ -31,15 +31,17 @@ buf lint
 echo "== tests (Nix $(nix --version | awk '{print $NF}'))"
 cargo test --locked
 
-# The end-to-end suite again against a modern Nix: Debian trixie's 2.26 in a
-# root of its own (made once, then reused).
+# The end-to-end suite again against modern Nix: Debian trixie's 2.26 and
+# sid's newest, each in a root of its own (made once, then reused).
 if [[ $(id -u) -eq 0 ]]; then
-  trixie=${DRV_THRU_TRIXIE_ROOT:-/var/cache/drv-thru-tests/trixie}
-  tests/nix/make-trixie-root.sh "$trixie"
-  echo "== integration tests (Nix $(tests/nix/in-trixie.sh "$trixie" nix --version | awk '{print $NF}'))"
-  DRV_THRU_TEST_TRIXIE=$trixie cargo test --locked --test integration
+  for suite in trixie sid; do
+    root=/var/cache/drv-thru-tests/$suite
+    tests/nix/make-debian-root.sh "$suite" "$root"
+    echo "== integration tests (Nix $(tests/nix/in-root.sh "$root" nix --version | awk '{print $NF}'), Debian $suite)"
+    DRV_THRU_TEST_TRIXIE=$root cargo test --locked --test integration
+  done
 else
-  echo "== skipping the Nix 2.26 run: it needs root"
+  echo "== skipping the runs on modern Nix: they need root"
 fi
 
 # The benchmark, small: it must keep working; its timings are not checked.

@@ -129,7 +129,7 @@ mod tests {
     fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
         let cli = Cli::try_parse_from(["drv-thru", "serve"].iter().chain(argv))?;
         match cli.command {
-            Command::Serve(args) => Ok(args),
+            Some(Command::Serve(args)) => Ok(args),
             other => panic!("parsed as {other:?}"),
         }
     }

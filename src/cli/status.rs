@@ -122,6 +122,7 @@ fn phase_name(phase: BuildPhase) -> &'static str {
         BuildPhase::Uploading => "uploading",
         BuildPhase::Building => "building",
         BuildPhase::ServingOutputs => "serving outputs",
+        BuildPhase::WaitingForClient => "waiting for client",
         BuildPhase::Unspecified => "unknown",
     }
 }

@@ -6,13 +6,17 @@
 //! through an [`Observer`] and decides what a signal interrupts; this module
 //! decides nothing about the terminal.
 
-use std::{collections::BTreeMap, future::Future, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::Path,
+};
 
 use anyhow::{Context, anyhow, bail};
 use tokio::sync::OnceCell;
 
 use super::{
-    Connection, Target, bind,
+    BuilderChannel, Connection, Target, bind,
     cache_proxy::CacheProxy,
     dial,
     session::{self, RemoteSession},
@@ -20,8 +24,8 @@ use super::{
 };
 use crate::{
     nix::{signing::PublicKey, store_path::StorePath},
-    nixcmd::{EvalFlags, Evaluated, Nix, PathInfo},
-    proto::{BuildResult, build_response::Event},
+    nixcmd::{EvalFlags, Evaluated, Nix, NixCmdError, PathInfo},
+    proto::{self, BuildResult, build_response::Event},
     transport::endpoint::RelayChoice,
 };
 
@@ -66,6 +70,11 @@ pub struct Plan {
     pub outputs: BTreeMap<String, StorePath>,
     /// The derivation's closure, offered to the builder as inputs.
     pub inputs: Vec<PathInfo>,
+    /// Paths built elsewhere that the local store holds with signatures:
+    /// outputs of the closure's derivations and the signed paths they refer
+    /// to. Offered to the builder, which takes those signed by a key it
+    /// trusts instead of building them.
+    pub signed: Vec<PathInfo>,
 }
 
 /// How a remote build may be run.
@@ -136,21 +145,24 @@ impl RemoteBuild {
         // A refusal here costs no ticket use and no upload.
         let import = OutputImport::prepare(nix, target.trusted_signing_key());
         let inputs = async {
-            anyhow::Ok(
-                nix.closure_infos(std::slice::from_ref(&evaluated.drv_path))
-                    .await?,
-            )
+            let closure = nix
+                .closure_infos(std::slice::from_ref(&evaluated.drv_path))
+                .await?;
+            let signed = built_elsewhere(nix, &evaluated.drv_path, &closure).await;
+            anyhow::Ok((closure, signed))
         };
         let connection = async {
             let endpoint = endpoint.get_or_try_init(|| bind(relay, key_file)).await?;
             dial(endpoint, target).await
         };
         let (import, inputs, connection) = tokio::join!(import, inputs, connection);
+        let (inputs, signed) = inputs?;
         Ok(Self {
             import: import?,
             connection: connection?,
             plan: Plan {
-                inputs: inputs?,
+                inputs,
+                signed,
                 drv: evaluated.drv_path,
                 outputs: evaluated.outputs,
             },
@@ -172,65 +184,38 @@ impl RemoteBuild {
         options: BuildOptions,
         observer: &mut impl Observer,
     ) -> anyhow::Result<Outcome> {
-        let Self {
-            import,
-            connection,
-            plan,
-        } = self;
-        let mut session = RemoteSession::open(
-            connection.channel.clone(),
-            &plan.drv,
-            session::inputs(&plan.inputs),
+        let import = &self.import;
+        let built = build_in_session(
+            &self.connection,
+            nix,
+            &self.plan,
+            options,
+            observer,
+            |key| import.accept_announced(key),
         )
         .await?;
-        import.accept_announced(&session.announced_key)?;
-        // The same streams carry the upload and, after the build, the outputs.
-        let width = match options.bulk_streams {
-            Some(n) => n,
-            None => connection.bulk_width(LONG_PATH_STREAMS).await,
-        };
-        let bulk = connection.bulk_channels(width);
-        if !session.missing.is_empty() {
-            let bytes: u64 = plan
-                .inputs
-                .iter()
-                .filter(|info| session.missing.contains(&info.path))
-                .map(|info| info.nar_size)
-                .sum();
-            let report = observer.uploading(session.missing.len(), bytes);
-            let uploaded = session.upload(nix, bulk.clone(), report).await;
-            observer.uploaded();
-            uploaded?;
+        if built.finished.result() != BuildResult::Succeeded {
+            return Ok(Outcome::Failed(built.finished.message));
         }
-        let mut events = session.build(options.rebuild).await?;
-        let finished = loop {
-            match events.next().await {
-                Ok(Event::Finished(finished)) => break Ok(finished),
-                Ok(event) => observer.build_event(event).await,
-                Err(err) => break Err(err),
-            }
-        };
-        observer.build_ended().await;
-        let finished = finished?;
-        if finished.result() != BuildResult::Succeeded {
-            return Ok(Outcome::Failed(finished.message));
-        }
-        // Import only what was asked for, even if the derivation has more outputs.
-        let outputs: BTreeMap<String, StorePath> = session::outputs(&finished)?
-            .into_iter()
-            .filter(|(name, _)| plan.outputs.contains_key(name))
-            .collect();
-        if let Some(name) = plan
-            .outputs
-            .keys()
-            .find(|name| !outputs.contains_key(*name))
-        {
-            bail!("the builder did not report the requested output {name:?}");
-        }
+        let outputs = built.requested_outputs(&self.plan)?;
+        self.import(nix, built, &outputs, observer).await?;
+        Ok(Outcome::Built(outputs))
+    }
+
+    /// Imports `outputs` of a successful build into the local store by the
+    /// route decided in [`Self::prepare`].
+    async fn import(
+        &mut self,
+        nix: &Nix,
+        built: SessionBuild,
+        outputs: &BTreeMap<String, StorePath>,
+        observer: &mut impl Observer,
+    ) -> anyhow::Result<()> {
+        let import = &mut self.import;
         let proxy = CacheProxy::start(
-            bulk,
-            width,
-            session.id.clone(),
+            built.bulk,
+            built.width,
+            built.session.id.clone(),
             import.required_key().cloned(),
             nix.clone(),
         )
@@ -261,13 +246,150 @@ impl RemoteBuild {
             }
         }
         tracing::info!(bytes = proxy.bytes_received(), "outputs imported");
-        Ok(Outcome::Built(outputs))
+        Ok(())
     }
 
     /// Closes the connection, telling the builder we are gone.
     pub async fn close(self) {
         self.connection.close().await;
     }
+}
+
+/// A build that ran in an open session; its outputs, if any, are still on
+/// the builder, served by its `Cache` service under the session's id.
+#[derive(Debug)]
+pub struct SessionBuild {
+    /// The session.
+    pub session: RemoteSession,
+    /// Channels for bulk transfers, shared by the upload and the outputs.
+    pub bulk: Vec<BuilderChannel>,
+    /// How many of them a transfer should use.
+    pub width: usize,
+    /// How the build ended.
+    pub finished: proto::BuildFinished,
+}
+
+impl SessionBuild {
+    /// The outputs of `plan` the builder reported, by name; only those asked
+    /// for, even if the derivation has more.
+    pub fn requested_outputs(&self, plan: &Plan) -> anyhow::Result<BTreeMap<String, StorePath>> {
+        let outputs: BTreeMap<String, StorePath> = session::outputs(&self.finished)?
+            .into_iter()
+            .filter(|(name, _)| plan.outputs.contains_key(name))
+            .collect();
+        if let Some(name) = plan
+            .outputs
+            .keys()
+            .find(|name| !outputs.contains_key(*name))
+        {
+            bail!("the builder did not report the requested output {name:?}");
+        }
+        Ok(outputs)
+    }
+}
+
+/// Opens a session for `plan` on `connection`, uploads the inputs the
+/// builder lacks and builds, reporting to `observer`. `accept_key` judges
+/// the signing key the builder announces, before anything is uploaded.
+/// Imports nothing: the caller decides where the outputs go.
+pub async fn build_in_session(
+    connection: &Connection,
+    nix: &Nix,
+    plan: &Plan,
+    options: BuildOptions,
+    observer: &mut impl Observer,
+    accept_key: impl FnOnce(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<SessionBuild> {
+    let mut session = RemoteSession::open(
+        connection.channel.clone(),
+        &plan.drv,
+        session::inputs(&plan.inputs),
+        session::signed_inputs(&plan.signed),
+    )
+    .await?;
+    accept_key(&session.announced_key)?;
+    // The same streams carry the upload and, after the build, the outputs.
+    let width = match options.bulk_streams {
+        Some(n) => n,
+        None => connection.bulk_width(LONG_PATH_STREAMS).await,
+    };
+    let bulk = connection.bulk_channels(width);
+    if !session.missing.is_empty() {
+        let bytes: u64 = plan
+            .inputs
+            .iter()
+            .chain(&plan.signed)
+            .filter(|info| session.missing.contains(&info.path))
+            .map(|info| info.nar_size)
+            .sum();
+        let report = observer.uploading(session.missing.len(), bytes);
+        let uploaded = session.upload(nix, bulk.clone(), report).await;
+        observer.uploaded();
+        uploaded?;
+    }
+    let mut events = session.build(options.rebuild).await?;
+    let finished = loop {
+        match events.next().await {
+            Ok(Event::Finished(finished)) => break Ok(finished),
+            Ok(event) => observer.build_event(event).await,
+            Err(err) => break Err(err),
+        }
+    };
+    observer.build_ended().await;
+    Ok(SessionBuild {
+        session,
+        bulk,
+        width,
+        finished: finished?,
+    })
+}
+
+/// The outputs of the derivations in `closure` (but `drv`'s own) that the
+/// local store holds with signatures, and the signed paths they refer to,
+/// outside `closure`. Offering them is only a saving, so a failure to find
+/// them offers none.
+pub async fn built_elsewhere(nix: &Nix, drv: &StorePath, closure: &[PathInfo]) -> Vec<PathInfo> {
+    match signed_outputs(nix, drv, closure).await {
+        Ok(signed) => signed,
+        Err(err) => {
+            tracing::warn!("dependencies built elsewhere are not offered to the builder: {err}");
+            Vec::new()
+        }
+    }
+}
+
+async fn signed_outputs(
+    nix: &Nix,
+    drv: &StorePath,
+    closure: &[PathInfo],
+) -> Result<Vec<PathInfo>, NixCmdError> {
+    let drvs: Vec<StorePath> = closure
+        .iter()
+        .map(|info| &info.path)
+        .filter(|path| path.is_derivation() && *path != drv)
+        .cloned()
+        .collect();
+    if drvs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let outputs = nix.derivation_outputs(&drvs).await?;
+    let signed: Vec<StorePath> = nix
+        .path_info(&outputs)
+        .await?
+        .into_iter()
+        .filter(|info| !info.signatures.is_empty())
+        .map(|info| info.path)
+        .collect();
+    if signed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let in_closure: BTreeSet<&StorePath> = closure.iter().map(|info| &info.path).collect();
+    Ok(nix
+        .closure_infos(&signed)
+        .await?
+        .into_iter()
+        .filter(|info| !info.signatures.is_empty() && !in_closure.contains(&info.path))
+        .collect())
 }
 
 /// Imports the small outputs the proxy spools, if it does; whether that

@@ -116,13 +116,35 @@ pub fn inputs(infos: &[PathInfo]) -> Vec<proto::InputPath> {
         .collect()
 }
 
+/// Describes paths built elsewhere, with their signatures, for
+/// `OpenSession`'s `signed_inputs`.
+pub fn signed_inputs(infos: &[PathInfo]) -> Vec<proto::SignedPath> {
+    infos
+        .iter()
+        .map(|info| proto::SignedPath {
+            store_path: info.path.to_string(),
+            references: info.references.iter().map(ToString::to_string).collect(),
+            nar_hash: info.nar_hash.to_string(),
+            nar_size: info.nar_size,
+            deriver: info
+                .deriver
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            signatures: info.signatures.iter().map(ToString::to_string).collect(),
+        })
+        .collect()
+}
+
 impl RemoteSession {
-    /// Opens a session for `drv` with its closure `inputs` (admission: a
-    /// ticket's use is taken here).
+    /// Opens a session for `drv` with its closure `inputs` and the
+    /// `signed_inputs` the builder may take instead of building them
+    /// (admission: a ticket's use is taken here).
     pub async fn open(
         channel: BuilderChannel,
         drv: &StorePath,
         inputs: Vec<proto::InputPath>,
+        signed_inputs: Vec<proto::SignedPath>,
     ) -> anyhow::Result<Self> {
         let mut builder = BuilderClient::new(channel)
             .max_decoding_message_size(http2::MAX_MESSAGE_SIZE)
@@ -131,6 +153,7 @@ impl RemoteSession {
             .open_session(proto::OpenSessionRequest {
                 drv_path: drv.to_string(),
                 inputs,
+                signed_inputs,
             })
             .await
             .map_err(status_error)?

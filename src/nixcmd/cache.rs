@@ -1,4 +1,5 @@
-//! Checking a `file://` binary cache of content-addressed paths before Nix imports from it.
+//! Checking a `file://` binary cache of content-addressed or signed paths before Nix imports from
+//! it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
@@ -9,8 +10,8 @@ use crate::nix::import_order::{Cycle, ImportGroup, import_groups};
 use crate::nix::narinfo::{MAX_NARINFO_LEN, NarInfo};
 use crate::nix::store_path::StorePath;
 
-/// Reads the narinfo of every path, checks that each is content-addressed and names itself, and
-/// returns the paths (without duplicates) in groups to import one after the other.
+/// Reads the narinfo of every path, checks that each names itself and is content-addressed or
+/// signed, and returns the paths (without duplicates) in groups to import one after the other.
 pub(super) fn check_and_order(
     dir: &Path,
     paths: &[StorePath],
@@ -40,7 +41,8 @@ pub(super) fn check_and_order(
 }
 
 /// Checks one narinfo: it describes `path`, its NAR is inside the cache's `nar/` directory, and its
-/// content address with its name and references gives back `path`.
+/// content address with its name and references gives back `path`; without a content address, it
+/// must carry signatures, which Nix checks (the import requires them).
 fn check(path: &StorePath, info: &NarInfo) -> Result<(), String> {
     if info.store_path != *path {
         return Err(format!("the narinfo describes {}", info.store_path));
@@ -49,7 +51,10 @@ fn check(path: &StorePath, info: &NarInfo) -> Result<(), String> {
         return Err(format!("NAR url {:?} is not a file under nar/", info.url));
     }
     let Some(ca) = &info.ca else {
-        return Err("the narinfo has no CA field".to_owned());
+        if info.signatures.is_empty() {
+            return Err("the narinfo has no CA field and no signature".to_owned());
+        }
+        return Ok(());
     };
     let self_reference = info.references.contains(path);
     let mut references = info.references.clone();
@@ -173,7 +178,14 @@ mod tests {
         info.references.insert(a.clone());
         info.ca = None;
         write(dir.path(), &info);
-        assert!(err(&b).contains("no CA field"));
+        assert!(err(&b).contains("no CA field and no signature"));
+        // Unless it is signed: then Nix checks the signature (signatures required).
+        let key = crate::nix::signing::SecretKey::generate("k-1").unwrap();
+        info.sign(&key);
+        write(dir.path(), &info);
+        let one = std::slice::from_ref(&b);
+        assert_eq!(check_and_order(dir.path(), one).unwrap(), [group(one)]);
+        info.signatures.clear();
 
         // A content address of other bytes.
         info.ca = Some(ContentAddress::Text(Sha256Hash::digest(b"other")));

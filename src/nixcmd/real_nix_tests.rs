@@ -9,7 +9,7 @@
 //!
 //! A test passes with a note on stderr, without checking anything, when `nix` is not on `PATH` or
 //! no mount namespace can be made, unless `CI` is set. To run them against another Nix, run the test binary where that
-//! Nix is installed, e.g. in the trixie root of `tests/nix/in-trixie.sh` (Nix 2.26).
+//! Nix is installed, e.g. in the trixie root of `tests/nix/in-root.sh` (Nix 2.26).
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt as _;
@@ -807,7 +807,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
 
             // Refused by our own check: a narinfo whose references do not give its path.
             let err = untrusted
-                .add_content_addressed_from_cache(&lie_refs, None, &closure)
+                .add_verifiable_from_cache(&lie_refs, None, &closure)
                 .await
                 .unwrap_err();
             assert!(
@@ -816,13 +816,13 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             );
             // Refused by our own check: an input-addressed path.
             let err = untrusted
-                .add_content_addressed_from_cache(&honest, None, std::slice::from_ref(&hello_out))
+                .add_verifiable_from_cache(&honest, None, std::slice::from_ref(&hello_out))
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("no CA field"), "{err}");
             // Refused by Nix: the NAR does not match the content address.
             let err = untrusted
-                .add_content_addressed_from_cache(&lie_nar, None, std::slice::from_ref(&src))
+                .add_verifiable_from_cache(&lie_nar, None, std::slice::from_ref(&src))
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("ca hash mismatch"), "{err}");
@@ -837,7 +837,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
 
             // The honest upload: a .drv referring to another .drv and a builtins.path source.
             untrusted
-                .add_content_addressed_from_cache(&honest, None, &closure)
+                .add_verifiable_from_cache(&honest, None, &closure)
                 .await
                 .unwrap();
             assert!(root_b.invalid_paths(&closure).await.unwrap().is_empty());
@@ -850,7 +850,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             );
             // Adding again is a no-op.
             untrusted
-                .add_content_addressed_from_cache(&honest, None, &closure)
+                .add_verifiable_from_cache(&honest, None, &closure)
                 .await
                 .unwrap();
 
@@ -889,7 +889,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             write_cache(&env.nix, &upload, &closure).await;
             open_up(&upload);
             untrusted
-                .add_content_addressed_from_cache(&upload, None, &closure)
+                .add_verifiable_from_cache(&upload, None, &closure)
                 .await
                 .unwrap();
             let mut run = untrusted

@@ -143,13 +143,15 @@ impl AuthPolicy {
             return Ok(None);
         }
         if let Some(peer) = request.extensions().get::<UnixPeer>() {
-            return if self.admins.allows(peer) {
-                Ok(Some(Principal::LocalAdmin { uid: peer.uid }))
-            } else {
+            return if !self.admins.allows(peer) {
                 warn!(uid = peer.uid, pid = ?peer.pid, "refused admin socket caller");
                 Err(ServerError::NotAdmin {
                     admin_group: self.admin_group_name.clone(),
                 })
+            } else if matches!(access, Access::Admission | Access::Session) {
+                Err(ServerError::AdminCannotBuild)
+            } else {
+                Ok(Some(Principal::LocalAdmin { uid: peer.uid }))
             };
         }
         let Some(peer) = request.extensions().get::<IrohPeer>() else {

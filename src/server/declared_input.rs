@@ -4,56 +4,74 @@ use std::collections::BTreeSet;
 
 use super::error::ServerError;
 use crate::{
-    nix::{content_address::ContentAddress, hash::Sha256Hash, store_path::StorePath},
+    nix::{
+        content_address::ContentAddress, hash::Sha256Hash, narinfo::NarInfo, signing::Signature,
+        store_path::StorePath,
+    },
     proto,
 };
 
-/// An input path as the client announced it, already checked to be
-/// content-addressed as its store path claims.
+/// An input path as the client announced it: content-addressed as its
+/// store path claims, or input-addressed and carrying signatures (which the
+/// builder checks before it asks for the path; see
+/// [`super::signed_inputs`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeclaredInput {
     /// The store path.
     pub path: StorePath,
     /// Its references, without itself.
     pub references: BTreeSet<StorePath>,
-    /// Its content address.
-    pub ca: ContentAddress,
+    /// Whether it refers to itself.
+    pub self_reference: bool,
+    /// What vouches for it.
+    pub proof: Proof,
     /// SHA-256 of its NAR.
     pub nar_hash: Sha256Hash,
     /// Size of its NAR.
     pub nar_size: u64,
 }
 
+/// What makes an input's store path believable to the builder's Nix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// Its content: the store path follows from this content address, which
+    /// the builder and its Nix recompute.
+    ContentAddress(ContentAddress),
+    /// Signatures of its narinfo fingerprint, which the builder's Nix checks
+    /// against its own trusted keys.
+    Signatures {
+        /// The derivation that built it, as the client's store recorded it.
+        deriver: Option<StorePath>,
+        /// The signatures, unverified as announced.
+        signatures: Vec<Signature>,
+    },
+}
+
 impl DeclaredInput {
     /// Parses and checks an announced input: its store path must be exactly
     /// what its content address and references make it. Input-addressed
-    /// paths (outputs of other derivations) are refused: nobody can check
-    /// them, so the builder builds or substitutes them itself.
+    /// paths (outputs of other derivations) are refused here: only their
+    /// signatures can vouch for them, and those come as
+    /// [`Self::signed_from_proto`].
     pub fn from_proto(input: proto::InputPath) -> Result<Self, ServerError> {
         Self::parse(input).map_err(ServerError::InvalidArgument)
     }
 
+    /// Parses an announced signed path. Its signatures are not checked
+    /// here: one the builder does not trust makes the path ignored, not the
+    /// session refused.
+    pub fn signed_from_proto(input: proto::SignedPath) -> Result<Self, ServerError> {
+        Self::parse_signed(input).map_err(ServerError::InvalidArgument)
+    }
+
     fn parse(input: proto::InputPath) -> Result<Self, String> {
-        let path: StorePath = input
-            .store_path
-            .parse()
-            .map_err(|err| format!("input {:?}: {err}", input.store_path))?;
-        let mut references = BTreeSet::new();
-        let mut self_reference = false;
-        for reference in &input.references {
-            let reference: StorePath = reference
-                .parse()
-                .map_err(|err| format!("input {path}: reference {reference:?}: {err}"))?;
-            if reference == path {
-                self_reference = true;
-            } else {
-                references.insert(reference);
-            }
-        }
+        let path = parse_path(&input.store_path)?;
+        let (references, self_reference) = parse_references(&path, &input.references)?;
         if input.content_address.is_empty() {
             return Err(format!(
                 "input {path} is not content-addressed: only .drv files and sources can be uploaded, \
-                 outputs of other derivations are built or substituted by the builder"
+                 outputs of other derivations are built or substituted by the builder \
+                 (or announced with their signatures as signed inputs)"
             ));
         }
         let ca: ContentAddress = input
@@ -68,21 +86,127 @@ impl DeclaredInput {
                 "input {path} does not match its content address {ca} (it would be {computed})"
             ));
         }
-        let nar_hash: Sha256Hash = input
-            .nar_hash
-            .parse()
-            .map_err(|err| format!("input {path}: nar_hash: {err}"))?;
-        if input.nar_size == 0 {
-            return Err(format!("input {path}: nar_size is zero"));
-        }
+        let (nar_hash, nar_size) = parse_nar(&path, &input.nar_hash, input.nar_size)?;
         Ok(Self {
             path,
             references,
-            ca,
+            self_reference,
+            proof: Proof::ContentAddress(ca),
             nar_hash,
-            nar_size: input.nar_size,
+            nar_size,
         })
     }
+
+    fn parse_signed(input: proto::SignedPath) -> Result<Self, String> {
+        let path = parse_path(&input.store_path)?;
+        if path.is_derivation() {
+            return Err(format!(
+                "signed input {path} is a .drv file; announce derivations as inputs"
+            ));
+        }
+        let (references, self_reference) = parse_references(&path, &input.references)?;
+        let (nar_hash, nar_size) = parse_nar(&path, &input.nar_hash, input.nar_size)?;
+        let deriver = match input.deriver.as_str() {
+            "" => None,
+            deriver => Some(
+                deriver
+                    .parse()
+                    .map_err(|err| format!("signed input {path}: deriver {deriver:?}: {err}"))?,
+            ),
+        };
+        let signatures = input
+            .signatures
+            .iter()
+            .map(|signature| {
+                signature
+                    .parse()
+                    .map_err(|err| format!("signed input {path}: signature {signature:?}: {err}"))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            path,
+            references,
+            self_reference,
+            proof: Proof::Signatures {
+                deriver,
+                signatures,
+            },
+            nar_hash,
+            nar_size,
+        })
+    }
+
+    /// Its content address, for a content-addressed input.
+    pub fn content_address(&self) -> Option<&ContentAddress> {
+        match &self.proof {
+            Proof::ContentAddress(ca) => Some(ca),
+            Proof::Signatures { .. } => None,
+        }
+    }
+
+    /// The narinfo the builder's Nix imports it with, its NAR at `url`:
+    /// exactly what the client announced, so what the signatures sign.
+    pub fn narinfo(&self, url: String) -> NarInfo {
+        let mut references = self.references.clone();
+        if self.self_reference {
+            references.insert(self.path.clone());
+        }
+        let (ca, deriver, signatures) = match &self.proof {
+            Proof::ContentAddress(ca) => (Some(ca.clone()), None, Vec::new()),
+            Proof::Signatures {
+                deriver,
+                signatures,
+            } => (None, deriver.clone(), signatures.clone()),
+        };
+        NarInfo {
+            store_path: self.path.clone(),
+            url,
+            compression: Some("none".to_owned()),
+            file_hash: None,
+            file_size: None,
+            nar_hash: self.nar_hash,
+            nar_size: self.nar_size,
+            references,
+            deriver,
+            signatures,
+            ca,
+            extra: Vec::new(),
+        }
+    }
+}
+
+fn parse_path(path: &str) -> Result<StorePath, String> {
+    path.parse().map_err(|err| format!("input {path:?}: {err}"))
+}
+
+/// The references of `path` without itself, and whether it refers to itself.
+fn parse_references(
+    path: &StorePath,
+    announced: &[String],
+) -> Result<(BTreeSet<StorePath>, bool), String> {
+    let mut references = BTreeSet::new();
+    let mut self_reference = false;
+    for reference in announced {
+        let reference: StorePath = reference
+            .parse()
+            .map_err(|err| format!("input {path}: reference {reference:?}: {err}"))?;
+        if reference == *path {
+            self_reference = true;
+        } else {
+            references.insert(reference);
+        }
+    }
+    Ok((references, self_reference))
+}
+
+fn parse_nar(path: &StorePath, nar_hash: &str, nar_size: u64) -> Result<(Sha256Hash, u64), String> {
+    let nar_hash: Sha256Hash = nar_hash
+        .parse()
+        .map_err(|err| format!("input {path}: nar_hash: {err}"))?;
+    if nar_size == 0 {
+        return Err(format!("input {path}: nar_size is zero"));
+    }
+    Ok((nar_hash, nar_size))
 }
 
 #[cfg(test)]
@@ -136,5 +260,56 @@ mod tests {
             .references
             .push("/nix/store/00000000000000000000000000000000-x".into());
         assert!(DeclaredInput::from_proto(extra_reference).is_err());
+    }
+
+    fn signed_output() -> proto::SignedPath {
+        let path = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-out";
+        proto::SignedPath {
+            store_path: path.into(),
+            references: vec![path.into()],
+            nar_hash: format!("{}", Sha256Hash::digest(b"the NAR")),
+            nar_size: 7,
+            deriver: String::new(),
+            signatures: vec![format!(
+                "cache-1:{}",
+                data_encoding::BASE64.encode(&[1; 64])
+            )],
+        }
+    }
+
+    #[test]
+    fn a_signed_path_keeps_what_its_signatures_cover() {
+        let input = DeclaredInput::signed_from_proto(signed_output()).unwrap();
+        assert!(input.self_reference && input.references.is_empty());
+        assert!(input.content_address().is_none());
+        let narinfo = input.narinfo("nar/x.nar".into());
+        assert_eq!(
+            narinfo.fingerprint(),
+            format!(
+                "1;{0};{1};7;{0}",
+                input.path,
+                Sha256Hash::digest(b"the NAR")
+            )
+        );
+        assert_eq!(narinfo.signatures.len(), 1);
+        assert!(narinfo.ca.is_none());
+    }
+
+    #[test]
+    fn malformed_signed_paths_are_refused() {
+        let mut drv = signed_output();
+        drv.store_path = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-x.drv".into();
+        drv.references.clear();
+        let refused = DeclaredInput::signed_from_proto(drv).unwrap_err();
+        assert!(refused.to_string().contains(".drv file"), "{refused}");
+
+        let mut garbled = signed_output();
+        garbled.signatures.push("no signature".into());
+        let refused = DeclaredInput::signed_from_proto(garbled).unwrap_err();
+        assert!(refused.to_string().contains("signature"), "{refused}");
+
+        let mut deriver = signed_output();
+        deriver.deriver = "not a path".into();
+        assert!(DeclaredInput::signed_from_proto(deriver).is_err());
     }
 }

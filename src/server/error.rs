@@ -79,9 +79,12 @@ pub enum ServerError {
         /// The configured admin group, if any.
         admin_group: Option<String>,
     },
-    /// The local admin opening a build session: admins manage the builder,
-    /// clients build on it.
-    #[error("the local admin does not build through the admin socket")]
+    /// The local admin calling a build session's or the cache's methods:
+    /// admins manage the builder, clients build on it over Iroh.
+    #[error(
+        "build sessions and the cache are served over Iroh, not the admin socket; \
+         the admin socket manages the builder"
+    )]
     AdminCannotBuild,
     /// The request is malformed or asks for something impossible.
     #[error("{0}")]
@@ -142,9 +145,10 @@ impl ServerError {
             Self::Ticket(TicketRefusal::BoundElsewhere { .. }) => {
                 (Code::PermissionDenied, Some("ticket-bound-to-other-client"))
             }
-            Self::NotAllowed(_) => (Code::PermissionDenied, Some("not-allowed")),
+            Self::NotAllowed(_) | Self::AdminCannotBuild => {
+                (Code::PermissionDenied, Some("not-allowed"))
+            }
             Self::NotAdmin { .. } => (Code::PermissionDenied, Some("not-admin")),
-            Self::AdminCannotBuild => (Code::PermissionDenied, None),
             Self::InvalidArgument(_) => (Code::InvalidArgument, None),
             Self::NotFound(_) => (Code::NotFound, None),
             Self::FailedPrecondition(_) => (Code::FailedPrecondition, None),

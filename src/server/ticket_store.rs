@@ -44,6 +44,11 @@ pub struct TicketRecord {
     pub name: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// Issue order: larger than every other record's when it was issued, so
+    /// tickets issued within one second still list newest first. 0 in state
+    /// files written before serials were recorded.
+    #[serde(default)]
+    pub serial: u64,
     /// Unix seconds after which it admits nothing.
     pub expires_at: u64,
     /// Uses granted; `None` for unlimited.
@@ -271,10 +276,12 @@ impl TicketStore {
         while records.contains_key(&id) {
             id = TicketId::generate();
         }
+        let serial = records.values().map(|r| r.serial).max().unwrap_or(0) + 1;
         let record = TicketRecord {
             id,
             name: new.name,
             created_at: now,
+            serial,
             expires_at: now.saturating_add(new.lifetime_secs),
             uses_granted: new.uses,
             uses_taken: 0,
@@ -396,10 +403,14 @@ impl TicketStore {
         self.lock().get(&id).cloned()
     }
 
-    /// All records, newest first.
+    /// All records, newest first (by creation time, then issue order).
     pub fn list(&self) -> Vec<TicketRecord> {
         let mut all: Vec<TicketRecord> = self.lock().values().cloned().collect();
-        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        all.sort_by(|a, b| {
+            (b.created_at, b.serial)
+                .cmp(&(a.created_at, a.serial))
+                .then(a.id.cmp(&b.id))
+        });
         all
     }
 
@@ -459,9 +470,15 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        // A change that failed leaves nothing behind.
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
     fs::File::open(dir)?.sync_all()
 }
 
@@ -487,6 +504,20 @@ mod tests {
 
     fn peer(n: u8) -> EndpointId {
         iroh::SecretKey::from_bytes(&[n; 32]).public()
+    }
+
+    #[test]
+    fn tickets_issued_within_one_second_list_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let issued: Vec<TicketId> = {
+            let store = store(dir.path());
+            (0..20)
+                .map(|_| store.create(new_ticket(None), NOW).unwrap().0.id)
+                .collect()
+        };
+        // The order survives a restart: it is in the state file.
+        let listed: Vec<TicketId> = store(dir.path()).list().iter().map(|r| r.id).collect();
+        assert_eq!(listed, issued.into_iter().rev().collect::<Vec<_>>());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Receiving input uploads: only announced, missing, content-addressed paths,
-//! checked byte by byte, then handed to the builder's Nix as a throwaway
+//! Receiving input uploads: only announced, missing paths, content-addressed
+//! or signed by a key the builder trusts, checked byte by byte, then handed to the builder's Nix as a throwaway
 //! binary cache so that Nix checks them again and no trusted user rights are
 //! needed.
 //!
@@ -407,8 +407,10 @@ async fn receive(
         });
     };
     let paths: Vec<StorePath> = upload.missing.iter().cloned().collect();
-    // Nix recomputes each store path from the NAR and its `CA:` field, so
-    // this needs no trusted-user rights and admits nothing unverifiable.
+    // Nix recomputes each store path from the NAR and its `CA:` field, or
+    // checks its signatures against its own trusted keys (signatures
+    // required), so this needs no trusted-user rights and admits nothing
+    // unverifiable.
     // Should this call be dropped meanwhile, `finish` goes with it: Nix is
     // stopped and the staging removed.
     // The builder's own work: the session is not idle while Nix imports.
@@ -501,7 +503,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::nix::{content_address::ContentAddress, hash::Sha256Hash};
+    use crate::{
+        nix::{content_address::ContentAddress, hash::Sha256Hash},
+        server::declared_input::Proof,
+    };
 
     /// A source path holding `contents`, as announced by a client.
     pub(super) fn source(contents: &[u8], dir: &Path) -> (DeclaredInput, Vec<u8>) {
@@ -546,7 +551,8 @@ mod tests {
         let input = DeclaredInput {
             path,
             references: BTreeSet::new(),
-            ca,
+            self_reference: false,
+            proof: Proof::ContentAddress(ca),
             nar_hash: hash,
             nar_size: nar.len() as u64,
         };

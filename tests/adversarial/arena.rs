@@ -209,6 +209,7 @@ impl Arena {
             .open_session(OpenSessionRequest {
                 drv_path: drv.clone(),
                 inputs: vec![input],
+                ..Default::default()
             })
             .await
             .unwrap()

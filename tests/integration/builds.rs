@@ -105,7 +105,8 @@ fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn salt(test: &str) -> String {
+/// A salt no other test or run shares.
+pub fn salt(test: &str) -> String {
     format!(
         "{test}-{}-{}",
         std::process::id(),
@@ -118,7 +119,7 @@ fn salt(test: &str) -> String {
 
 /// Build processes of the world salted with `salt` (Nix passes derivation
 /// attributes, the salt among them, in the builder's environment).
-fn build_processes(salt: &str) -> Vec<String> {
+pub fn build_processes(salt: &str) -> Vec<String> {
     let marker = format!("salt={salt}\0");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -133,7 +134,8 @@ fn build_processes(salt: &str) -> Vec<String> {
     found
 }
 
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+/// Waits until `done`, failing after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(
@@ -596,6 +598,187 @@ fn forged_dependency_output_never_reaches_the_builder() {
     assert!(!forged.exists(), "the forged output reached the builder");
 }
 
+impl Pair {
+    /// A new Nix signing key named `name` in the world; with `trusted`, the
+    /// stores' Nix trusts it (the builder's among them: all share one
+    /// configuration). Returns the secret key's file.
+    fn signing_key(&self, name: &str, trusted: bool) -> std::path::PathBuf {
+        let secret = self.world.dir.join(format!("{name}.secret"));
+        let public = self.world.dir.join(format!("{name}.public"));
+        let (secret_arg, public_arg) = (secret.to_str().unwrap(), public.to_str().unwrap());
+        self.client.run_ok(
+            "nix-store",
+            &["--generate-binary-cache-key", name, secret_arg, public_arg],
+        );
+        if trusted {
+            let key = std::fs::read_to_string(&public).unwrap();
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.world.dir.join("conf/nix.conf"))
+                .unwrap();
+            std::io::Write::write_all(
+                &mut conf,
+                format!("trusted-public-keys = {}\n", key.trim()).as_bytes(),
+            )
+            .unwrap();
+        }
+        secret
+    }
+
+    /// Builds `tools` in the client's store, as another builder would have,
+    /// then makes this copy tell: a `MARKER` file a build never makes,
+    /// registered as the path's contents and signed with the key in
+    /// `secret`. Returns the path.
+    fn marked_tools(&self, secret: &Path) -> String {
+        let tools = self.out_path("tools");
+        self.client.run_ok(
+            "nix",
+            &["build", "--no-link", &self.world.installable("tools")],
+        );
+        let script = format!(
+            "set -e; t={tools}; echo imported > $t/MARKER; refs=$(nix-store -q --references $t); \
+             printf '%s\\n%s\\n%s\\n\\n%s\\n%s\\n' $t $(nix-hash --type sha256 $t) \
+             $(nix-store --dump $t | wc -c) $(echo \"$refs\" | wc -l) \"$refs\" \
+             | nix-store --register-validity --reregister --hash-given; \
+             nix store sign --key-file {} $t",
+            secret.display()
+        );
+        self.client.run_ok("sh", &["-c", &script]);
+        tools
+    }
+
+    /// Whether the builder's `tools` is the client's marked copy.
+    fn builder_has_marked(&self, tools: &str) -> bool {
+        self.builder_store
+            .dir
+            .join("store")
+            .join(tools.trim_start_matches("/nix/store/"))
+            .join("MARKER")
+            .exists()
+    }
+}
+
+#[test]
+fn dependency_signed_by_a_trusted_key_is_imported_not_rebuilt() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("signed-trusted"), &[]);
+    let key = pair.signing_key("dependency-trusted-1", true);
+    let tools = pair.marked_tools(&key);
+    let output = pair.build("lib", &["--ticket", &pair.ticket(&[]), "--no-link"]);
+    pair.assert_built(&output);
+    assert!(
+        pair.builder_has_marked(&tools),
+        "the builder built the dependency itself"
+    );
+    let imported = signed_input(&pair.builder_store, &tools);
+    assert!(
+        imported
+            .signatures
+            .iter()
+            .any(|s| s.starts_with("dependency-trusted-1:")),
+        "{imported:?}"
+    );
+}
+
+#[test]
+fn dependency_signed_by_an_untrusted_key_is_built_by_the_builder() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("signed-untrusted"), &[]);
+    let key = pair.signing_key("dependency-untrusted-1", false);
+    let tools = pair.marked_tools(&key);
+    let output = pair.build("lib", &["--ticket", &pair.ticket(&[]), "--no-link"]);
+    pair.assert_built(&output);
+    assert!(pair.builder_store.has(&tools));
+    assert!(
+        !pair.builder_has_marked(&tools),
+        "a path signed by a key the builder does not trust reached it"
+    );
+}
+
+/// Announcements a client makes up: a signature that does not verify is
+/// not asked for, and a NAR other than the signed one is refused as it
+/// arrives; either way the builder's store stays clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_signed_dependencies_are_not_imported() {
+    if !available() {
+        return;
+    }
+    let pair = Pair::new(&salt("signed-forged"), &[]);
+    let key = pair.signing_key("dependency-trusted-1", true);
+    let tools = pair.marked_tools(&key);
+    let honest = signed_input(&pair.client, &tools);
+    let drv = pair.client.run_ok(
+        "nix",
+        &[
+            "eval",
+            "--raw",
+            &format!("{}.drvPath", pair.world.installable("lib")),
+        ],
+    );
+    let ticket = Target::Ticket(Box::new(pair.builder.ticket(&["--uses", "2"])));
+    let client = connect(&ticket, &pair.world.dir.join("forger.key")).await;
+    let mut builder = BuilderClient::new(client.channel.clone());
+    let open = |signed: proto::SignedPath| proto::OpenSessionRequest {
+        drv_path: drv.clone(),
+        inputs: closure_inputs(&pair.client, &drv),
+        signed_inputs: vec![signed],
+    };
+
+    // Signatures that verify over nothing announced: one from another
+    // path, one made up under the trusted key's name.
+    let bbsrc = honest
+        .references
+        .iter()
+        .find(|r| r.ends_with("-busybox-static"))
+        .unwrap()
+        .clone();
+    pair.client.run_ok(
+        "nix",
+        &["store", "sign", "--key-file", key.to_str().unwrap(), &bbsrc],
+    );
+    let mut forged = honest.clone();
+    forged.signatures = signed_input(&pair.client, &bbsrc).signatures;
+    forged.signatures.push(format!(
+        "dependency-trusted-1:{}",
+        data_encoding::BASE64.encode(&[7; 64])
+    ));
+    let admitted = builder
+        .open_session(open(forged))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!admitted.missing_inputs.contains(&tools), "{admitted:?}");
+
+    // The signed metadata, but other bytes.
+    let admitted = builder
+        .open_session(open(honest))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(admitted.missing_inputs.contains(&tools), "{admitted:?}");
+    let nar = pair
+        .client
+        .command("nix-store")
+        .args(["--dump", &tools])
+        .output()
+        .unwrap()
+        .stdout;
+    let at = nar.windows(8).position(|w| w == b"imported").unwrap();
+    let mut tampered = nar.clone();
+    tampered[at..at + 8].copy_from_slice(b"imparted");
+    let refused = common::upload(&client, &admitted.session_id, &[(tools.clone(), tampered)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("does not match"), "{refused:?}");
+    assert!(!pair.builder_store.has(&tools));
+    assert!(!pair.builder_has_marked(&tools));
+}
+
 /// A builder, and a client building `quiet` (silent for minutes) with it in
 /// its own process group and with the returned directory as its
 /// `XDG_RUNTIME_DIR`, once the build runs on the builder.
@@ -910,38 +1093,59 @@ fn server_by_endpoint_id_relies_on_keys_nix_trusts() {
     );
 }
 
-/// What `OpenSession` is told about the closure of `drv` in `store`, as its
-/// Nix (2.8: an array) describes it.
-fn closure_inputs(store: &Store, drv: &str) -> Vec<proto::InputPath> {
-    let json = store.run_ok(
-        "nix",
-        &["path-info", "--json", "--recursive", "--derivation", drv],
-    );
+/// `nix path-info --json ARGS` in `store`, by path, as its Nix (2.8: an
+/// array) describes them.
+fn path_infos(store: &Store, args: &[&str]) -> Vec<(String, serde_json::Value)> {
+    let mut all = vec!["path-info", "--json"];
+    all.extend_from_slice(args);
+    let json = store.run_ok("nix", &all);
     // Nix 2.19 and later key the infos by path; earlier ones list them.
-    let infos: Vec<(String, serde_json::Value)> = match serde_json::from_str(&json).unwrap() {
+    match serde_json::from_str(&json).unwrap() {
         serde_json::Value::Object(by_path) => by_path.into_iter().collect(),
         serde_json::Value::Array(list) => list
             .into_iter()
             .map(|info| (info["path"].as_str().unwrap().to_owned(), info))
             .collect(),
         other => panic!("unexpected path-info output: {other}"),
-    };
-    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_owned();
-    infos
+    }
+}
+
+fn json_text(value: &serde_json::Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
+}
+
+fn json_texts(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|values| values.iter().map(json_text).collect())
+        .unwrap_or_default()
+}
+
+/// What `OpenSession` is told about the closure of `drv` in `store`.
+fn closure_inputs(store: &Store, drv: &str) -> Vec<proto::InputPath> {
+    path_infos(store, &["--recursive", "--derivation", drv])
         .into_iter()
         .map(|(path, info)| proto::InputPath {
             store_path: path,
-            references: info["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(text)
-                .collect(),
-            content_address: text(&info["ca"]),
-            nar_hash: text(&info["narHash"]),
+            references: json_texts(&info["references"]),
+            content_address: json_text(&info["ca"]),
+            nar_hash: json_text(&info["narHash"]),
             nar_size: info["narSize"].as_u64().unwrap(),
         })
         .collect()
+}
+
+/// What `OpenSession` is told about the signed `path` in `store`.
+fn signed_input(store: &Store, path: &str) -> proto::SignedPath {
+    let [(store_path, info)] = <[_; 1]>::try_from(path_infos(store, &[path])).unwrap();
+    proto::SignedPath {
+        store_path,
+        references: json_texts(&info["references"]),
+        nar_hash: json_text(&info["narHash"]),
+        nar_size: info["narSize"].as_u64().unwrap(),
+        deriver: json_text(&info["deriver"]),
+        signatures: json_texts(&info["signatures"]),
+    }
 }
 
 /// A session keeps at most its share of Cache streams open unread; one
@@ -965,6 +1169,7 @@ async fn a_session_holds_at_most_its_share_of_cache_streams() {
         .open_session(proto::OpenSessionRequest {
             drv_path: drv.clone(),
             inputs: closure_inputs(&pair.client, &drv),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -27,6 +27,16 @@ pub fn endpoint_id_of(path: &Path) -> EndpointId {
         .public()
 }
 
+/// The builder `name` of a builders file in `dir` holding `entry` (its
+/// JSON object), resolved as `--builder NAME` resolves it.
+pub fn named_builder(dir: &Path, name: &str, entry: &str) -> Target {
+    let file = dir.join("builders.json");
+    std::fs::write(&file, format!(r#"{{"builders": {{"{name}": {entry}}}}}"#)).unwrap();
+    Target::Named(Box::new(
+        drv_thru::config::find_builder(&[file], name).unwrap(),
+    ))
+}
+
 /// Connects to a builder as the client whose key is in `key`.
 pub async fn connect(target: &Target, key: &Path) -> Connection {
     client::connect(target, RelayChoice::Disabled, Some(key))
@@ -75,6 +85,7 @@ pub fn session_request() -> proto::OpenSessionRequest {
             nar_hash: sha256(&nar).to_string(),
             nar_size: nar.len() as u64,
         }],
+        ..Default::default()
     }
 }
 

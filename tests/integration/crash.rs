@@ -167,6 +167,7 @@ async fn run_job(connection: &Connection, job: &Job, stage: &AtomicU8) -> anyhow
         .open_session(proto::OpenSessionRequest {
             drv_path: job.drv.clone(),
             inputs: job.inputs.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -2,6 +2,7 @@
 //! on loopback (relays and address lookup off), real gRPC, and for builds
 //! real Nix in separate stores.
 
+mod authority;
 #[path = "../support/builder.rs"]
 mod builder;
 mod builds;
@@ -9,6 +10,7 @@ mod cache;
 mod common;
 mod crash;
 mod helper;
+mod scale_out;
 mod server;
 mod status;
 mod tickets;

@@ -11,8 +11,11 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+use drv_thru::proto::{builder_client::BuilderClient, cache_client::CacheClient};
+
 use crate::common::{
     Builder, Launcher, bare_connection, binary, closed_with, command, connect, key_file, refusal,
+    session_request,
 };
 
 fn serve(args: &[&str]) -> std::process::Output {
@@ -157,7 +160,7 @@ async fn health_answers_anyone_and_reflection_only_the_admin_socket() {
     stranger.close().await;
 
     let admin = drv_thru::client::admin(&builder.data_dir).await.unwrap();
-    let mut responses = ServerReflectionClient::new(admin)
+    let mut responses = ServerReflectionClient::new(admin.clone())
         .server_reflection_info(tokio_stream::iter([request()]))
         .await
         .unwrap()
@@ -167,13 +170,64 @@ async fn health_answers_anyone_and_reflection_only_the_admin_socket() {
     else {
         panic!("expected a service list");
     };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
-        "drvthru.v1.Builder",
-        "drvthru.v1.Tickets",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, SERVED);
+
+    // Tools that speak only the older reflection (grpcio-reflection's own
+    // client) see the same.
+    use tonic_reflection::pb::v1alpha;
+    let mut responses = v1alpha::server_reflection_client::ServerReflectionClient::new(admin)
+        .server_reflection_info(tokio_stream::iter([v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, SERVED);
+}
+
+/// What the builder's reflection lists, sorted: what it serves, and not the
+/// import helper, which only the client machine's helper serves.
+const SERVED: [&str; 6] = [
+    "drvthru.v1.Builder",
+    "drvthru.v1.Cache",
+    "drvthru.v1.Tickets",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_socket_manages_the_builder_and_does_not_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let admin = drv_thru::client::admin(&builder.data_dir).await.unwrap();
+    let open = BuilderClient::new(admin.clone())
+        .open_session(session_request())
+        .await
+        .unwrap_err();
+    let nar_info = CacheClient::new(admin)
+        .get_nar_info(drv_thru::proto::GetNarInfoRequest::default())
+        .await
+        .unwrap_err();
+    for refused in [open, nar_info] {
+        assert_eq!(
+            (refused.code(), refusal(&refused)),
+            (Code::PermissionDenied, "not-allowed"),
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("over Iroh"), "{refused:?}");
     }
 }
 

@@ -63,11 +63,12 @@ async fn watch_status_pushes_a_change_within_100ms() {
     .await;
     let admitted = open_session(&client).await.unwrap();
     let admitted_at = Instant::now();
+    // Admitted, it waits for its upload.
     let frame = next_frame_where(&mut watch, |frame| {
-        frame
-            .active
-            .iter()
-            .any(|build| build.session_id == admitted.session_id)
+        frame.active.iter().any(|build| {
+            build.session_id == admitted.session_id
+                && build.phase() == drv_thru::proto::BuildPhase::WaitingForClient
+        })
     })
     .await;
     let delay = admitted_at.elapsed();

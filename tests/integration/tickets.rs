@@ -13,7 +13,7 @@ use drv_thru::{
 use tonic::Code;
 
 use crate::common::{
-    Builder, connect, endpoint_id_of, key_file, open_session, refusal, uses_taken,
+    Builder, connect, endpoint_id_of, key_file, named_builder, open_session, refusal, uses_taken,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -42,6 +42,32 @@ async fn one_use_ticket_admits_one_build_then_says_used_up() {
         "{}",
         again.message()
     );
+    client.close().await;
+}
+
+/// A builders.json entry naming a `ticket_file` presents that ticket, as
+/// Nix's daemon does when it offloads: no trusted key, one use per session.
+#[tokio::test(flavor = "multi_thread")]
+async fn named_builder_with_a_ticket_file_presents_its_ticket() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let ticket = builder.ticket(&["--name", "farm", "--unlimited"]);
+    let ticket_file = dir.path().join("farm.ticket");
+    std::fs::write(&ticket_file, format!("{ticket}\n")).unwrap();
+    std::fs::set_permissions(&ticket_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let target = named_builder(
+        dir.path(),
+        "farm",
+        &format!(r#"{{"ticket_file": "{}"}}"#, ticket_file.display()),
+    );
+
+    let client = connect(&target, &key_file(dir.path(), "machine")).await;
+    for _ in 0..2 {
+        assert_eq!(open_session(&client).await.unwrap().client_label, "farm");
+    }
+    assert_eq!(uses_taken(&builder, &ticket.id().to_string()), 2);
     client.close().await;
 }
 
@@ -399,4 +425,33 @@ async fn a_session_is_useless_on_another_connection_of_the_same_client() {
     );
     first.close().await;
     second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ticket_change_that_cannot_be_recorded_is_unavailable_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::start(dir.path(), &[]);
+    let state = builder.data_dir.join("tickets.json");
+    // Renaming the new state over a directory fails, for root too.
+    let _ = std::fs::remove_file(&state);
+    std::fs::create_dir(&state).unwrap();
+    let mut tickets = TicketsClient::new(drv_thru::client::admin(&builder.data_dir).await.unwrap());
+    let refused = tickets
+        .create_ticket(drv_thru::proto::CreateTicketRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(!builder.data_dir.join(".tickets.json.tmp").exists());
+    let listed = tickets
+        .list_tickets(drv_thru::proto::ListTicketsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tickets.is_empty(), "{listed:?}");
+
+    std::fs::remove_dir(&state).unwrap();
+    tickets
+        .create_ticket(drv_thru::proto::CreateTicketRequest::default())
+        .await
+        .unwrap();
 }

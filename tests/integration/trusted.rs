@@ -1,14 +1,14 @@
 //! Trusted clients: a configured key builds and watches without a ticket; a
 //! stranger is refused.
 
-use drv_thru::{
-    client::Target,
-    config::NamedBuilder,
-    proto::{StatusRequest, builder_client::BuilderClient},
+use drv_thru::proto::{
+    ListTicketsRequest, StatusRequest, builder_client::BuilderClient, tickets_client::TicketsClient,
 };
 use tonic::Code;
 
-use crate::common::{Builder, connect, endpoint_id_of, key_file, open_session, refusal};
+use crate::common::{
+    Builder, connect, endpoint_id_of, key_file, named_builder, open_session, refusal,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn trusted_key_builds_and_watches_a_stranger_is_refused() {
@@ -36,18 +36,35 @@ async fn trusted_key_builds_and_watches_a_stranger_is_refused() {
         .unwrap();
     assert_eq!(status.endpoint_id, builder.endpoint_id.to_string());
     assert_eq!(status.active.len(), 1, "the open session shows as active");
+    // Known and trusted, but tickets are the local admin's business.
+    let tickets = list_tickets(&trusted).await;
+    assert_eq!(
+        (tickets.code(), refusal(&tickets)),
+        (Code::PermissionDenied, "not-allowed")
+    );
     trusted.close().await;
 
     let stranger = connect(&builder.direct_target(), &key_file(dir.path(), "stranger")).await;
-    let refused = BuilderClient::new(stranger.channel.clone())
+    let status = BuilderClient::new(stranger.channel.clone())
         .status(StatusRequest {})
         .await
         .unwrap_err();
-    assert_eq!(
-        (refused.code(), refusal(&refused)),
-        (Code::Unauthenticated, "client-not-trusted")
-    );
+    // A stranger learns the same from every method, tickets included.
+    for refused in [status, list_tickets(&stranger).await] {
+        assert_eq!(
+            (refused.code(), refusal(&refused)),
+            (Code::Unauthenticated, "client-not-trusted")
+        );
+    }
     stranger.close().await;
+}
+
+/// How `ListTickets` over Iroh is refused.
+async fn list_tickets(connection: &drv_thru::client::Connection) -> tonic::Status {
+    TicketsClient::new(connection.channel.clone())
+        .list_tickets(ListTicketsRequest::default())
+        .await
+        .unwrap_err()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -56,14 +73,14 @@ async fn trusted_client_flag_and_named_builder_work() {
     let key = key_file(dir.path(), "sam");
     let sam = endpoint_id_of(&key);
     let builder = Builder::start(dir.path(), &["--trusted-client", &sam.to_string()]);
-    let named = Target::Named(Box::new(NamedBuilder {
-        name: "leviathan".into(),
-        endpoint_id: builder.endpoint_id,
-        relay_url: None,
-        addrs: vec![builder.addr],
-        public_key: None,
-        source: dir.path().join("builders.json"),
-    }));
+    let named = named_builder(
+        dir.path(),
+        "leviathan",
+        &format!(
+            r#"{{"endpoint_id": "{}", "addrs": ["{}"]}}"#,
+            builder.endpoint_id, builder.addr
+        ),
+    );
     let client = connect(&named, &key).await;
     open_session(&client).await.unwrap();
     client.close().await;

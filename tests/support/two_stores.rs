@@ -9,7 +9,7 @@
 //! library's own unit tests can include it too. By default the host's Nix
 //! (Debian 12: 2.8) runs. With `DRV_THRU_TEST_TRIXIE=DIR` every command runs
 //! inside that Debian trixie root instead (Nix 2.26, see
-//! `tests/nix/make-trixie-root.sh`).
+//! `tests/nix/make-debian-root.sh`).
 
 // Each includer uses a different part of this file.
 #![allow(dead_code)]
@@ -56,6 +56,13 @@ pub fn available() -> bool {
 /// mount namespace (in a user namespace of its own when not root).
 /// `program` replaces the shell, so the child's pid is the program's own.
 pub fn in_store(store: &Path, program: impl AsRef<OsStr>) -> Command {
+    in_store_with_etc(store, None, program)
+}
+
+/// [`in_store`], with `etc/upper` (and its work directory `etc/work`)
+/// layered over `/etc` when `etc` is given, so the command sees files in
+/// `/etc` the host does not have.
+fn in_store_with_etc(store: &Path, etc: Option<&Path>, program: impl AsRef<OsStr>) -> Command {
     let mut command = Command::new("unshare");
     // SAFETY: geteuid(2) cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -63,9 +70,12 @@ pub fn in_store(store: &Path, program: impl AsRef<OsStr>) -> Command {
     }
     command
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /nix && shift && exec "$@""#)
+        .arg(
+            r#"mount --bind "$1" /nix && shift && if [ -n "$1" ]; then mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/upper,workdir=$1/work" /etc; fi && shift && exec "$@""#,
+        )
         .arg("sh")
         .arg(store)
+        .arg(etc.unwrap_or(Path::new("")))
         .arg(program);
     command
 }
@@ -139,6 +149,7 @@ impl World {
             dir,
             home: self.dir.join("home").join(name),
             netns: None,
+            etc: None,
         }
     }
 
@@ -177,6 +188,7 @@ pub struct Store {
     /// The machine's user's home.
     pub home: PathBuf,
     netns: Option<String>,
+    etc: Option<PathBuf>,
 }
 
 /// Environment variables a command in a trixie store may see.
@@ -193,6 +205,15 @@ const PASSED: &[&str] = &[
 ];
 
 impl Store {
+    /// This store, its commands seeing `dir/upper` over their `/etc` (e.g.
+    /// `dir/upper/drv-thru/builders.json` as `/etc/drv-thru/builders.json`).
+    pub fn with_etc(mut self, dir: &Path) -> Self {
+        std::fs::create_dir_all(dir.join("upper")).unwrap();
+        std::fs::create_dir_all(dir.join("work")).unwrap();
+        self.etc = Some(dir.to_owned());
+        self
+    }
+
     /// This store, its commands run in the network namespace `name`.
     pub fn in_netns(mut self, name: &str) -> Self {
         self.netns = Some(name.to_owned());
@@ -204,7 +225,7 @@ impl Store {
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         std::fs::create_dir_all(self.home.join(".config")).unwrap();
         let mut command = match (&self.world.trixie, &self.netns) {
-            (None, None) => in_store(&self.dir, program),
+            (None, None) => in_store_with_etc(&self.dir, self.etc.as_deref(), program),
             (None, Some(netns)) => {
                 let mut command = Command::new("ip");
                 command.args(["netns", "exec", netns]);
@@ -213,7 +234,7 @@ impl Store {
                 command
             }
             (Some(root), _) => {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/in-trixie.sh");
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/in-root.sh");
                 // The drv-thru under test must be visible inside the root
                 // too (the library's unit tests have none).
                 let mut bind = self.world.dir.display().to_string();
@@ -226,6 +247,7 @@ impl Store {
                     .arg(root)
                     .arg(program)
                     .env("NIXDIR", &self.dir)
+                    .env("ETCDIR", self.etc.as_deref().unwrap_or(Path::new("")))
                     .env("BIND", bind)
                     .env("PASSENV", PASSED.join(" "));
                 command
@@ -271,6 +293,11 @@ impl Store {
     /// is its only trusted user, builds run as the `nixbld` users and
     /// nothing is substituted. Commands reach it with `NIX_REMOTE=daemon`.
     pub fn start_daemon(&self) -> Daemon {
+        self.start_daemon_with("")
+    }
+
+    /// [`Self::start_daemon`] with `extra_conf` added to its `nix.conf`.
+    pub fn start_daemon_with(&self, extra_conf: &str) -> Daemon {
         let conf = self
             .world
             .dir
@@ -279,8 +306,10 @@ impl Store {
         std::fs::create_dir_all(&conf).unwrap();
         std::fs::write(
             conf.join("nix.conf"),
-            "sandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n\
-             build-users-group = nixbld\ntrusted-users = root\nallowed-users = *\n",
+            format!(
+                "sandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n\
+             build-users-group = nixbld\ntrusted-users = root\nallowed-users = *\n{extra_conf}"
+            ),
         )
         .unwrap();
         let log = conf.join("daemon.log");

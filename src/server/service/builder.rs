@@ -12,7 +12,7 @@ use tokio_stream::{
     wrappers::{ReceiverStream, WatchStream},
 };
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::owner;
 use crate::{
@@ -28,6 +28,7 @@ use crate::{
         sessions::{
             BuildState, MAX_IMPORT_GROUPS, MAX_INPUTS, MAX_TEXT_INPUT_BYTES, Session, Sessions,
         },
+        signed_inputs::{self, TrustedKeys},
         status::{ClientLabel, StatusBoard},
         ticket_store::{TakeUseError, TicketStore},
         upload::Uploads,
@@ -105,6 +106,49 @@ impl BuilderService {
         }
     }
 
+    /// The announced `signed` inputs the builder asks for (see
+    /// [`signed_inputs`]), given the session's content-addressed `inputs`.
+    /// Should its Nix fail to say which keys it trusts or which paths it
+    /// has, none are: they are then built or substituted as if never
+    /// announced.
+    async fn accepted_signed(
+        &self,
+        session_id: &str,
+        signed: Vec<DeclaredInput>,
+        inputs: &BTreeMap<StorePath, DeclaredInput>,
+    ) -> BTreeMap<StorePath, DeclaredInput> {
+        if signed.is_empty() {
+            return BTreeMap::new();
+        }
+        let keys = match self.nix().trust().await {
+            Ok(trust) => TrustedKeys::from_config(&trust.trusted_public_keys),
+            Err(err) => {
+                warn!(session = %session_id, "signed inputs ignored: reading the trusted keys: {err}");
+                return BTreeMap::new();
+            }
+        };
+        let signed: Vec<DeclaredInput> = signed
+            .into_iter()
+            .filter(|input| keys.vouch_for(input))
+            .collect();
+        if signed.is_empty() {
+            return BTreeMap::new();
+        }
+        let checked = signed_inputs::paths_to_check(&signed, inputs);
+        let invalid: BTreeSet<StorePath> = match self.nix().invalid_paths(&checked).await {
+            Ok(invalid) => invalid.into_iter().collect(),
+            Err(err) => {
+                warn!(session = %session_id, "signed inputs ignored: checking their references: {err}");
+                return BTreeMap::new();
+            }
+        };
+        let valid = checked
+            .into_iter()
+            .filter(|path| !invalid.contains(path))
+            .collect();
+        signed_inputs::accepted(signed, &keys, inputs, &valid)
+    }
+
     /// Ends `session` when its connection closes or it sits idle: stops its
     /// build, drops its upload and its outputs' roots, frees its slot and
     /// records how it ended.
@@ -157,10 +201,9 @@ fn iroh_peer<T>(request: &Request<T>) -> Result<IrohPeer, ServerError> {
         .extensions()
         .get::<IrohPeer>()
         .cloned()
+        // The auth layer refuses session methods on the admin socket.
         .ok_or_else(|| {
-            ServerError::FailedPrecondition(
-                "build sessions are opened over Iroh, not the admin socket".to_owned(),
-            )
+            ServerError::Internal("a session call arrived without an Iroh peer".to_owned())
         })
 }
 
@@ -216,16 +259,20 @@ fn new_session_id() -> String {
     format!("s-{}", data_encoding::HEXLOWER.encode(&bytes))
 }
 
+/// The content-addressed inputs of `drv_path`, checked; `signed` more
+/// inputs are announced besides, which count against the same budget.
 fn declared_inputs(
     drv_path: &StorePath,
     inputs: Vec<proto::InputPath>,
+    signed: usize,
 ) -> Result<BTreeMap<StorePath, DeclaredInput>, ServerError> {
-    if inputs.len() > MAX_INPUTS {
+    let announced = inputs.len().saturating_add(signed);
+    if announced > MAX_INPUTS {
         return Err(ServerError::OverBudget(
             Budget::Inputs,
             format!(
-                "{} inputs announced; a session may announce at most {MAX_INPUTS}",
-                inputs.len()
+                "{announced} inputs announced (signed ones included); a session may announce \
+                 at most {MAX_INPUTS}"
             ),
         ));
     }
@@ -238,7 +285,7 @@ fn declared_inputs(
     // any budget.
     let text_bytes = declared
         .values()
-        .filter(|input| matches!(input.ca, ContentAddress::Text(_)))
+        .filter(|input| matches!(input.content_address(), Some(ContentAddress::Text(_))))
         .fold(0u64, |total, input| total.saturating_add(input.nar_size));
     if text_bytes > MAX_TEXT_INPUT_BYTES {
         return Err(ServerError::OverBudget(
@@ -328,7 +375,11 @@ impl builder_server::Builder for BuilderService {
     ) -> Result<Response<proto::OpenSessionResponse>, Status> {
         let principal = principal(&request)?.clone();
         let peer = iroh_peer(&request)?;
-        let proto::OpenSessionRequest { drv_path, inputs } = request.into_inner();
+        let proto::OpenSessionRequest {
+            drv_path,
+            inputs,
+            signed_inputs,
+        } = request.into_inner();
         let drv_path: StorePath = drv_path
             .parse()
             .map_err(|err| ServerError::InvalidArgument(format!("drv_path: {err}")))?;
@@ -338,8 +389,12 @@ impl builder_server::Builder for BuilderService {
             ))
             .into());
         }
-        let inputs = declared_inputs(&drv_path, inputs)?;
-        let order = import_order(&inputs)?;
+        let mut inputs = declared_inputs(&drv_path, inputs, signed_inputs.len())?;
+        let signed = signed_inputs
+            .into_iter()
+            .map(DeclaredInput::signed_from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut order = import_order(&inputs)?;
         let label = client_label(&principal)?;
         let session_id = new_session_id();
         // From here on the slot is held, and given back however the call
@@ -361,6 +416,12 @@ impl builder_server::Builder for BuilderService {
             session_id: &session_id,
             admitted: false,
         };
+        let accepted = self.accepted_signed(&session_id, signed, &inputs).await;
+        if !accepted.is_empty() {
+            info!(session = %session_id, paths = accepted.len(), "signed inputs accepted");
+            inputs.extend(accepted);
+            order = import_order(&inputs)?;
+        }
         let missing = match self.nix().invalid_paths(&order).await {
             Ok(invalid) => {
                 let invalid: BTreeSet<StorePath> = invalid.into_iter().collect();
@@ -393,6 +454,8 @@ impl builder_server::Builder for BuilderService {
             )))
         })?;
         row.keep();
+        self.board
+            .set_phase(&session_id, BuildPhase::WaitingForClient);
         info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
         self.end_when_over(session, peer);
         Ok(Response::new(proto::OpenSessionResponse {
@@ -425,7 +488,7 @@ impl builder_server::Builder for BuilderService {
         let messages = tokio_stream::once(Ok(first)).chain(stream);
         let result = self.uploads.receive(&session, messages).await;
         self.board
-            .set_phase(&session.id, BuildPhase::CheckingInputs);
+            .set_phase(&session.id, BuildPhase::WaitingForClient);
         Ok(Response::new(result?))
     }
 
@@ -483,7 +546,7 @@ mod tests {
     /// `OpenSession` checks them before anything else.
     fn announce(inputs: Vec<proto::InputPath>) -> Result<Vec<StorePath>, ServerError> {
         let drv: StorePath = inputs.last().unwrap().store_path.parse().unwrap();
-        import_order(&declared_inputs(&drv, inputs)?)
+        import_order(&declared_inputs(&drv, inputs, 0)?)
     }
 
     /// The refusal reason of a budget `refused` met.
@@ -496,11 +559,11 @@ mod tests {
 
     #[test]
     fn more_inputs_than_a_session_may_announce_are_refused() {
-        let inputs = vec![proto::InputPath::default(); MAX_INPUTS + 1];
+        let inputs = vec![proto::InputPath::default(); MAX_INPUTS];
         let drv: StorePath = "/nix/store/00000000000000000000000000000000-x.drv"
             .parse()
             .unwrap();
-        let refused = declared_inputs(&drv, inputs).unwrap_err();
+        let refused = declared_inputs(&drv, inputs, 1).unwrap_err();
         assert_eq!(over_budget(refused), "too-many-inputs");
     }
 

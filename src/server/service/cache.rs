@@ -48,8 +48,9 @@ impl CacheService {
 
     fn session<T>(&self, request: &Request<T>, id: &str) -> Result<Arc<Session>, ServerError> {
         principal(request)?;
+        // The auth layer refuses the cache's methods on the admin socket.
         let peer = request.extensions().get::<IrohPeer>().ok_or_else(|| {
-            ServerError::FailedPrecondition("the cache is served over Iroh".to_owned())
+            ServerError::Internal("a cache call arrived without an Iroh peer".to_owned())
         })?;
         self.sessions.get(id, owner(peer))
     }

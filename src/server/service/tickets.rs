@@ -82,9 +82,14 @@ fn invalid_ticket(err: TicketParseError) -> ServerError {
     ServerError::InvalidArgument(err.to_string())
 }
 
+/// A change the builder could not write to disk is not made; the admin may
+/// retry once the disk is fixed, as `proto/README.md` promises.
 fn store_failed(err: StoreError) -> ServerError {
     tracing::error!("{err:#}");
-    ServerError::Internal("the builder could not record the ticket change; see its log".to_owned())
+    ServerError::Unavailable(
+        "the builder could not record the ticket change (see its log); nothing was changed, try again"
+            .to_owned(),
+    )
 }
 
 fn new_ticket(request: proto::CreateTicketRequest) -> Result<NewTicket, ServerError> {

@@ -19,10 +19,7 @@ use super::{
 };
 use crate::{
     loopback_cache::{Body, CacheFiles, LoopbackCache, respond},
-    nix::{
-        narinfo::NarInfo,
-        store_path::{StorePath, StorePathHash},
-    },
+    nix::store_path::{StorePath, StorePathHash},
     nixcmd::{Nix, NixCmdError, ServedCache},
     server::{declared_input::DeclaredInput, error::ServerError, nar_file::NarFile},
 };
@@ -74,7 +71,7 @@ pub(super) fn import_while_arriving(
             netrc_file: netrc_file.as_deref(),
         };
         let imported = nix
-            .add_content_addressed_from_cache(&staging, Some(served), &paths)
+            .add_verifiable_from_cache(&staging, Some(served), &paths)
             .await;
         if let (Err(err), Some(upload)) = (&imported, upload.upgrade()) {
             upload.import_gave_up(import_failed(err));
@@ -114,10 +111,7 @@ impl ImportTask {
                     "the builder's import of the inputs failed; see its log".to_owned(),
                 )
             })?,
-            Self::AfterTransfer => {
-                nix.add_content_addressed_from_cache(staging, None, paths)
-                    .await
-            }
+            Self::AfterTransfer => nix.add_verifiable_from_cache(staging, None, paths).await,
         };
         imported.map_err(|err| import_failed(&err))
     }
@@ -135,7 +129,7 @@ pub(super) fn stage(
     let mut files = LoopbackFiles::default();
     let parts_ahead = PartsAhead::default();
     for input in inputs {
-        let narinfo = narinfo(&input);
+        let narinfo = input.narinfo(nar_url(&input.path));
         let text = narinfo.to_string();
         let file = dir
             .path()
@@ -161,25 +155,6 @@ fn staging_dir(uploads_dir: &Path, session_id: &str) -> Result<tempfile::TempDir
     std::fs::write(dir.path().join("nix-cache-info"), "StoreDir: /nix/store\n")
         .map_err(internal("creating an upload directory"))?;
     Ok(dir)
-}
-
-/// The narinfo an input is imported with: what the client announced, which
-/// its NAR must match before Nix may read all of it.
-fn narinfo(input: &DeclaredInput) -> NarInfo {
-    NarInfo {
-        store_path: input.path.clone(),
-        url: nar_url(&input.path),
-        compression: Some("none".to_owned()),
-        file_hash: None,
-        file_size: None,
-        nar_hash: input.nar_hash,
-        nar_size: input.nar_size,
-        references: input.references.clone(),
-        deriver: None,
-        signatures: Vec::new(),
-        ca: Some(input.ca.clone()),
-        extra: Vec::new(),
-    }
 }
 
 /// The staging directory as a loopback cache serves it: narinfos, and NARs

@@ -106,9 +106,9 @@ impl Staged {
         staging: &Path,
         parts_ahead: PartsAhead,
     ) -> Result<(Self, NarFile), ServerError> {
-        let text = match input.ca {
-            ContentAddress::Text(_) => Some(Sha256::new()),
-            ContentAddress::Fixed { .. } => None,
+        let text = match input.content_address() {
+            Some(ContentAddress::Text(_)) => Some(Sha256::new()),
+            Some(ContentAddress::Fixed { .. }) | None => None,
         };
         let file = nar_file(staging, &input.path);
         File::create_new(&file).map_err(internal("creating an upload file"))?;
@@ -314,8 +314,11 @@ impl Staged {
             )));
         }
         // Fixed-output paths need no more: the builder's Nix recomputes the
-        // store path from the contents when importing.
-        if let (ContentAddress::Text(expected), Some(text)) = (&self.input.ca, self.text.take()) {
+        // store path from the contents when importing. Nor do signed ones:
+        // it checks their signatures.
+        if let (Some(ContentAddress::Text(expected)), Some(text)) =
+            (self.input.content_address(), self.text.take())
+        {
             if !single_file {
                 return Err(ServerError::InvalidArgument(format!(
                     "{path} is text-addressed but its NAR is not a single regular file"

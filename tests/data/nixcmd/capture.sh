@@ -2,7 +2,7 @@
 # Captures the fixtures of src/nixcmd from the Nix found on PATH, in a throwaway store.
 # Run it as root in a private mount namespace with an empty directory bound over /nix:
 #   Nix 2.8 (host):  unshare -m sh -c 'mount --bind "$(mktemp -d)" /nix && NIX_CONF_DIR=CONF ./capture.sh 2.8'
-#   Nix 2.26:        NIXDIR=$(mktemp -d) BIND=$PWD tests/nix/in-trixie.sh ROOT sh -c "cd $PWD && ./capture.sh 2.26"
+#   Nix 2.26:        NIXDIR=$(mktemp -d) BIND=$PWD tests/nix/in-root.sh ROOT sh -c "cd $PWD && ./capture.sh 2.26"
 # where CONF/nix.conf (and the trixie root's /etc/nix/nix.conf) hold
 #   sandbox = false / substituters = / experimental-features = nix-command flakes
 # The *-config-* files are written whole and trimmed afterwards (see README.md).
