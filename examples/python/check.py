@@ -38,6 +38,7 @@ EXPECTED = {
     "a space before the `.`": ("UNAUTHENTICATED", "ticket-unknown"),
     "`bearer` in lowercase, the secret in uppercase": ("OK", None),
     "admin socket: revoke an unknown ticket": ("NOT_FOUND", None),
+    "admin socket: grpcio's default `:authority` (the socket path)": ("INTERNAL", None),
     "admin socket: open a build session": ("PERMISSION_DENIED", "not-allowed"),
 }
 
@@ -123,7 +124,6 @@ async def main(ready_json: str, trusted_key: str, drv_file: str) -> None:
     lenient = admin.create(chan, "lenient")
     bound = admin.create(chan, "bound", bind_client=str(trusted_ep.id()))
     listed = [info.id for info in admin.list_tickets(chan)]
-    # Newest first.
     newest_first = [t.ticket.id for t in (bound, lenient, expiring, to_revoke, one_use)]
     assert listed == newest_first, (listed, newest_first)
     revoked = admin.revoke(chan, to_revoke.ticket.id)
@@ -132,6 +132,9 @@ async def main(ready_json: str, trusted_key: str, drv_file: str) -> None:
     admin_outcome("admin socket: revoke an unknown ticket", admin.revoke, chan, "0" * 16)
     admin_outcome("admin socket: open a build session",
                   builder_pb2_grpc.BuilderStub(chan).OpenSession, session)
+    # Why admin.channel sets `grpc.default_authority` (proto/README.md).
+    admin_outcome("admin socket: grpcio's default `:authority` (the socket path)",
+                  admin.list_tickets, grpc.insecure_channel(f"unix:{ready['admin_socket']}"))
 
     # Over Iroh: the trusted client and a stranger.
     reply = await iroh_grpc.call(trusted, *STATUS)
