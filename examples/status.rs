@@ -97,9 +97,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Err(refused) => {
-            let reason = refused.metadata().get("drvthru-refusal");
+            // The stable reason a program matches on (proto/README.md, "Refusals").
+            let reason = refused
+                .metadata()
+                .get("drvthru-refusal")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("no reason");
             anyhow::bail!(
-                "refused: {:?} {reason:?}: {}",
+                "refused: {:?} ({reason}): {}",
                 refused.code(),
                 refused.message()
             )
