@@ -20,9 +20,9 @@ use iroh::{
 };
 use tonic::transport::Channel;
 
-// The stubs generated from `proto/`. This package's build script runs
-// tonic-prost-build over `proto/`, exactly as a third party's build script
-// would, so the example includes its output rather than `drv_thru::proto`.
+// The stubs generated from `proto/` by this package's build script with
+// tonic-prost-build, as a third party's build script would make them
+// (`tonic_prost_build::compile_protos`); not drv-thru's own `proto` module.
 pub mod proto {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("drvthru.v1");
