@@ -10,6 +10,8 @@ for tool in nix nix-store busybox setpriv debootstrap; do
 done
 # Multi-user tests run nix-daemon with build users from nix-setup-systemd.
 getent group nixbld >/dev/null || missing+=(nixbld)
+# The Python example's virtual environment (examples/python/).
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing: ${missing[*]}; run as root once so tests/run.sh can install them" >&2
@@ -17,16 +19,45 @@ if ((${#missing[@]})); then
   fi
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    nix-bin nix-setup-systemd busybox-static util-linux debootstrap
+    nix-bin nix-setup-systemd busybox-static util-linux debootstrap python3-venv
 fi
 if ! command -v buf >/dev/null; then
   npm install -g --no-fund --no-audit @bufbuild/buf@1
+fi
+
+# The Python example's packages from PyPI, pinned; the environment is made
+# again only when its requirements change. tests/examples.rs uses it.
+export DRV_THRU_PYTHON_VENV=${DRV_THRU_PYTHON_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/drv-thru-tests/python-venv}
+requirements=examples/python/requirements.txt
+if ! cmp -s "$requirements" "$DRV_THRU_PYTHON_VENV/requirements.txt"; then
+  python3 -m venv --clear "$DRV_THRU_PYTHON_VENV"
+  "$DRV_THRU_PYTHON_VENV/bin/pip" install -q --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$DRV_THRU_PYTHON_VENV/requirements.txt"
 fi
 
 echo "== lint"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 buf lint
+
+# drvthru.v1 only grows compatibly: proto/ against each parent commit's
+# (both sides of a merge; none for the first commit). A shallow clone
+# fetches the parents first, if it can.
+if [[ $(git rev-parse --is-shallow-repository) == true ]]; then
+  git fetch -q --deepen=1 || echo "== could not deepen this shallow clone" >&2
+fi
+parents=$(git rev-parse 'HEAD^@')
+against=$(mktemp -d)
+trap 'rm -rf "$against"' EXIT
+for parent in $parents; do
+  if git cat-file -e "$parent:proto" 2>/dev/null; then
+    echo "== buf breaking against $(git log -1 --format='%h %s' "$parent")"
+    mkdir "$against/$parent"
+    git archive "$parent" proto | tar -x -C "$against/$parent"
+    buf breaking --against "$against/$parent/proto"
+  fi
+done
+[[ -n $parents ]] || echo "== skipping buf breaking: no parent commit here (the first commit?)"
 
 echo "== tests (Nix $(nix --version | awk '{print $NF}'))"
 cargo test --locked
