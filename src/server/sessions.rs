@@ -126,6 +126,8 @@ pub struct Session {
     uploaded: AtomicU64,
     /// Work of the builder's own for the session under way.
     working: AtomicU64,
+    /// `UploadInputs` calls under way.
+    upload_calls: AtomicU64,
     state: Mutex<SessionState>,
 }
 
@@ -151,6 +153,7 @@ impl Session {
             cancelled_because: std::sync::OnceLock::new(),
             uploaded: AtomicU64::new(0),
             working: AtomicU64::new(0),
+            upload_calls: AtomicU64::new(0),
             state: Mutex::new(SessionState {
                 missing,
                 build: BuildState::NotStarted,
@@ -190,6 +193,13 @@ impl Session {
     pub fn working(&self) -> Working<'_> {
         self.working.fetch_add(1, Ordering::SeqCst);
         Working(self)
+    }
+
+    /// Counts an `UploadInputs` call under way until [`UploadCall::end`] or
+    /// the guard's drop.
+    pub fn upload_call(&self) -> UploadCall<'_> {
+        self.upload_calls.fetch_add(1, Ordering::SeqCst);
+        UploadCall(Some(self))
     }
 
     /// How long the session has sat idle since admission or its last
@@ -326,6 +336,28 @@ impl Drop for Working<'_> {
     fn drop(&mut self) {
         self.0.working.fetch_sub(1, Ordering::SeqCst);
         self.0.touch();
+    }
+}
+
+/// An `UploadInputs` call of a session under way; see
+/// [`Session::upload_call`].
+#[derive(Debug)]
+pub struct UploadCall<'a>(Option<&'a Session>);
+
+impl UploadCall<'_> {
+    /// Ends the call; whether no other call of the session is under way.
+    pub fn end(mut self) -> bool {
+        self.0
+            .take()
+            .is_some_and(|session| session.upload_calls.fetch_sub(1, Ordering::SeqCst) == 1)
+    }
+}
+
+impl Drop for UploadCall<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.take() {
+            session.upload_calls.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -528,6 +560,16 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_last_upload_call_under_way_ends_the_uploading() {
+        let session = session("s", client(1));
+        let (first, second) = (session.upload_call(), session.upload_call());
+        drop(session.upload_call());
+        assert!(!first.end(), "the second call is still under way");
+        assert!(second.end());
+        assert!(session.upload_call().end());
+    }
 
     #[test]
     fn upload_limit_is_exact_and_refusal_counts_nothing() {

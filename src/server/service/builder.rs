@@ -484,11 +484,16 @@ impl builder_server::Builder for BuilderService {
             )
             .into());
         }
+        let call = session.upload_call();
         self.board.set_phase(&session.id, BuildPhase::Uploading);
         let messages = tokio_stream::once(Ok(first)).chain(stream);
         let result = self.uploads.receive(&session, messages).await;
-        self.board
-            .set_phase(&session.id, BuildPhase::WaitingForClient);
+        // A client may upload over several calls at once: it is waited for
+        // only once none is under way.
+        if call.end() {
+            self.board
+                .set_phase(&session.id, BuildPhase::WaitingForClient);
+        }
         Ok(Response::new(result?))
     }
 
