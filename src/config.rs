@@ -509,7 +509,7 @@ pub fn find_builder(files: &[PathBuf], name: &str) -> Result<NamedBuilder, Confi
     };
     let Some(mut entries) = read_entries(files)? else {
         return Err(not_found(format!(
-            "no builders file exists (looked at {}); add the builder there or use --server/--ticket",
+            "no builders file exists (looked at {}); add the builder there",
             listing(files)
         )));
     };
@@ -987,6 +987,9 @@ mod tests {
         let err = find_builder(&[dir.path().join("a.json")], "x")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("a.json") && err.contains("--ticket"), "{err}");
+        assert!(
+            err.contains("a.json") && err.contains("add the builder there"),
+            "{err}"
+        );
     }
 }
