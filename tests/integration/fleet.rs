@@ -260,8 +260,27 @@ fn four_builds_split_two_and_two() {
     let [last] = fleet.built_by(&naps_out)[..] else {
         panic!("naps was built by one builder");
     };
+    let other_key =
+        std::fs::read_to_string(fleet.builders[1 - last].data_dir.join("signing-public.key"))
+            .unwrap();
+    let other_key_name = other_key.split(':').next().unwrap();
     for nap in &naps {
-        assert!(fleet.stores[last].has(nap), "{nap} is on the last builder");
+        let [(_, info)] = &path_infos(&fleet.stores[last], &[nap])[..] else {
+            panic!("{nap} is valid on the last builder");
+        };
+        let signed_by_other = info["signatures"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| {
+                s.as_str()
+                    .unwrap()
+                    .starts_with(&format!("{other_key_name}:"))
+            });
+        assert!(
+            info["ultimate"] == true || signed_by_other,
+            "{nap} on the last builder is its own or the other's: {info}"
+        );
     }
     assert!(fleet.client.has(&naps_out));
     // `nix-build` shows both builders' log lines.
