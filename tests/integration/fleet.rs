@@ -41,9 +41,9 @@ struct Fleet {
 
 impl Fleet {
     /// A fleet whose builders have `scheduling` (each a JSON object of
-    /// builders.json scheduling fields) and trust each other's signing
-    /// keys; `None` if it cannot be made here.
-    fn new(test: &str, scheduling: [serde_json::Value; 2]) -> Option<Self> {
+    /// builders.json scheduling fields) and, with `trust`, trust each
+    /// other's signing keys; `None` if it cannot be made here.
+    fn new(test: &str, scheduling: [serde_json::Value; 2], trust: bool) -> Option<Self> {
         if !available() {
             return None;
         }
@@ -81,22 +81,24 @@ impl Fleet {
         let keys = builders
             .each_ref()
             .map(|b| std::fs::read_to_string(b.data_dir.join("signing-public.key")).unwrap());
-        // All stores share one Nix configuration, so each builder's Nix now
-        // takes the other's outputs as signed inputs.
-        let mut conf = std::fs::OpenOptions::new()
-            .append(true)
-            .open(world.dir.join("conf/nix.conf"))
-            .unwrap();
-        std::io::Write::write_all(
-            &mut conf,
-            format!(
-                "trusted-public-keys = {} {}\n",
-                keys[0].trim(),
-                keys[1].trim()
+        if trust {
+            // All stores share one Nix configuration, so each builder's Nix now
+            // takes the other's outputs as signed inputs.
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(world.dir.join("conf/nix.conf"))
+                .unwrap();
+            std::io::Write::write_all(
+                &mut conf,
+                format!(
+                    "trusted-public-keys = {} {}\n",
+                    keys[0].trim(),
+                    keys[1].trim()
+                )
+                .as_bytes(),
             )
-            .as_bytes(),
-        )
-        .unwrap();
+            .unwrap();
+        }
         let mut entries = serde_json::Map::new();
         for ((name, builder), (key, mut entry)) in
             NAMES.iter().zip(&builders).zip(keys.iter().zip(scheduling))
@@ -189,6 +191,23 @@ impl Fleet {
             .collect()
     }
 
+    /// Whether `path` in builder `on`'s store carries builder `by`'s
+    /// signature.
+    fn signed_by(&self, on: usize, path: &str, by: usize) -> bool {
+        let key =
+            std::fs::read_to_string(self.builders[by].data_dir.join("signing-public.key")).unwrap();
+        let prefix = format!("{}:", key.split(':').next().unwrap());
+        path_infos(&self.stores[on], &[path])
+            .iter()
+            .any(|(_, info)| {
+                info["signatures"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.as_str().unwrap().starts_with(&prefix))
+            })
+    }
+
     /// The client daemon's log and the builders', for a failure message.
     fn logs(&self) -> String {
         let daemon = std::fs::read_to_string(self.world.dir.join("daemon-conf/client/daemon.log"))
@@ -238,7 +257,11 @@ fn scheduling(max_jobs: u32, speed_factor: u32, features: &[&str]) -> serde_json
 
 #[test]
 fn four_builds_split_two_and_two() {
-    let Some(fleet) = Fleet::new("split", [scheduling(2, 1, &[]), scheduling(2, 1, &[])]) else {
+    let Some(fleet) = Fleet::new(
+        "split",
+        [scheduling(2, 1, &[]), scheduling(2, 1, &[])],
+        true,
+    ) else {
         return;
     };
     let start = Instant::now();
@@ -260,26 +283,10 @@ fn four_builds_split_two_and_two() {
     let [last] = fleet.built_by(&naps_out)[..] else {
         panic!("naps was built by one builder");
     };
-    let other_key =
-        std::fs::read_to_string(fleet.builders[1 - last].data_dir.join("signing-public.key"))
-            .unwrap();
-    let other_key_name = other_key.split(':').next().unwrap();
     for nap in &naps {
-        let [(_, info)] = &path_infos(&fleet.stores[last], &[nap])[..] else {
-            panic!("{nap} is valid on the last builder");
-        };
-        let signed_by_other = info["signatures"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|s| {
-                s.as_str()
-                    .unwrap()
-                    .starts_with(&format!("{other_key_name}:"))
-            });
         assert!(
-            info["ultimate"] == true || signed_by_other,
-            "{nap} on the last builder is its own or the other's: {info}"
+            fleet.built_by(nap) == [last] || fleet.signed_by(last, nap, 1 - last),
+            "{nap} is on the last builder, built there or signed by the other"
         );
     }
     assert!(fleet.client.has(&naps_out));
@@ -303,12 +310,36 @@ fn four_builds_split_two_and_two() {
 }
 
 #[test]
+fn outputs_of_an_untrusted_builder_are_built_again() {
+    let Some(fleet) = Fleet::new(
+        "untrusted",
+        [scheduling(2, 1, &[]), scheduling(2, 1, &[])],
+        false,
+    ) else {
+        return;
+    };
+    fleet.build(&["naps"]);
+    let [last] = fleet.built_by(&fleet.out_path("naps"))[..] else {
+        panic!("naps was built by one builder");
+    };
+    for i in 0..4 {
+        let nap = fleet.out_path(&format!("nap{i}"));
+        assert!(
+            fleet.built_by(&nap).contains(&last),
+            "the last builder built {nap} itself"
+        );
+        assert!(!fleet.signed_by(last, &nap, 1 - last));
+    }
+}
+
+#[test]
 fn required_features_pick_the_builder_that_has_them() {
     // The first builder is faster, so Nix would prefer it but for the
     // feature.
     let Some(fleet) = Fleet::new(
         "features",
         [scheduling(2, 10, &[]), scheduling(2, 1, &["big-parallel"])],
+        true,
     ) else {
         return;
     };
@@ -330,6 +361,7 @@ fn with_one_builder_stopped_the_other_builds_everything() {
     let Some(mut fleet) = Fleet::new(
         "one-stopped",
         [scheduling(2, 1, &[]), scheduling(2, 1, &[])],
+        true,
     ) else {
         return;
     };
@@ -348,8 +380,11 @@ fn with_one_builder_stopped_the_other_builds_everything() {
 
 #[test]
 fn interrupting_nix_stops_the_builds_on_both_builders() {
-    let Some(fleet) = Fleet::new("interrupt", [scheduling(1, 1, &[]), scheduling(1, 1, &[])])
-    else {
+    let Some(fleet) = Fleet::new(
+        "interrupt",
+        [scheduling(1, 1, &[]), scheduling(1, 1, &[])],
+        true,
+    ) else {
         return;
     };
     let mut nix = fleet
