@@ -31,12 +31,13 @@ const NAMES: [&str; 2] = ["b1", "b2"];
 /// A client store with its daemon and two builders, each in a store of its
 /// own.
 struct Fleet {
+    // First, so that it and its build hooks stop before the rest goes.
+    _daemon: Daemon,
     salt: String,
     world: Arc<World>,
     client: Store,
     stores: [Store; 2],
     builders: [Builder; 2],
-    _daemon: Daemon,
 }
 
 impl Fleet {
@@ -125,12 +126,12 @@ impl Fleet {
         let daemon =
             client.start_daemon_with(&format!("builders = @{}\n", machines_file.display()));
         Some(Self {
+            _daemon: daemon,
             salt,
             world,
             client,
             stores,
             builders,
-            _daemon: daemon,
         })
     }
 
