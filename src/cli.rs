@@ -150,6 +150,11 @@ pub fn main() -> ExitCode {
             )
             .exit();
     }
+    if cli.command.is_none()
+        && let Some(code) = nix_stdio::stand_in()
+    {
+        return code;
+    }
     // The server's log is its interface; a client command logs only
     // warnings unless asked.
     let default_filter = match cli.command {

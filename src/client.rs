@@ -82,7 +82,19 @@ impl Target {
     /// The builder called `name` in the builders files (`--builder NAME`),
     /// with its ticket loaded if it names a `ticket_file`.
     pub fn named_builder(name: &str) -> anyhow::Result<Self> {
-        let builder = config::find_builder(&config::builders_files(), name)?;
+        Self::builder_in(&config::builders_files(), name)
+    }
+
+    /// The builder called `name` in the system's builders file alone
+    /// ([`config::SYSTEM_BUILDERS_FILE`]): for a program run as root on
+    /// behalf of every user (`--stdio` under nix-daemon), which no user's
+    /// own file may steer.
+    pub fn system_builder(name: &str) -> anyhow::Result<Self> {
+        Self::builder_in(&[config::SYSTEM_BUILDERS_FILE.into()], name)
+    }
+
+    fn builder_in(files: &[std::path::PathBuf], name: &str) -> anyhow::Result<Self> {
+        let builder = config::find_builder(files, name)?;
         Ok(Self::Named(Box::new(builder)))
     }
 

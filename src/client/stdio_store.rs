@@ -17,13 +17,15 @@
 //!   the builder's `Cache` service, only once every narinfo of the output
 //!   closure is signed by the builder's configured key: Nix's hook imports
 //!   them without checking signatures, so this is where trust is kept.
+//!   The checked outputs are downloaded at once into a directory the hook's
+//!   other connections serve them from too ([`shared`]).
 //!
 //! The end of stdin (Nix killed the hook) ends the program and with it the
 //! connection, so the builder cancels a running build.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
@@ -36,7 +38,7 @@ use super::{
     status_error,
 };
 use crate::{
-    config,
+    config::{self, SYSTEM_BUILDERS_FILE},
     nix::{drv::Derivation, narinfo::NarInfo, signing::PublicKey, store_path::StorePath},
     nixcmd::{self, Nix},
     proto::{self, build_response::Event, cache_client::CacheClient},
@@ -48,29 +50,38 @@ use crate::{
 };
 
 /// How long reaching the builder may take before Nix is told to try
-/// another machine.
-pub const REACH_WITHIN: Duration = Duration::from_secs(10);
+/// another machine: short enough that, with starting up, Nix hears within
+/// 10 s.
+pub const REACH_WITHIN: Duration = Duration::from_secs(8);
+
+pub mod shared;
+
+use shared::{SHARED_DIR, SharedOutputs};
 
 /// The version string the handshake reports as the store's Nix version.
 const STORE_VERSION: &str = concat!("drv-thru ", env!("CARGO_PKG_VERSION"));
 
 /// Serves Nix's worker protocol on `input`/`output` for the builder `name`
-/// of the builders files, dialling it with the machine key
-/// ([`config::MACHINE_KEY_FILE`]). Returns when Nix closes the connection.
+/// of the system's builders file ([`SYSTEM_BUILDERS_FILE`]), dialling it
+/// with the machine key ([`config::MACHINE_KEY_FILE`]), and sharing outputs
+/// with the other connections of Nix's build hook, process `hook`. Returns
+/// when Nix closes the connection.
 pub async fn serve(
     name: &str,
+    hook: u32,
     relay: RelayChoice,
     input: impl AsyncRead + Unpin,
     output: impl AsyncWrite + Unpin,
 ) -> anyhow::Result<()> {
-    let target = Target::named_builder(name)?;
+    let target = Target::system_builder(name)?;
     let key = target.trusted_signing_key().cloned().ok_or_else(|| {
         anyhow!(
-            "builder {name:?} has no public_key in builders.json; add it, since the outputs Nix imports through drv-thru are checked against it"
+            "builder {name:?} has no public_key in {SYSTEM_BUILDERS_FILE}; add it, since the outputs Nix imports through drv-thru are checked against it"
         )
     })?;
+    let shared = SharedOutputs::open(Path::new(SHARED_DIR), hook)?;
     let endpoint = bind(relay, Some(Path::new(config::MACHINE_KEY_FILE))).await?;
-    let served = Store::start(name, key, &target, &endpoint, input, output).await;
+    let served = Store::start(name, key, shared, &target, &endpoint, input, output).await;
     let served = match served {
         Ok(store) => store.run().await,
         Err(err) => Err(err),
@@ -130,11 +141,11 @@ impl From<std::io::Error> for Failure {
     }
 }
 
-/// A built output served to Nix: its session and its signed narinfo.
+/// A built output served to Nix: its checked narinfo and its NAR's file.
 #[derive(Debug)]
 struct Served {
-    session_id: String,
     narinfo: NarInfo,
+    nar: PathBuf,
 }
 
 /// One connection from Nix.
@@ -146,7 +157,9 @@ struct Store<R, W> {
     key: PublicKey,
     nix: Nix,
     connection: Connection,
-    /// The output closures of this connection's builds, checked.
+    /// Where the hook's connections keep the outputs they built.
+    shared: SharedOutputs,
+    /// The outputs of the hook's builds asked for here, checked.
     served: BTreeMap<StorePath, Served>,
 }
 
@@ -155,6 +168,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
     async fn start(
         name: &str,
         key: PublicKey,
+        shared: SharedOutputs,
         target: &Target,
         endpoint: &iroh::Endpoint,
         input: R,
@@ -191,6 +205,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
             key,
             nix: Nix::new(),
             connection,
+            shared,
             served: BTreeMap::new(),
         })
     }
@@ -222,8 +237,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
                 Err(Failure::Fatal(err)) => break Err(err),
             }
         };
+        self.shared.close();
         self.connection.close().await;
         result
+    }
+
+    /// A built output of this hook's, its narinfo checked again as it is
+    /// read: the file is not this process's own.
+    fn lookup(&mut self, path: &StorePath) -> anyhow::Result<Option<&Served>> {
+        if !self.served.contains_key(path) {
+            let Some((narinfo, nar)) = self.shared.find(path)? else {
+                return Ok(None);
+            };
+            check_narinfo(&narinfo, &self.key, &self.name)?;
+            self.served.insert(path.clone(), Served { narinfo, nar });
+        }
+        Ok(self.served.get(path))
     }
 
     async fn op(&mut self, code: u64) -> Result<(), Failure> {
@@ -323,20 +352,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
     /// Nix then sends nothing it would otherwise copy before a build (the
     /// whole input closure, once per build), and an output it asks for is
     /// never mistaken for one it already has.
-    async fn valid(&self, paths: &[StorePath]) -> anyhow::Result<Vec<StorePath>> {
+    async fn valid(&mut self, paths: &[StorePath]) -> anyhow::Result<Vec<StorePath>> {
         let invalid: BTreeSet<StorePath> =
             self.nix.invalid_paths(paths).await?.into_iter().collect();
-        Ok(paths
-            .iter()
-            .filter(|path| !invalid.contains(path) || self.served.contains_key(path))
-            .cloned()
-            .collect())
+        let mut valid = Vec::new();
+        for path in paths {
+            if !invalid.contains(path) || self.lookup(path)?.is_some() {
+                valid.push(path.clone());
+            }
+        }
+        Ok(valid)
     }
 
     /// What this store knows about `path`: a built output's checked
     /// narinfo, else the local store's path info.
-    async fn path_info(&self, path: &StorePath) -> anyhow::Result<Option<wire::PathInfo>> {
-        if let Some(served) = self.served.get(path) {
+    async fn path_info(&mut self, path: &StorePath) -> anyhow::Result<Option<wire::PathInfo>> {
+        if let Some(served) = self.lookup(path)? {
             let narinfo = &served.narinfo;
             return Ok(Some(wire::PathInfo {
                 deriver: narinfo
@@ -370,45 +401,54 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
         }))
     }
 
-    /// Streams a built output's NAR from the builder to Nix, which checks
-    /// it against the narinfo's hash as it imports it.
+    /// Streams a built output's NAR to Nix from the file its build kept;
+    /// Nix checks it against the narinfo's hash as it imports it.
     async fn nar_from_path(&mut self, path: &StorePath) -> Result<(), Failure> {
-        let served = self.served.get(path).ok_or_else(|| {
+        let served = self.lookup(path)?.ok_or_else(|| {
             anyhow!("{path} is not an output built through drv-thru here, the only NARs it serves")
         })?;
-        let mut nar = CacheClient::new(self.connection.channel.clone())
+        let (size, file) = (served.narinfo.nar_size, served.nar.clone());
+        let mut nar = tokio::fs::File::open(&file)
+            .await
+            .with_context(|| format!("opening {}", file.display()))?;
+        let on_disk = nar
+            .metadata()
+            .await
+            .with_context(|| format!("reading {}", file.display()))?
+            .len();
+        if on_disk != size {
+            return Err(anyhow!(
+                "{} holds {on_disk} of {path}'s {size} bytes",
+                file.display()
+            )
+            .into());
+        }
+        Writer::default().last().send(&mut self.out).await?;
+        // From here on Nix reads raw NAR bytes: a failure can only end the
+        // connection, and Nix reports the short NAR.
+        tokio::io::copy(&mut nar, &mut self.out).await?;
+        self.out.flush().await?;
+        Ok(())
+    }
+
+    /// Downloads a checked output's NAR from the builder's session
+    /// `session_id` into the hook's shared directory; returns its file.
+    async fn download(&self, session_id: &str, narinfo: &NarInfo) -> anyhow::Result<PathBuf> {
+        let mut stream = CacheClient::new(self.connection.channel.clone())
             .get_nar(proto::GetNarRequest {
-                session_id: served.session_id.clone(),
-                url: served.narinfo.url.clone(),
+                session_id: session_id.to_owned(),
+                url: narinfo.url.clone(),
                 offset: 0,
                 length: 0,
             })
             .await
             .map_err(status_error)?
             .into_inner();
-        let size = served.narinfo.nar_size;
-        Writer::default().last().send(&mut self.out).await?;
-        // From here on Nix reads raw NAR bytes: a failure can only end the
-        // connection, and Nix reports the short NAR.
-        let mut sent = 0u64;
-        while let Some(chunk) = nar
-            .message()
-            .await
-            .map_err(|status| Failure::Fatal(status_error(status)))?
-        {
-            sent += chunk.data.len() as u64;
-            if sent > size {
-                break;
-            }
-            self.out.write_all(&chunk.data).await?;
+        let mut keeping = self.shared.keep(narinfo)?;
+        while let Some(chunk) = stream.message().await.map_err(status_error)? {
+            keeping.write(&chunk.data).await?;
         }
-        if sent != size {
-            return Err(Failure::Fatal(anyhow!(
-                "the builder sent {sent} bytes of {path}'s {size}-byte NAR"
-            )));
-        }
-        self.out.flush().await?;
-        Ok(())
+        keeping.finish().await
     }
 
     /// Builds a `BuildPathsWithResults` target.
@@ -528,23 +568,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
             .await
             .map_err(status_error)?
             .into_inner();
-        let mut served = BTreeMap::new();
+        let mut listed = Vec::new();
         while let Some(item) = listing.message().await.map_err(status_error)? {
             let narinfo: NarInfo = item
                 .narinfo
                 .parse()
                 .context("the builder listed a malformed narinfo")?;
             check_narinfo(&narinfo, &self.key, &self.name)?;
-            served.insert(
-                narinfo.store_path.clone(),
-                Served {
-                    session_id: session_id.clone(),
-                    narinfo,
-                },
-            );
+            listed.push(narinfo);
         }
-        if let Some(path) = outputs.values().find(|path| !served.contains_key(*path)) {
+        if let Some(path) = outputs
+            .values()
+            .find(|path| !listed.iter().any(|n| n.store_path == **path))
+        {
             bail!("the builder did not list the output {path}");
+        }
+        // Only what the local store lacks: the rest of the closure (inputs)
+        // is answered from it.
+        let paths: Vec<StorePath> = listed.iter().map(|n| n.store_path.clone()).collect();
+        let lacking: BTreeSet<StorePath> =
+            self.nix.invalid_paths(&paths).await?.into_iter().collect();
+        let mut served = BTreeMap::new();
+        for narinfo in listed
+            .into_iter()
+            .filter(|n| lacking.contains(&n.store_path))
+        {
+            let nar = self.download(session_id, &narinfo).await?;
+            served.insert(narinfo.store_path.clone(), Served { narinfo, nar });
         }
         self.served.extend(served);
         Ok(())
@@ -664,6 +714,9 @@ impl<W: AsyncWrite + Unpin> Observer for LogFrames<'_, W> {
             Event::Started(_) => {
                 self.activity(&mut w);
             }
+            // Structured lines only renderers of the builder's own Nix
+            // would use: nothing to print.
+            Event::Log(line) if line.text.is_empty() => return,
             Event::Log(line) => {
                 let id = self.activity(&mut w);
                 w.result(id, wire::RESULT_BUILD_LOG_LINE, &[Field::Str(line.text)]);

@@ -5,6 +5,7 @@
 //! a drv-thru builder in a store of its own.
 
 use std::{
+    os::unix::fs::PermissionsExt,
     path::Path,
     process::{Command, Stdio},
     sync::Arc,
@@ -112,6 +113,18 @@ fn write_builders_json(dir: &Path, builder: &Builder, public_key: &str) {
     .unwrap();
 }
 
+/// The output paths `nix build --json` printed.
+fn out_paths(json: &[u8]) -> Vec<String> {
+    let built: serde_json::Value = serde_json::from_slice(json).unwrap();
+    built
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b["outputs"].as_object().unwrap().values())
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[test]
 fn nix_offloads_through_the_machine_line() {
     if !available() {
@@ -121,16 +134,9 @@ fn nix_offloads_through_the_machine_line() {
     let output = scheduled.build(&["lib", "blob"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}\n{}", scheduled.logs());
-    let built: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let outputs: Vec<&str> = built
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|b| b["outputs"].as_object().unwrap().values())
-        .map(|p| p.as_str().unwrap())
-        .collect();
+    let outputs = out_paths(&output.stdout);
     assert_eq!(outputs.len(), 2, "lib's default output and blob's");
-    for path in outputs {
+    for path in &outputs {
         assert!(
             scheduled.client.has(path),
             "{path} is valid in the client store"
@@ -140,8 +146,90 @@ fn nix_offloads_through_the_machine_line() {
             "{path} was built on the builder"
         );
     }
-    // `-L` shows the builder's log lines.
-    assert!(stderr.contains("blob: writing 8 MiB"), "{stderr}");
+    // Nix's hook fetches every output of lib, the other one too.
+    assert!(
+        scheduled
+            .client
+            .entries()
+            .iter()
+            .any(|e| e.ends_with("-testlib-dev")),
+        "{stderr}"
+    );
+    // `-L` shows the builder's log lines, and no empty ones.
+    assert!(stderr.contains("blob> blob: writing 8 MiB"), "{stderr}");
+    assert!(
+        !stderr.lines().any(|line| line.trim_end() == "blob>"),
+        "{stderr}"
+    );
+}
+
+/// The stdio program is for the daemon's hook, as root: run by anyone else
+/// it cannot keep outputs where the hook's connections share them, and says
+/// so in one line.
+#[test]
+fn the_stdio_program_needs_root() {
+    if !available() {
+        return;
+    }
+    let scheduled = Scheduled::new("stdio-root");
+    let output = scheduled
+        .client
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([binary(), "--stdio", "--store", "b1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot keep outputs in /run/drv-thru/nix-stdio, as drv-thru --stdio does when nix-daemon runs it as root"),
+        "{stderr}"
+    );
+}
+
+/// A user Nix does not trust builds through the daemon as root would: the
+/// daemon's hook runs the stdio program as root either way.
+#[test]
+fn an_unprivileged_users_build_offloads() {
+    if !available() {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let scheduled = Scheduled::new("unprivileged");
+    // The user must reach the test flake and a home of its own.
+    std::fs::set_permissions(&scheduled.world.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = scheduled.world.dir.join("nobody");
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    let output = scheduled
+        .client
+        .command("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "nix",
+            "build",
+            "-j0",
+            "--no-link",
+            "--json",
+            &scheduled.world.installable("app"),
+        ])
+        .env("NIX_REMOTE", "daemon")
+        .env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}\n{}", scheduled.logs());
+    let [app] = &out_paths(&output.stdout)[..] else {
+        panic!("one output: {stderr}");
+    };
+    assert!(scheduled.client.has(app), "{app} is in the client store");
+    assert!(scheduled.builder_store.has(app), "{app} was built remotely");
 }
 
 #[test]
@@ -160,8 +248,15 @@ fn unreachable_builder_fails_fast_with_its_reason() {
         "{stderr}\n{}",
         scheduled.logs()
     );
-    // One try of the hook, well within Nix's patience.
-    assert!(start.elapsed() < Duration::from_secs(30), "{stderr}");
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|line| line.contains("cannot reach builder"))
+            .count(),
+        1,
+        "the reason is one line: {stderr}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10), "{stderr}");
 }
 
 #[test]
@@ -191,10 +286,22 @@ fn outputs_signed_by_another_key_are_refused() {
 
 #[test]
 fn interrupting_nix_stops_the_build_on_the_builder() {
+    stopping_nix_stops_the_build_on_the_builder("interrupt", libc::SIGINT);
+}
+
+#[test]
+fn killing_nix_stops_the_build_on_the_builder() {
+    stopping_nix_stops_the_build_on_the_builder("kill", libc::SIGKILL);
+}
+
+/// Sends `signal` to the client's `nix build` during a long build: the
+/// daemon kills the hook, the stdio program sees its stdin end, and the
+/// builder's build process is gone within 5 s.
+fn stopping_nix_stops_the_build_on_the_builder(test: &str, signal: libc::c_int) {
     if !available() {
         return;
     }
-    let scheduled = Scheduled::new("interrupt");
+    let scheduled = Scheduled::new(test);
     let mut nix = scheduled
         .nix_build(&["quiet"])
         .stdout(Stdio::null())
@@ -207,7 +314,7 @@ fn interrupting_nix_stops_the_build_on_the_builder() {
         || !build_processes(&scheduled.salt).is_empty(),
     );
     // SAFETY: the pid is our child's, not yet reaped.
-    unsafe { libc::kill(nix.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(nix.id() as i32, signal) };
     nix.wait().unwrap();
     wait_until(
         "the builder has no build process left",
