@@ -155,6 +155,8 @@ impl Fleet {
         String::from_utf8_lossy(&output.stderr).into_owned()
     }
 
+    /// Asserts that `output` is of a successful build, showing Nix's
+    /// stderr and every log if not.
     fn assert_built(&self, output: &Output) {
         assert!(
             output.status.success(),
@@ -248,6 +250,7 @@ impl Fleet {
     }
 }
 
+/// A builders.json entry's scheduling columns.
 fn scheduling(max_jobs: u32, speed_factor: u32, features: &[&str]) -> serde_json::Value {
     serde_json::json!({
         "max_jobs": max_jobs,
