@@ -20,8 +20,11 @@
 //!   The checked outputs are downloaded at once into a directory the hook's
 //!   other connections serve them from too ([`shared`]).
 //!
-//! The end of stdin (Nix killed the hook) ends the program and with it the
+//! The end of stdin (Nix killed the hook or the connection's process, see
+//! `drv-thru --stdio`'s stand-in) ends the program and with it the
 //! connection, so the builder cancels a running build.
+
+pub mod shared;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,6 +35,7 @@ use std::{
 use anyhow::{Context, anyhow, bail};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
+use self::shared::{SHARED_DIR, SharedOutputs};
 use super::{
     Connection, Target, bind, dial,
     remote_build::{BuildOptions, Observer, Plan, SessionBuild, build_in_session, built_elsewhere},
@@ -53,10 +57,6 @@ use crate::{
 /// another machine: short enough that, with starting up, Nix hears within
 /// 10 s.
 pub const REACH_WITHIN: Duration = Duration::from_secs(8);
-
-pub mod shared;
-
-use shared::{SHARED_DIR, SharedOutputs};
 
 /// The version string the handshake reports as the store's Nix version.
 const STORE_VERSION: &str = concat!("drv-thru ", env!("CARGO_PKG_VERSION"));

@@ -31,7 +31,8 @@ use crate::nix::{narinfo::NarInfo, store_path::StorePath};
 /// Where the hooks' directories are.
 pub const SHARED_DIR: &str = "/run/drv-thru/nix-stdio";
 
-/// The outputs kept for the hook that started this process.
+/// The outputs kept for one build hook, whose connection this process
+/// serves.
 #[derive(Debug)]
 pub struct SharedOutputs {
     hook: ProcessId,
