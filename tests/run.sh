@@ -59,15 +59,22 @@ for parent in $parents; do
 done
 [[ -n $parents ]] || echo "== skipping buf breaking: no parent commit here (the first commit?)"
 
+# Modern Nix, Debian trixie's 2.26 and sid's newest, each in a root of its
+# own (made once, then reused). The three-store tests put a builder on 2.26
+# even when the client is on the host's Nix.
+if [[ $(id -u) -eq 0 ]]; then
+  for suite in trixie sid; do
+    tests/nix/make-debian-root.sh "$suite" "/var/cache/drv-thru-tests/$suite"
+  done
+fi
+
 echo "== tests (Nix $(nix --version | awk '{print $NF}'))"
 cargo test --locked
 
-# The end-to-end suite again against modern Nix: Debian trixie's 2.26 and
-# sid's newest, each in a root of its own (made once, then reused).
+# The end-to-end suite again against modern Nix.
 if [[ $(id -u) -eq 0 ]]; then
   for suite in trixie sid; do
     root=/var/cache/drv-thru-tests/$suite
-    tests/nix/make-debian-root.sh "$suite" "$root"
     echo "== integration tests (Nix $(tests/nix/in-root.sh "$root" nix --version | awk '{print $NF}'), Debian $suite)"
     DRV_THRU_TEST_TRIXIE=$root cargo test --locked --test integration
   done

@@ -1095,7 +1095,7 @@ fn server_by_endpoint_id_relies_on_keys_nix_trusts() {
 
 /// `nix path-info --json ARGS` in `store`, by path, as its Nix (2.8: an
 /// array) describes them.
-fn path_infos(store: &Store, args: &[&str]) -> Vec<(String, serde_json::Value)> {
+pub fn path_infos(store: &Store, args: &[&str]) -> Vec<(String, serde_json::Value)> {
     let mut all = vec!["path-info", "--json"];
     all.extend_from_slice(args);
     let json = store.run_ok("nix", &all);

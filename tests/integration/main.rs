@@ -9,6 +9,7 @@ mod builds;
 mod cache;
 mod common;
 mod crash;
+mod fleet;
 mod helper;
 mod scale_out;
 mod server;

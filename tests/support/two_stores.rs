@@ -150,7 +150,14 @@ impl World {
             home: self.dir.join("home").join(name),
             netns: None,
             etc: None,
+            root: self.trixie.clone(),
         }
+    }
+
+    /// The Debian root whose Nix runs in this world's stores
+    /// (`DRV_THRU_TEST_TRIXIE`), or `None` for the host's.
+    pub fn root(&self) -> Option<&Path> {
+        self.trixie.as_deref()
     }
 
     /// `path:FLAKE#attr`.
@@ -189,6 +196,7 @@ pub struct Store {
     pub home: PathBuf,
     netns: Option<String>,
     etc: Option<PathBuf>,
+    root: Option<PathBuf>,
 }
 
 /// Environment variables a command in a trixie store may see.
@@ -214,6 +222,13 @@ impl Store {
         self
     }
 
+    /// This store, its commands run by the Nix of the Debian root `root`
+    /// rather than the world's (see [`World::root`]); `None` is the host's.
+    pub fn on_root(mut self, root: Option<&Path>) -> Self {
+        self.root = root.map(Path::to_owned);
+        self
+    }
+
     /// This store, its commands run in the network namespace `name`.
     pub fn in_netns(mut self, name: &str) -> Self {
         self.netns = Some(name.to_owned());
@@ -224,7 +239,7 @@ impl Store {
     /// offline.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         std::fs::create_dir_all(self.home.join(".config")).unwrap();
-        let mut command = match (&self.world.trixie, &self.netns) {
+        let mut command = match (&self.root, &self.netns) {
             (None, None) => in_store_with_etc(&self.dir, self.etc.as_deref(), program),
             (None, Some(netns)) => {
                 let mut command = Command::new("ip");

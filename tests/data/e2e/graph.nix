@@ -22,6 +22,28 @@ let
     args = [ "-euc" script ];
     PATH = "${tools}/bin";
   } // attrs);
+
+  # Runs on the busybox source alone, so no build comes first.
+  bare = name: script: attrs: derivation ({
+    inherit name system salt;
+    builder = "${bbsrc}/bin/busybox";
+    args = [ "sh" "-euc" script ];
+  } // attrs);
+  bb = "${bbsrc}/bin/busybox";
+
+  naps' = builtins.listToAttrs (map (i: {
+    name = "nap${toString i}";
+    value = bare "nap-${toString i}" ''
+      echo "nap ${toString i}: sleeping"
+      ${bb} sleep 3
+      echo ${toString i} > $out
+    '' { };
+  }) [ 0 1 2 3 ]);
+
+  big = i: bare "big-${toString i}" ''
+    echo "big ${toString i}: built"
+    echo ${toString i} > $out
+  '' { requiredSystemFeatures = [ "big-parallel" ]; };
 in
 rec {
   inherit tools;
@@ -107,4 +129,14 @@ rec {
     echo "fail: about to fail" >&2
     exit 3
   '' { };
-}
+
+  # Four independent 3-second builds and one that needs them all, for Nix's
+  # scheduler to spread over several builders.
+  naps = bare "naps" ''
+    ${bb} cat ${toString (map (i: naps'.${"nap${toString i}"}) [ 0 1 2 3 ])} > $out
+  '' { };
+
+  # Builds only a machine that declares the big-parallel feature may take.
+  big0 = big 0;
+  big1 = big 1;
+} // naps'
