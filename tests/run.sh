@@ -76,7 +76,7 @@ if [[ $(id -u) -eq 0 ]]; then
   for suite in trixie sid; do
     root=/var/cache/drv-thru-tests/$suite
     echo "== integration tests (Nix $(tests/nix/in-root.sh "$root" nix --version | awk '{print $NF}'), Debian $suite)"
-    DRV_THRU_TEST_TRIXIE=$root cargo test --locked --test integration
+    DRV_THRU_TEST_NIX_ROOT=$root cargo test --locked --test integration
   done
 else
   echo "== skipping the runs on modern Nix: they need root"

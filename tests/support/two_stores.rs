@@ -7,8 +7,8 @@
 //! tests (`src/nixcmd/real_nix_tests.rs`), the integration tests, the transfer
 //! benchmark and the demo. It uses only std, `libc` and `tempfile`, so the
 //! library's own unit tests can include it too. By default the host's Nix
-//! (Debian 12: 2.8) runs. With `DRV_THRU_TEST_TRIXIE=DIR` every command runs
-//! inside that Debian trixie root instead (Nix 2.26, see
+//! (Debian 12: 2.8) runs. With `DRV_THRU_TEST_NIX_ROOT=DIR` every command runs
+//! inside that Debian root instead (trixie's Nix 2.26 or sid's 2.34, made by
 //! `tests/nix/make-debian-root.sh`).
 
 // Each includer uses a different part of this file.
@@ -97,7 +97,8 @@ pub struct World {
     /// The test flake (`tests/data/e2e`), when made by [`World::new`].
     pub flake: PathBuf,
     conf: PathBuf,
-    trixie: Option<PathBuf>,
+    /// The Debian root whose Nix runs here, if not the host's.
+    root: Option<PathBuf>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -135,7 +136,7 @@ impl World {
             flake: dir.join("flake"),
             dir,
             conf,
-            trixie: std::env::var_os("DRV_THRU_TEST_TRIXIE").map(PathBuf::from),
+            root: std::env::var_os("DRV_THRU_TEST_NIX_ROOT").map(PathBuf::from),
             _temp: None,
         }
     }
@@ -150,14 +151,14 @@ impl World {
             home: self.dir.join("home").join(name),
             netns: None,
             etc: None,
-            root: self.trixie.clone(),
+            root: self.root.clone(),
         }
     }
 
     /// The Debian root whose Nix runs in this world's stores
-    /// (`DRV_THRU_TEST_TRIXIE`), or `None` for the host's.
+    /// (`DRV_THRU_TEST_NIX_ROOT`), or `None` for the host's.
     pub fn root(&self) -> Option<&Path> {
-        self.trixie.as_deref()
+        self.root.as_deref()
     }
 
     /// `path:FLAKE#attr`.
@@ -199,7 +200,7 @@ pub struct Store {
     root: Option<PathBuf>,
 }
 
-/// Environment variables a command in a trixie store may see.
+/// Environment variables a command in a Debian root's store may see.
 const PASSED: &[&str] = &[
     "NIX_CONF_DIR",
     "XDG_CACHE_HOME",
