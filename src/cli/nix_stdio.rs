@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long)]
     pub stdio: bool,
 
-    /// With --stdio: the builders.json entry to build on.
+    /// With --stdio: the builder to build on, by its name in
+    /// /etc/drv-thru/builders.json (the only builders file --stdio reads).
     #[arg(long, value_name = "NAME", requires = "stdio")]
     pub store: Option<String>,
 }
