@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -80,6 +80,42 @@ pub async fn run(context: BuildContext, session: Arc<Session>, rebuild: bool, ev
     .await;
 }
 
+/// Queues `session` for a build slot, telling its client its position
+/// whenever that changes.
+async fn wait_for_slot(
+    context: &BuildContext,
+    session: &Session,
+    events: &Events,
+) -> Result<OwnedSemaphorePermit, Ending> {
+    let board = &context.board;
+    board.set_phase(&session.id, BuildPhase::Queued);
+    let mut watch = board.subscribe();
+    let mut position = 0;
+    let acquire = context.slots.clone().acquire_owned();
+    tokio::pin!(acquire);
+    loop {
+        let now = board.queue_position(&session.id);
+        if now != position && now != 0 {
+            position = now;
+            if !send(events, Event::Queued(proto::BuildQueued { position })).await {
+                return Err(Ending::new(
+                    BuildResult::Cancelled,
+                    "client left while queued",
+                ));
+            }
+        }
+        tokio::select! {
+            permit = &mut acquire => return Ok(permit.expect("the build slots are never closed")),
+            _ = watch.changed() => {}
+            _ = session.cancelled.cancelled() => return Err(Ending::new(
+                BuildResult::Cancelled,
+                session.cancelled_because().unwrap_or("client left while queued"),
+            )),
+            _ = events.closed() => return Err(Ending::new(BuildResult::Cancelled, "client left while queued")),
+        }
+    }
+}
+
 async fn queue_and_build(
     context: &BuildContext,
     session: &Arc<Session>,
@@ -87,28 +123,15 @@ async fn queue_and_build(
     events: &Events,
 ) -> Ending {
     let board = &context.board;
-    board.set_phase(&session.id, BuildPhase::Queued);
-    let mut watch = board.subscribe();
-    let mut position = 0;
-    let acquire = context.slots.clone().acquire_owned();
-    tokio::pin!(acquire);
-    let permit = loop {
-        let now = board.queue_position(&session.id);
-        if now != position && now != 0 {
-            position = now;
-            if !send(events, Event::Queued(proto::BuildQueued { position })).await {
-                return Ending::new(BuildResult::Cancelled, "client left while queued");
-            }
-        }
-        tokio::select! {
-            permit = &mut acquire => break permit.expect("the build slots are never closed"),
-            _ = watch.changed() => {}
-            _ = session.cancelled.cancelled() => return Ending::new(
-                BuildResult::Cancelled,
-                session.cancelled_because().unwrap_or("client left while queued"),
-            ),
-            _ = events.closed() => return Ending::new(BuildResult::Cancelled, "client left while queued"),
-        }
+    // A free slot is taken at once, with no queue position to report: the
+    // semaphore hands released slots to those waiting first, so this never
+    // overtakes them.
+    let permit = match context.slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => match wait_for_slot(context, session, events).await {
+            Ok(permit) => permit,
+            Err(ending) => return ending,
+        },
     };
     board.set_phase(&session.id, BuildPhase::Building);
     let limit = session.limits.max_build_time;

@@ -165,6 +165,10 @@ fn ticket_build_imports_signed_outputs_once() {
     // Small outputs come from files, the large text output over HTTP.
     let log = stderr(&output);
     assert!(log.contains("small outputs spooled"), "{log}");
+    assert!(
+        !log.contains("queued"),
+        "an idle builder queues nothing: {log}"
+    );
     assert!(log.contains("copy --from file:///"), "{log}");
     assert!(log.contains("copy --from http://127.0.0.1:"), "{log}");
     let app = pair.out_path("app");
