@@ -29,7 +29,7 @@ pub mod shared;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context, anyhow, bail};
@@ -512,7 +512,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
             inputs,
             signed,
         };
-        let started = unix_now();
+        let started = proto::now_unix();
         let Self {
             reader,
             out,
@@ -538,7 +538,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
                 return Err(Failure::Fatal(anyhow!("Nix closed the connection during the build")));
             }
         };
-        let times = (started, unix_now());
+        let times = (started, proto::now_unix());
         let finished = &built.finished;
         let status = match finished.result() {
             proto::BuildResult::Succeeded => {
@@ -629,13 +629,6 @@ fn output_path(drv: &StorePath, path: &str) -> anyhow::Result<StorePath> {
     }
     path.parse()
         .with_context(|| format!("{drv} names an invalid output path {path:?}"))
-}
-
-/// Seconds since the epoch.
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Returns once Nix has closed its end. Nix sends nothing while it waits
