@@ -28,12 +28,14 @@
 //! the types re-exported here.
 
 mod cache;
+mod daemon;
 mod dump;
 pub mod log;
 mod parse;
 mod process;
 mod realise;
 mod trust;
+mod verifiable;
 
 #[cfg(test)]
 mod real_nix_tests;
@@ -46,6 +48,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::nix::narinfo::NarInfo;
 use crate::nix::signing::PublicKey;
 use crate::nix::store_path::StorePath;
 
@@ -149,24 +152,27 @@ pub enum NixCmdError {
     /// An argument cannot be passed to Nix safely.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// A path offered for [`Nix::add_verifiable_from_cache`] is neither properly
-    /// content-addressed nor signed, or its narinfo cannot be used.
-    #[error("cannot add {path} from {cache}: {reason}")]
+    /// A path offered for [`Nix::add_verifiable`] is neither properly
+    /// content-addressed nor signed.
+    #[error("cannot add {path}: {reason}")]
     NotContentAddressed {
         /// The path.
         path: StorePath,
-        /// The cache directory.
-        cache: PathBuf,
         /// What is wrong.
         reason: String,
     },
-    /// Nix reported success, but some paths are still not valid.
-    #[error("{} path(s) still missing after `{command}`, e.g. {}", .paths.len(), .paths[0])]
-    StillMissing {
-        /// The command line.
-        command: String,
-        /// The missing paths (never empty).
-        paths: Vec<StorePath>,
+    /// The store refused paths offered for [`Nix::add_verifiable`], saying
+    /// why.
+    #[error("{0}")]
+    Refused(String),
+    /// The NAR of a path offered for [`Nix::add_verifiable`] could not be
+    /// read from its source.
+    #[error("cannot read the NAR of {path}: {reason}")]
+    NarSource {
+        /// The path.
+        path: StorePath,
+        /// What went wrong.
+        reason: String,
     },
 }
 
@@ -189,18 +195,6 @@ pub struct EvalFlags {
     pub override_inputs: Vec<(String, String)>,
     /// `--file FILE`: read the installable as an attribute path of this Nix file, not a flake ref.
     pub file: Option<PathBuf>,
-}
-
-/// A binary cache a server serves over HTTP in front of a directory, for
-/// [`Nix::add_verifiable_from_cache`].
-#[derive(Debug, Clone, Copy)]
-pub struct ServedCache<'a> {
-    /// Its URL.
-    pub url: &'a str,
-    /// The netrc file holding its credentials (Nix's `netrc-file`), if it
-    /// needs any: a file, as Nix's command line is visible to every local
-    /// user.
-    pub netrc_file: Option<&'a Path>,
 }
 
 /// How [`Nix::copy_to_file_cache`] compresses the NARs it writes.
@@ -625,74 +619,35 @@ impl Nix {
             .await
     }
 
-    /// Adds paths from a `file://` binary cache in `dir` to the store, without needing a trusted
-    /// user: content-addressed paths (`.drv` files, sources, fixed outputs), and input-addressed
-    /// paths whose narinfos carry signatures, which the store checks against its own
-    /// `trusted-public-keys`.
+    /// Adds paths to the store without needing a trusted user: content-addressed paths (`.drv`
+    /// files, sources, fixed outputs), and input-addressed paths whose narinfos carry signatures,
+    /// which the store checks against its own `trusted-public-keys`. Each path's NAR comes from
+    /// what `open` gives for it, read once the paths it refers to are in.
     ///
-    /// The cache holds `<hash>.narinfo` files (with `References:`, and `CA:` or `Sig:`) and the
-    /// NARs they point to, as drv-thru's builder writes them from an upload. Nix accepts a
-    /// content-addressed path from a binary cache without a signature because it recomputes the
-    /// store path from the content address, name and references, and refuses the NAR if its
-    /// content does not match the content address (`ca hash mismatch`); this works the same for an
-    /// ordinary user through a nix-daemon (checked on Nix 2.8 and 2.26). An input-addressed path
-    /// needs a signature by a trusted key: the copy runs with `require-sigs` on, which a daemon
-    /// enforces for users that are not trusted anyway.
+    /// Nix accepts a content-addressed path without a signature because it recomputes the store
+    /// path from the content address, name and references, and refuses the NAR if its content
+    /// does not match the content address (`ca hash mismatch`); this works the same for an
+    /// ordinary user through a nix-daemon (checked on Nix 2.8, 2.26 and 2.34). An input-addressed
+    /// path needs a signature by a trusted key: the import runs with `require-sigs` on, which a
+    /// daemon enforces for users that are not trusted anyway.
     ///
-    /// Before running Nix, every narinfo of `paths` is read and checked: a content address must
-    /// give back its store path from its name and references, and a narinfo without one must carry
+    /// Before Nix sees anything, every narinfo is checked: a content address must give back its
+    /// store path from its name and references, and a narinfo without one must carry
     /// signatures, so nothing else can be smuggled in: a narinfo that fails this is refused with
-    /// [`NixCmdError::NotContentAddressed`] (Nix 2.26 would even abort on a narinfo whose
-    /// references disagree with its path). Only `paths` are copied
-    /// (`--no-recursive`), in dependency order; any reference outside `paths` must already be
-    /// valid. Missing `nar/`, `realisations/` and `log/` directories and `nix-cache-info` are
-    /// created first, as Nix wants to create them even when only reading. Afterwards every path
-    /// must be valid.
-    ///
-    /// With `served_at`, Nix reads the cache from there instead: a server in front of `dir` that
-    /// may still be receiving the NARs while Nix reads them.
-    pub async fn add_verifiable_from_cache(
+    /// [`NixCmdError::NotContentAddressed`]. The paths go to Nix in dependency order, through one
+    /// `nix-daemon --stdio`; any reference outside `infos` must already be valid. Nix registers
+    /// each path once its NAR is whole and checked, and answers only when all are.
+    pub async fn add_verifiable<S, E>(
         &self,
-        dir: &Path,
-        served_at: Option<ServedCache<'_>>,
-        paths: &[StorePath],
-    ) -> Result<(), NixCmdError> {
-        let url = match served_at {
-            Some(served) => served.url.to_owned(),
-            None => file_url(dir)?,
-        };
-        let groups = cache::check_and_order(dir, paths)?;
-        cache::prepare_dir(dir).map_err(|source| NixCmdError::Io {
-            command: format!("preparing {}", dir.display()),
-            source,
-        })?;
-        // Signed paths are checked by Nix itself, whatever the configuration says.
-        let mut options = vec![("require-sigs".to_owned(), "true".to_owned())];
-        // A server may hold a NAR back while the rest of an upload arrives;
-        // its owner, not a timeout, decides when that has taken too long.
-        if let Some(served) = served_at {
-            options.push(("stalled-download-timeout".to_owned(), "86400".to_owned()));
-            if let Some(netrc) = served.netrc_file {
-                options.push(("netrc-file".to_owned(), netrc.display().to_string()));
-            }
-        }
-        for group in groups {
-            self.copy(
-                &["--from".into(), url.clone().into()],
-                &options,
-                &group.paths,
-                true,
-            )
-            .await?;
-        }
-        let missing = self.invalid_paths(paths).await?;
-        if !missing.is_empty() {
-            return Err(NixCmdError::StillMissing {
-                command: format!("nix copy --from {url}"),
-                paths: missing,
-            });
-        }
-        Ok(())
+        infos: Vec<NarInfo>,
+        open: impl FnMut(&StorePath) -> Result<S, E>,
+    ) -> Result<(), NixCmdError>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: fmt::Display,
+    {
+        let ordered = verifiable::check_and_order(infos)?;
+        daemon::add_multiple(self, &ordered, open).await
     }
 
     /// Whether the store treats the current user as trusted, and which signing keys it trusts.

@@ -1,5 +1,7 @@
-//! Nix's worker protocol, the store side: what the daemon (or an `ssh-ng`
-//! remote store) speaks to a Nix client on a byte stream.
+//! Nix's worker protocol: what the daemon (or an `ssh-ng` remote store)
+//! speaks to a Nix client on a byte stream. The store side is the stdio
+//! program's; the client side only goes as far as the builder needs to
+//! hand its own `nix-daemon` NARs ([`connect`], [`Reader::reply`]).
 //!
 //! Everything is a little-endian u64 or a byte string (u64 length, bytes,
 //! zero padding to 8); lists are a count and their items. The handshake
@@ -201,6 +203,71 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Ok(map)
     }
 
+    /// Reads the log frames of a reply up to its end: `Ok` after
+    /// `STDERR_LAST`, the store's message after `STDERR_ERROR`. Messages
+    /// and activities on the way are dropped.
+    pub async fn reply(&mut self) -> Result<std::result::Result<(), String>> {
+        loop {
+            match self.u64().await? {
+                stderr::LAST => return Ok(Ok(())),
+                stderr::ERROR => return self.error().await.map(Err),
+                stderr::NEXT | stderr::WRITE => drop(self.bytes().await?),
+                stderr::START_ACTIVITY => {
+                    // Id, level, type, text, fields, parent.
+                    self.u64().await?;
+                    self.u64().await?;
+                    self.u64().await?;
+                    self.bytes().await?;
+                    self.fields().await?;
+                    self.u64().await?;
+                }
+                stderr::STOP_ACTIVITY => drop(self.u64().await?),
+                stderr::RESULT => {
+                    self.u64().await?;
+                    self.u64().await?;
+                    self.fields().await?;
+                }
+                tag => {
+                    return Err(WireError::Malformed(format!(
+                        "log frame {tag:#x}, which no reply here should carry"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// An error's message (the format of 1.26 and later), its traces
+    /// appended.
+    async fn error(&mut self) -> Result<String> {
+        // Type, level, name; then the message.
+        self.bytes().await?;
+        self.u64().await?;
+        self.bytes().await?;
+        let mut message = self.string().await?;
+        // Nix never sends a position.
+        self.u64().await?;
+        for _ in 0..self.count().await? {
+            self.u64().await?;
+            message.push_str("; ");
+            message.push_str(&self.string().await?);
+        }
+        Ok(message)
+    }
+
+    /// Reads and discards an activity's or result's fields.
+    async fn fields(&mut self) -> Result<()> {
+        for _ in 0..self.count().await? {
+            match self.u64().await? {
+                0 => drop(self.u64().await?),
+                1 => drop(self.bytes().await?),
+                kind => {
+                    return Err(WireError::Malformed(format!("a field of type {kind}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads and discards a framed stream (frames of u64 length and bytes,
     /// ended by an empty one); returns the bytes it held.
     pub async fn drain_framed(&mut self) -> Result<u64> {
@@ -247,6 +314,7 @@ mod stderr {
     pub const START_ACTIVITY: u64 = 0x5354_5254;
     pub const STOP_ACTIVITY: u64 = 0x5354_4f50;
     pub const RESULT: u64 = 0x5253_4c54;
+    pub const WRITE: u64 = 0x6461_7416;
 }
 
 /// Nix's activity type of one derivation's build (`actBuild`).
@@ -421,6 +489,46 @@ pub async fn accept<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         w.u64(if trusted { 1 } else { 2 });
     }
     w.send(out).await?;
+    Ok(Negotiated { version })
+}
+
+/// The version the client side speaks: Nix 2.8's, which every later Nix
+/// still accepts, and which has everything [`connect`]'s callers use.
+pub const CLIENT: Version = OLDEST;
+
+/// The client side of the handshake, up to the store's first reply:
+/// magic numbers, version, no CPU affinity, no reserved space, the store's
+/// Nix version (1.33), and the log frames that end the handshake.
+pub async fn connect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut Reader<R>,
+    out: &mut W,
+) -> Result<Negotiated> {
+    let mut w = Writer::default();
+    w.u64(MAGIC_1).send(out).await?;
+    let magic = reader.u64().await?;
+    if magic != MAGIC_2 {
+        return Err(WireError::Malformed(format!(
+            "the store sent {magic:#x}, not Nix's worker protocol magic number"
+        )));
+    }
+    let store = Version(reader.u64().await?);
+    if store.major() != 1 || store < OLDEST {
+        return Err(WireError::Malformed(format!(
+            "the store speaks worker protocol {store}; {OLDEST} (Nix 2.8) or newer is needed"
+        )));
+    }
+    let version = store.min(CLIENT);
+    w.u64(version.wire())
+        .bool(false)
+        .bool(false)
+        .send(out)
+        .await?;
+    reader.bytes().await?;
+    if let Err(message) = reader.reply().await? {
+        return Err(WireError::Malformed(format!(
+            "the store refused the connection: {message}"
+        )));
+    }
     Ok(Negotiated { version })
 }
 

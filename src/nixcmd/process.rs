@@ -33,6 +33,8 @@ pub(super) enum Program {
     Nix,
     /// `nix-store`, the legacy store command.
     NixStore,
+    /// `nix-daemon`, spoken to over its stdin and stdout.
+    NixDaemon,
 }
 
 impl Program {
@@ -41,6 +43,7 @@ impl Program {
         match self {
             Self::Nix => "nix",
             Self::NixStore => "nix-store",
+            Self::NixDaemon => "nix-daemon",
         }
     }
 }

@@ -692,6 +692,24 @@ impl Daemon {
 
 /// Writes an uncompressed `file://` cache of `paths` from `nix`'s store, as drv-thru's builder
 /// would from an upload: NAR files and narinfos with `CA:` and `References:`, no signatures.
+/// Offers `paths` from the `file://` cache in `dir` (uncompressed NARs) to
+/// [`Nix::add_verifiable`], as an upload would.
+async fn add_from_cache(nix: &Nix, dir: &Path, paths: &[StorePath]) -> Result<(), NixCmdError> {
+    let mut infos = Vec::new();
+    let mut nars = std::collections::HashMap::new();
+    for path in paths {
+        let file = dir.join(format!("{}.narinfo", path.hash_part()));
+        let info: NarInfo = std::fs::read_to_string(file).unwrap().parse().unwrap();
+        nars.insert(path.clone(), std::fs::read(dir.join(&info.url)).unwrap());
+        infos.push(info);
+    }
+    nix.add_verifiable(infos, |path| {
+        let nar = bytes::Bytes::from(nars[path].clone());
+        Ok::<_, std::io::Error>(futures::stream::iter([Ok(nar)]))
+    })
+    .await
+}
+
 async fn write_cache(nix: &Nix, dir: &Path, paths: &[StorePath]) {
     std::fs::create_dir_all(dir.join("nar")).unwrap();
     std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
@@ -806,8 +824,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             assert!(trust.trusted_user, "{trust:?}");
 
             // Refused by our own check: a narinfo whose references do not give its path.
-            let err = untrusted
-                .add_verifiable_from_cache(&lie_refs, None, &closure)
+            let err = add_from_cache(&untrusted, &lie_refs, &closure)
                 .await
                 .unwrap_err();
             assert!(
@@ -815,14 +832,12 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
                 "{err}"
             );
             // Refused by our own check: an input-addressed path.
-            let err = untrusted
-                .add_verifiable_from_cache(&honest, None, std::slice::from_ref(&hello_out))
+            let err = add_from_cache(&untrusted, &honest, std::slice::from_ref(&hello_out))
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("no CA field"), "{err}");
             // Refused by Nix: the NAR does not match the content address.
-            let err = untrusted
-                .add_verifiable_from_cache(&lie_nar, None, std::slice::from_ref(&src))
+            let err = add_from_cache(&untrusted, &lie_nar, std::slice::from_ref(&src))
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("ca hash mismatch"), "{err}");
@@ -836,10 +851,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             assert!(err.to_string().contains("signature"), "{err}");
 
             // The honest upload: a .drv referring to another .drv and a builtins.path source.
-            untrusted
-                .add_verifiable_from_cache(&honest, None, &closure)
-                .await
-                .unwrap();
+            add_from_cache(&untrusted, &honest, &closure).await.unwrap();
             assert!(root_b.invalid_paths(&closure).await.unwrap().is_empty());
             let infos = root_b.path_info(&closure).await.unwrap();
             assert_eq!(infos.len(), 3);
@@ -849,10 +861,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
                     .all(|i| i.ca.is_some() && i.signatures.is_empty())
             );
             // Adding again is a no-op.
-            untrusted
-                .add_verifiable_from_cache(&honest, None, &closure)
-                .await
-                .unwrap();
+            add_from_cache(&untrusted, &honest, &closure).await.unwrap();
 
             // And the untrusted user can build what it uploaded.
             let (events, outcome) = finish(
@@ -888,10 +897,7 @@ fn adds_content_addressed_paths_as_an_untrusted_daemon_client() {
             let upload = env.dir.join("upload-slow");
             write_cache(&env.nix, &upload, &closure).await;
             open_up(&upload);
-            untrusted
-                .add_verifiable_from_cache(&upload, None, &closure)
-                .await
-                .unwrap();
+            add_from_cache(&untrusted, &upload, &closure).await.unwrap();
             let mut run = untrusted
                 .realise(&slow.drv_path, None, false, None)
                 .unwrap();

@@ -144,9 +144,10 @@ impl DeclaredInput {
         }
     }
 
-    /// The narinfo the builder's Nix imports it with, its NAR at `url`:
-    /// exactly what the client announced, so what the signatures sign.
-    pub fn narinfo(&self, url: String) -> NarInfo {
+    /// The narinfo the builder's Nix imports it with: exactly what the
+    /// client announced, so what the signatures sign. It names no NAR file
+    /// (its `URL:` is empty): the NAR comes with it.
+    pub fn narinfo(&self) -> NarInfo {
         let mut references = self.references.clone();
         if self.self_reference {
             references.insert(self.path.clone());
@@ -160,7 +161,7 @@ impl DeclaredInput {
         };
         NarInfo {
             store_path: self.path.clone(),
-            url,
+            url: String::new(),
             compression: Some("none".to_owned()),
             file_hash: None,
             file_size: None,
@@ -282,7 +283,7 @@ mod tests {
         let input = DeclaredInput::signed_from_proto(signed_output()).unwrap();
         assert!(input.self_reference && input.references.is_empty());
         assert!(input.content_address().is_none());
-        let narinfo = input.narinfo("nar/x.nar".into());
+        let narinfo = input.narinfo();
         assert_eq!(
             narinfo.fingerprint(),
             format!(

@@ -34,7 +34,7 @@ impl TrustedKeys {
         let Proof::Signatures { signatures, .. } = &input.proof else {
             return false;
         };
-        let fingerprint = input.narinfo(String::new()).fingerprint();
+        let fingerprint = input.narinfo().fingerprint();
         signatures.iter().any(|signature| {
             self.0
                 .get(signature.key_name())
@@ -136,7 +136,7 @@ mod tests {
     }
 
     fn sign(input: &mut DeclaredInput, keys: &[&SecretKey]) {
-        let fingerprint = input.narinfo(String::new()).fingerprint();
+        let fingerprint = input.narinfo().fingerprint();
         let new: Vec<Signature> = keys
             .iter()
             .map(|key| key.sign(fingerprint.as_bytes()))

@@ -1,7 +1,7 @@
 //! Receiving input uploads: only announced, missing paths, content-addressed
-//! or signed by a key the builder trusts, checked byte by byte, then handed to the builder's Nix as a throwaway
-//! binary cache so that Nix checks them again and no trusted user rights are
-//! needed.
+//! or signed by a key the builder trusts, checked byte by byte, then handed
+//! to the builder's Nix through `nix-daemon --stdio`, so that Nix checks
+//! them again and no trusted user rights are needed.
 //!
 //! A session's inputs may arrive over several `UploadInputs` calls at once,
 //! each carrying parts (byte ranges) of paths: one call rides one QUIC
@@ -10,18 +10,14 @@
 //! the checks read the NAR in order as soon as the bytes before a part are
 //! in. A failure anywhere discards the whole upload.
 //!
-//! A large upload is imported while it arrives: Nix reads the staged NARs
-//! through a loopback HTTP cache whose NARs follow the checks (see
-//! [`crate::loopback_cache`], [`NarFile`](super::nar_file::NarFile));
-//! bytes Nix takes as they come are handed to it from memory and never
-//! written. The last byte of every NAR
-//! is held back until all of them have passed, so no path of a failed upload
-//! becomes valid (Nix, stopped halfway, may leave the invalid directory it
-//! was writing, as after any interrupted substitution). A small upload is
-//! imported from the directory once it is complete: for many small paths
-//! Nix's file store is the faster reader.
-//! Either way, the call that completes the last missing path returns once
-//! the import has.
+//! The import begins with the upload: Nix reads the staged NARs one after
+//! the other, in dependency order, as far as they are checked (see
+//! [`NarFile`](super::nar_file::NarFile)); bytes Nix takes as they come
+//! are handed to it from memory and never written. The last byte of every
+//! NAR is held back until all of them have passed, so no path of a failed
+//! upload becomes valid (Nix, stopped halfway, may leave the invalid
+//! directory it was writing, as after any interrupted substitution). The
+//! call that completes the last missing path returns once the import has.
 
 mod import;
 mod staged;
@@ -43,7 +39,6 @@ use self::{
 };
 use super::{declared_input::DeclaredInput, error::ServerError, sessions::Session};
 use crate::{
-    loopback_cache::LoopbackCache,
     nix::store_path::StorePath,
     nixcmd::Nix,
     proto::{UploadInputsRequest, UploadInputsResponse},
@@ -52,16 +47,6 @@ use crate::{
 /// How long an upload call waits for the builder's Nix to take the bytes
 /// held for it before writing them to disk after all.
 const NIX_PATIENCE: Duration = Duration::from_secs(1);
-
-/// Uploads whose NARs average at least this many bytes are imported while
-/// they arrive. Nix's HTTP store costs about a millisecond more per path
-/// than its file store (2,000 small paths: 3.3 s against 1.0 s), which only
-/// pays off when there is a transfer to overlap it with.
-const PIPELINE_MIN_AVERAGE: u64 = 1 << 20;
-
-/// The file in an upload's staging directory with the credentials of its
-/// loopback cache, which only the builder's user can read.
-const NETRC_FILE: &str = "netrc";
 
 /// The upload of a session, shared by its concurrent calls; empty between
 /// uploads.
@@ -138,7 +123,6 @@ type StagedPaths = HashMap<StorePath, Arc<Mutex<Staged>>>;
 pub struct Upload {
     /// The paths it brings: the session's missing inputs when it began.
     missing: BTreeSet<StorePath>,
-    staging: PathBuf,
     state: Mutex<UploadState>,
 }
 
@@ -197,41 +181,21 @@ impl Upload {
         let (uploads_dir, id) = (uploads_dir.to_owned(), session.id.clone());
         // Thousands of small inputs are thousands of files: not on a runtime
         // worker.
-        let (dir, paths, files) =
-            tokio::task::spawn_blocking(move || stage(&uploads_dir, &id, inputs))
-                .await
-                .map_err(|err| ServerError::Internal(format!("staging an upload: {err}")))??;
-        let cache = if total >= PIPELINE_MIN_AVERAGE.saturating_mul(missing.len() as u64) {
-            debug!(session = %session.id, bytes = total, "importing the upload while it arrives");
-            // Private to its own `nix copy`: anyone else reading a NAR
-            // first would take it from the in-memory hand-off and fail the
-            // upload.
-            let netrc = dir.path().join(NETRC_FILE);
-            Some(
-                LoopbackCache::start_private(Arc::new(files), &netrc)
-                    .map_err(internal("serving an upload"))?,
-            )
-        } else {
-            None
-        };
+        let staging = tokio::task::spawn_blocking(move || stage(&uploads_dir, &id, inputs))
+            .await
+            .map_err(|err| ServerError::Internal(format!("staging an upload: {err}")))??;
+        debug!(session = %session.id, bytes = total, "importing the upload while it arrives");
         let upload = Arc::new_cyclic(|upload: &Weak<Self>| {
-            let import = match cache {
-                Some(cache) => ImportTask::Running {
-                    task: import_while_arriving(nix, dir.path(), &cache, &missing, upload),
-                    _cache: cache,
-                },
-                None => ImportTask::AfterTransfer,
-            };
+            let import = import_while_arriving(nix, staging.narinfos, staging.nars, upload);
             Self {
                 missing,
-                staging: dir.path().to_owned(),
                 state: Mutex::new(UploadState {
-                    paths,
+                    paths: staging.paths,
                     checked: BTreeSet::new(),
                     ended: None,
                     finish: Some(Finish {
                         import,
-                        dir: StagingDir(Some(dir)),
+                        dir: StagingDir(Some(staging.dir)),
                     }),
                 }),
             }
@@ -415,7 +379,7 @@ async fn receive(
     // stopped and the staging removed.
     // The builder's own work: the session is not idle while Nix imports.
     let working = session.working();
-    let imported = finish.import.complete(nix, &upload.staging, &paths).await;
+    let imported = finish.import.complete().await;
     drop(working);
     guard.disarm();
     drop(finish.dir);

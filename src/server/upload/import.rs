@@ -1,41 +1,30 @@
-//! Importing an upload: the staging directory with a narinfo per input,
-//! the loopback cache that serves it to the builder's Nix, and Nix reading
-//! it either while the parts arrive or once they are all in.
+//! Importing an upload: the staging directory with a file per input, and
+//! the builder's Nix reading the inputs from it while the parts arrive.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     path::Path,
     sync::{Arc, Mutex, Weak},
 };
 
-use http_body_util::{BodyExt as _, StreamBody};
-use hyper::{StatusCode, header};
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{
     StagedPaths, Upload, internal,
-    staged::{PartsAhead, Staged, nar_url},
+    staged::{PartsAhead, Staged},
 };
 use crate::{
-    loopback_cache::{Body, CacheFiles, LoopbackCache, respond},
-    nix::store_path::{StorePath, StorePathHash},
-    nixcmd::{Nix, NixCmdError, ServedCache},
+    nix::{narinfo::NarInfo, store_path::StorePath},
+    nixcmd::{Nix, NixCmdError},
     server::{declared_input::DeclaredInput, error::ServerError, nar_file::NarFile},
 };
 
-/// How the builder's Nix imports an upload.
+/// The builder's Nix importing an upload, which it began as soon as the
+/// upload did: each input goes in once the inputs it refers to are in and
+/// its bytes are checked. Dropping this stops it.
 #[derive(Debug)]
-pub(super) enum ImportTask {
-    /// Nix reads the staging directory once every path is in.
-    AfterTransfer,
-    /// Nix is reading the staging directory through a loopback cache while
-    /// the parts arrive. Dropping this stops both.
-    Running {
-        _cache: LoopbackCache,
-        task: AbortOnDropHandle<Result<(), NixCmdError>>,
-    },
-}
+pub(super) struct ImportTask(AbortOnDropHandle<Result<(), NixCmdError>>);
 
 /// A staging directory, removed on the blocking pool when dropped: it may
 /// hold thousands of files or gigabytes.
@@ -52,147 +41,103 @@ impl Drop for StagingDir {
     }
 }
 
-/// Starts Nix importing `missing` through `cache` in front of `staging`. If
-/// Nix gives up before the upload is complete, the upload fails at once,
-/// so its calls stop sending.
+/// Starts Nix importing `inputs`, reading each from its staging file as
+/// far as it is checked. If Nix gives up before the upload is complete,
+/// the upload fails at once, so its calls stop sending.
 pub(super) fn import_while_arriving(
     nix: &Nix,
-    staging: &Path,
-    cache: &LoopbackCache,
-    missing: &BTreeSet<StorePath>,
+    inputs: Vec<NarInfo>,
+    nars: HashMap<StorePath, NarFile>,
     upload: &Weak<Upload>,
-) -> AbortOnDropHandle<Result<(), NixCmdError>> {
-    let (nix, staging, url) = (nix.clone(), staging.to_owned(), cache.url());
-    let netrc_file = cache.netrc_file().map(Path::to_owned);
-    let (paths, upload) = (missing.iter().cloned().collect::<Vec<_>>(), upload.clone());
-    AbortOnDropHandle::new(tokio::spawn(async move {
-        let served = ServedCache {
-            url: &url,
-            netrc_file: netrc_file.as_deref(),
+) -> ImportTask {
+    let (nix, upload) = (nix.clone(), upload.clone());
+    ImportTask(AbortOnDropHandle::new(tokio::spawn(async move {
+        let open = |path: &StorePath| {
+            let nar = nars
+                .get(path)
+                .ok_or_else(|| ServerError::Internal(format!("{path} was not staged")))?;
+            nar.read_range(0, 0).map(ReceiverStream::new)
         };
-        let imported = nix
-            .add_verifiable_from_cache(&staging, Some(served), &paths)
-            .await;
+        let imported = nix.add_verifiable(inputs, open).await;
         if let (Err(err), Some(upload)) = (&imported, upload.upgrade()) {
             upload.import_gave_up(import_failed(err));
         }
         imported
-    }))
+    })))
 }
 
 /// The error for an import that failed: the client's inputs, unless the
 /// builder could not run Nix at all.
 fn import_failed(err: &NixCmdError) -> ServerError {
     match err {
-        NixCmdError::Spawn { .. } | NixCmdError::Io { .. } => {
+        NixCmdError::Refused(_) | NixCmdError::NotContentAddressed { .. } => {
+            ServerError::InvalidArgument(format!(
+                "the builder's Nix refused the uploaded inputs: {err}"
+            ))
+        }
+        // The upload was abandoned, and says why.
+        NixCmdError::NarSource { .. } => ServerError::Aborted(err.to_string()),
+        _ => {
             tracing::error!("importing inputs: {err}");
             ServerError::Internal(
                 "the builder could not run its Nix to import the inputs; see its log".to_owned(),
             )
         }
-        refused => ServerError::InvalidArgument(format!(
-            "the builder's Nix refused the uploaded inputs: {refused}"
-        )),
     }
 }
 
 impl ImportTask {
-    /// Sees the import of `paths` from `staging` through.
-    pub(super) async fn complete(
-        self,
-        nix: &Nix,
-        staging: &Path,
-        paths: &[StorePath],
-    ) -> Result<(), ServerError> {
-        let imported = match self {
-            Self::Running { _cache, task } => task.await.map_err(|err| {
-                tracing::error!("the import task failed: {err}");
-                ServerError::Internal(
-                    "the builder's import of the inputs failed; see its log".to_owned(),
-                )
-            })?,
-            Self::AfterTransfer => nix.add_verifiable_from_cache(staging, None, paths).await,
-        };
+    /// Sees the import through.
+    pub(super) async fn complete(self) -> Result<(), ServerError> {
+        let imported = self.0.await.map_err(|err| {
+            tracing::error!("the import task failed: {err}");
+            ServerError::Internal(
+                "the builder's import of the inputs failed; see its log".to_owned(),
+            )
+        })?;
         imported.map_err(|err| import_failed(&err))
     }
 }
 
-/// A staging directory for `inputs`: the narinfo of each, an empty file for
-/// each NAR, and what a loopback cache of it serves.
+/// A staging directory for `inputs`, with an empty file for each NAR; the
+/// narinfos to import them with, and the files as Nix reads them.
 pub(super) fn stage(
     uploads_dir: &Path,
     session_id: &str,
     inputs: Vec<DeclaredInput>,
-) -> Result<(tempfile::TempDir, StagedPaths, LoopbackFiles), ServerError> {
+) -> Result<Staging, ServerError> {
     let dir = staging_dir(uploads_dir, session_id)?;
-    let mut paths = HashMap::new();
-    let mut files = LoopbackFiles::default();
+    let mut staging = Staging {
+        paths: HashMap::new(),
+        narinfos: Vec::with_capacity(inputs.len()),
+        nars: HashMap::new(),
+        dir,
+    };
     let parts_ahead = PartsAhead::default();
     for input in inputs {
-        let narinfo = input.narinfo(nar_url(&input.path));
-        let text = narinfo.to_string();
-        let file = dir
-            .path()
-            .join(format!("{}.narinfo", input.path.hash_part()));
-        std::fs::write(file, &text).map_err(internal("writing an upload narinfo"))?;
+        let narinfo = input.narinfo();
         let path = input.path.clone();
-        let (staged, nar) = Staged::start(input, dir.path(), parts_ahead.clone())?;
-        files.narinfos.insert(*path.hash_part(), text);
-        files.nars.insert(narinfo.url, nar);
-        paths.insert(path, Arc::new(Mutex::new(staged)));
+        let (staged, nar) = Staged::start(input, staging.dir.path(), parts_ahead.clone())?;
+        staging.narinfos.push(narinfo);
+        staging.nars.insert(path.clone(), nar);
+        staging.paths.insert(path, Arc::new(Mutex::new(staged)));
     }
-    Ok((dir, paths, files))
+    Ok(staging)
+}
+
+/// An upload's staging directory and what it holds.
+#[derive(Debug)]
+pub(super) struct Staging {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) paths: StagedPaths,
+    pub(super) narinfos: Vec<NarInfo>,
+    pub(super) nars: HashMap<StorePath, NarFile>,
 }
 
 fn staging_dir(uploads_dir: &Path, session_id: &str) -> Result<tempfile::TempDir, ServerError> {
     std::fs::create_dir_all(uploads_dir).map_err(internal("creating the uploads directory"))?;
-    let dir = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(&format!("{session_id}-"))
         .tempdir_in(uploads_dir)
-        .map_err(internal("creating an upload directory"))?;
-    std::fs::create_dir(dir.path().join("nar"))
-        .map_err(internal("creating an upload directory"))?;
-    std::fs::write(dir.path().join("nix-cache-info"), "StoreDir: /nix/store\n")
-        .map_err(internal("creating an upload directory"))?;
-    Ok(dir)
-}
-
-/// The staging directory as a loopback cache serves it: narinfos, and NARs
-/// as far as they are checked.
-#[derive(Debug, Default)]
-pub(super) struct LoopbackFiles {
-    narinfos: HashMap<StorePathHash, String>,
-    nars: HashMap<String, NarFile>,
-}
-
-impl CacheFiles for Arc<LoopbackFiles> {
-    async fn narinfo(&self, hash: StorePathHash) -> hyper::Response<Body> {
-        match self.narinfos.get(&hash) {
-            Some(text) => respond(StatusCode::OK, text.clone()),
-            None => respond(StatusCode::NOT_FOUND, ""),
-        }
-    }
-
-    async fn nar(&self, url: String) -> hyper::Response<Body> {
-        let Some(nar) = self.nars.get(&url) else {
-            return respond(StatusCode::NOT_FOUND, "");
-        };
-        let chunks = match nar.read_range(0, 0) {
-            Ok(chunks) => chunks,
-            Err(err) => {
-                return respond(StatusCode::INTERNAL_SERVER_ERROR, err.to_string());
-            }
-        };
-        // An abandoned upload cuts the body short, and Nix drops the NAR.
-        let frames = ReceiverStream::new(chunks).map(|chunk| {
-            chunk
-                .map(hyper::body::Frame::data)
-                .map_err(|err| std::io::Error::other(err.to_string()))
-        });
-        let mut response = hyper::Response::new(StreamBody::new(frames).boxed_unsync());
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, nar.size().into());
-        response
-    }
+        .map_err(internal("creating an upload directory"))
 }

@@ -340,14 +340,9 @@ impl Drop for Staged {
     }
 }
 
-/// Where a loopback cache serves the NAR of `path`.
-pub(super) fn nar_url(path: &StorePath) -> String {
-    format!("nar/{}.nar", path.hash_part())
-}
-
 /// The staging file of `path`'s NAR under `staging`.
 fn nar_file(staging: &Path, path: &StorePath) -> PathBuf {
-    staging.join(nar_url(path))
+    staging.join(format!("{}.nar", path.hash_part()))
 }
 
 fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), ServerError> {
