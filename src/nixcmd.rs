@@ -455,11 +455,22 @@ impl Nix {
 
     /// The output paths of the given valid derivations, sorted and without duplicates.
     ///
-    /// Runs `nix-store --query --outputs`, in batches.
+    /// Read from the `.drv` files themselves where the store is the default one (a `.drv` file's
+    /// path is the hash of its contents, so whatever holds that path holds those contents);
+    /// otherwise, or if one cannot be read or names no path for an output, asked of `nix-store
+    /// --query --outputs`, in batches. A Nix process would cost more than reading the files.
     pub async fn derivation_outputs(
         &self,
         drvs: &[StorePath],
     ) -> Result<Vec<StorePath>, NixCmdError> {
+        if self.config.store.is_none() {
+            let files = drvs.to_vec();
+            if let Ok(Some(outputs)) =
+                tokio::task::spawn_blocking(move || outputs_from_drv_files(&files)).await
+            {
+                return Ok(outputs);
+            }
+        }
         let mut outputs = BTreeSet::new();
         for batch in batches(drvs) {
             let mut args: Vec<OsString> = vec!["--query".into(), "--outputs".into()];
@@ -737,6 +748,20 @@ impl fmt::Display for CacheCompression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// The output paths written in the `.drv` files `drvs`, or `None` if one cannot be read or parsed,
+/// or leaves an output's path to be decided (content-addressed and impure outputs).
+fn outputs_from_drv_files(drvs: &[StorePath]) -> Option<Vec<StorePath>> {
+    let mut outputs = BTreeSet::new();
+    for drv in drvs {
+        let bytes = std::fs::read(drv.to_string()).ok()?;
+        let parsed = crate::nix::drv::Derivation::parse(&bytes).ok()?;
+        for output in parsed.outputs().values() {
+            outputs.insert(output.path()?.clone());
+        }
+    }
+    Some(outputs.into_iter().collect())
 }
 
 /// Ends a `nix` command line with `paths`: `.drv` files need `--derivation`,

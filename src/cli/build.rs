@@ -365,23 +365,54 @@ async fn prepare(
     endpoint: &OnceCell<iroh::Endpoint>,
 ) -> Result<Prepared, Failure> {
     let evaluated = remote_build::evaluate(nix, &args.installable, &args.eval_flags()).await?;
-    if !args.rebuild && remote_build::outputs_valid(nix, &evaluated).await? {
-        tracing::info!("outputs already valid locally; not contacting a builder");
-        return Ok(Prepared::Valid(evaluated));
-    }
-    let target = args.target()?.ok_or_else(|| {
-        anyhow!("say where to build: --ticket TICKET, --builder NAME or --server ENDPOINT_ID")
-    })?;
+    let Some(target) = args.target()? else {
+        if !args.rebuild && remote_build::outputs_valid(nix, &evaluated).await? {
+            return Ok(valid_here(evaluated));
+        }
+        return Err(anyhow!(
+            "say where to build: --ticket TICKET, --builder NAME or --server ENDPOINT_ID"
+        )
+        .into());
+    };
     let build = RemoteBuild::prepare(
         nix,
-        evaluated,
+        evaluated.clone(),
         &target,
         endpoint,
         relay,
         args.key_file.as_deref(),
-    )
-    .await?;
+    );
+    if args.rebuild {
+        return Ok(Prepared::Remote(Box::new(build.await?)));
+    }
+    // The builder is dialled while the local store is asked: each costs a
+    // build's start tens of milliseconds. Valid outputs need no builder, so
+    // the answer does not wait for the dial.
+    tokio::pin!(build);
+    let mut prepared = None;
+    let valid = {
+        let check = remote_build::outputs_valid(nix, &evaluated);
+        tokio::pin!(check);
+        loop {
+            tokio::select! {
+                valid = &mut check => break valid?,
+                built = &mut build, if prepared.is_none() => prepared = Some(built),
+            }
+        }
+    };
+    if valid {
+        return Ok(valid_here(evaluated));
+    }
+    let build = match prepared {
+        Some(built) => built?,
+        None => build.await?,
+    };
     Ok(Prepared::Remote(Box::new(build)))
+}
+
+fn valid_here(evaluated: Evaluated) -> Prepared {
+    tracing::info!("outputs already valid locally; nothing to build");
+    Prepared::Valid(evaluated)
 }
 
 /// SIGINT and SIGTERM, which end a build with a message saying what was

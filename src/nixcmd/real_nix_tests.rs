@@ -246,6 +246,13 @@ fn evaluates_and_queries_the_store() {
         let out = multi.outputs["out"].clone();
         assert_eq!(out.name(), "nixcmd-multi");
         assert_eq!(from_flake[0].outputs["out"], out);
+        // Read from the .drv file, and asked of nix-store where the store
+        // is named: the same outputs.
+        let drvs = std::slice::from_ref(&multi.drv_path);
+        let read = env.nix.derivation_outputs(drvs).await.unwrap();
+        assert!(read.len() == 2 && read.contains(&out), "{read:?}");
+        let named = Nix::builder().store("local").build();
+        assert_eq!(named.derivation_outputs(drvs).await.unwrap(), read);
 
         // Evaluation wrote the .drv files but built nothing.
         let missing: StorePath = "/nix/store/00000000000000000000000000000000-missing"

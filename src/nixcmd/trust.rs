@@ -50,8 +50,10 @@ pub enum TrustBasis {
 }
 
 pub(super) async fn probe(nix: &Nix) -> Result<TrustInfo, NixCmdError> {
-    let config = show_config(nix).await?;
-    let reported = store_reported_trust(nix).await;
+    // Neither waits for the other: every Nix process here costs tens of
+    // milliseconds of a build's start.
+    let (config, reported) = tokio::join!(show_config(nix), store_reported_trust(nix));
+    let config = config?;
     let (trusted_user, basis) = match reported {
         Some(trusted) => (trusted, TrustBasis::StoreReported),
         None => {
