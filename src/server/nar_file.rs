@@ -13,7 +13,6 @@ use std::{
     collections::VecDeque,
     fs::File,
     os::unix::fs::FileExt,
-    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -61,7 +60,9 @@ struct Written {
 /// A file of known final size, complete or being written.
 #[derive(Debug, Clone)]
 pub struct NarFile {
-    file: Source,
+    file: Arc<File>,
+    /// Where the NAR begins in `file`, which may hold others.
+    base: u64,
     size: u64,
     written: watch::Receiver<Written>,
     handoff: Option<Arc<HandoffCell>>,
@@ -190,27 +191,6 @@ impl Drop for Reading {
     }
 }
 
-/// Where readers find the bytes.
-#[derive(Debug, Clone)]
-enum Source {
-    /// An open file, which stays readable when its name is reused.
-    Open(Arc<File>),
-    /// A file each reader opens: holds no descriptor while nobody reads.
-    At(Arc<PathBuf>),
-}
-
-impl Source {
-    async fn open(&self) -> std::io::Result<Arc<File>> {
-        match self {
-            Self::Open(file) => Ok(file.clone()),
-            Self::At(path) => {
-                let path = path.clone();
-                blocking(move || File::open(path.as_path()).map(Arc::new)).await
-            }
-        }
-    }
-}
-
 /// The writing end of a [`NarFile`]: reports progress to its readers.
 #[derive(Debug)]
 pub struct Writer {
@@ -226,7 +206,8 @@ impl NarFile {
             done: Some(Ok(())),
         });
         Self {
-            file: Source::Open(Arc::new(file)),
+            file: Arc::new(file),
+            base: 0,
             size,
             written,
             handoff: None,
@@ -236,23 +217,28 @@ impl NarFile {
     /// A file that will hold `size` bytes once written through the
     /// returned [`Writer`]. `file` must be opened for reading.
     pub fn growing(file: File, size: u64) -> (Self, Writer) {
-        Self::growing_from(Source::Open(Arc::new(file)), size, None)
+        Self::growing_from(Arc::new(file), 0, size, None)
     }
 
-    /// Like [`NarFile::growing`], for the file at `path`, which each reader
-    /// opens when it starts: an upload may stage more files than a process
-    /// may hold open. Its writer may hand bytes to readers in memory
-    /// ([`Writer::hands_off`]), so that the file is whole only if nobody
-    /// read it while it was being written.
-    pub fn growing_at(path: PathBuf, size: u64) -> (Self, Writer) {
-        let handoff = Some(Arc::default());
-        Self::growing_from(Source::At(Arc::new(path)), size, handoff)
+    /// Like [`NarFile::growing`], for `size` bytes at `base` in `file`,
+    /// which holds other NARs too: an upload of thousands of inputs stages
+    /// them in one file, not thousands. Its writer may hand bytes to readers
+    /// in memory ([`Writer::hands_off`]), so that the file is whole only if
+    /// nobody read it while it was being written.
+    pub fn growing_in(file: Arc<File>, base: u64, size: u64) -> (Self, Writer) {
+        Self::growing_from(file, base, size, Some(Arc::default()))
     }
 
-    fn growing_from(file: Source, size: u64, handoff: Option<Arc<HandoffCell>>) -> (Self, Writer) {
+    fn growing_from(
+        file: Arc<File>,
+        base: u64,
+        size: u64,
+        handoff: Option<Arc<HandoffCell>>,
+    ) -> (Self, Writer) {
         let (tx, written) = watch::channel(Written::default());
         let nar = Self {
             file,
+            base,
             size,
             written,
             handoff: handoff.clone(),
@@ -292,26 +278,15 @@ impl NarFile {
         }
         let reading = Reading(self.handoff.clone());
         let (tx, rx) = mpsc::channel(READ_AHEAD);
-        let source = self.file.clone();
+        let (file, base) = (self.file.clone(), self.base);
         let mut written = self.written.clone();
         // Waiting for the writer is async: a reader may wait as long as an
         // upload lasts and must not hold one of the runtime's blocking
-        // threads meanwhile. Only opening and each `pread` (mostly from the
-        // page cache) go to the blocking pool.
+        // threads meanwhile. Only each `pread` (mostly from the page cache)
+        // goes to the blocking pool.
         tokio::spawn(async move {
             let handoff = reading.0.clone();
             let _reading = reading;
-            let file = match source.open().await {
-                Ok(file) => file,
-                Err(err) => {
-                    let _ = tx
-                        .send(Err(ServerError::Internal(format!(
-                            "opening a NAR file: {err}"
-                        ))))
-                        .await;
-                    return;
-                }
-            };
             let mut pos = offset;
             while pos < end {
                 let state = tokio::select! {
@@ -346,7 +321,7 @@ impl NarFile {
                                 let (file, at, n) = (file.clone(), pos, (upto - pos) as usize);
                                 blocking(move || {
                                     let mut block = vec![0; n];
-                                    file.read_exact_at(&mut block, at).map(|()| block)
+                                    file.read_exact_at(&mut block, base + at).map(|()| block)
                                 })
                                 .await
                                 .map(|block| vec![Bytes::from(block)])
@@ -592,11 +567,11 @@ mod tests {
 
     #[tokio::test]
     async fn handed_off_bytes_beyond_the_limit_go_to_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nar");
-        let file = File::create(&path).unwrap();
+        let file = Arc::new(tempfile::tempfile().unwrap());
         let bytes = Bytes::from(data(3 * HANDOFF_LIMIT as usize / 2));
-        let (nar, writer) = NarFile::growing_at(path, bytes.len() as u64);
+        // Behind another NAR's bytes, as in an upload's staging file.
+        let base = 1234;
+        let (nar, writer) = NarFile::growing_in(file.clone(), base, bytes.len() as u64);
         assert!(!writer.hands_off(0), "nobody reads yet");
         let reader = nar.read_range(0, 0).unwrap();
         let mut spilled = 0;
@@ -607,7 +582,7 @@ mod tests {
             assert!(writer.hands_off(at as u64));
             let part = bytes.slice(at..(at + part_size).min(bytes.len()));
             for (offset, part) in writer.hand_off(at as u64, part) {
-                file.write_all_at(&part, offset).unwrap();
+                file.write_all_at(&part, base + offset).unwrap();
                 spilled = offset + part.len() as u64;
             }
             writer.written_out(spilled);
@@ -620,11 +595,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_crowded_writer_waits_for_its_reader_but_not_forever() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nar");
-        File::create(&path).unwrap();
+        let file = Arc::new(tempfile::tempfile().unwrap());
         let bytes = Bytes::from(data(HANDOFF_LIMIT as usize * 3 / 4));
-        let (nar, writer) = NarFile::growing_at(path, bytes.len() as u64);
+        let (nar, writer) = NarFile::growing_in(file, 0, bytes.len() as u64);
         let mut stalled = nar.read_range(0, 0).unwrap();
         assert!(writer.hand_off(0, bytes.clone()).is_empty());
         writer.advance(bytes.len() as u64);
@@ -655,11 +628,9 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_held_for_a_reader_that_stopped_can_go_to_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nar");
-        let file = File::create(&path).unwrap();
+        let file = Arc::new(tempfile::tempfile().unwrap());
         let bytes = Bytes::from(data(3 * CHUNK));
-        let (nar, writer) = NarFile::growing_at(path, bytes.len() as u64);
+        let (nar, writer) = NarFile::growing_in(file.clone(), 0, bytes.len() as u64);
         let stopped = nar.read_range(0, 0).unwrap();
         assert!(writer.hand_off(0, bytes.clone()).is_empty());
         assert!(writer.idle_held().is_empty(), "someone is reading");
@@ -677,7 +648,9 @@ mod tests {
         writer.written_out(bytes.len() as u64);
         writer.advance(bytes.len() as u64);
         writer.finish();
-        assert_eq!(std::fs::read(dir.path().join("nar")).unwrap(), bytes);
+        let mut whole = vec![0; bytes.len()];
+        file.read_exact_at(&mut whole, 0).unwrap();
+        assert_eq!(whole, bytes);
         let again = collect(nar.read_range(0, 0).unwrap()).await.unwrap();
         assert_eq!(again, bytes);
     }

@@ -99,14 +99,21 @@ impl ImportTask {
     }
 }
 
-/// A staging directory for `inputs`, with an empty file for each NAR; the
-/// narinfos to import them with, and the files as Nix reads them.
+/// A staging directory for `inputs`, with one file where each NAR has its
+/// place; the narinfos to import them with, and the NARs as Nix reads them.
 pub(super) fn stage(
     uploads_dir: &Path,
     session_id: &str,
     inputs: Vec<DeclaredInput>,
 ) -> Result<Staging, ServerError> {
     let dir = staging_dir(uploads_dir, session_id)?;
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.path().join("nars"))
+        .map_err(internal("creating the upload file"))?;
+    let file = Arc::new(file);
     let mut staging = Staging {
         paths: HashMap::new(),
         narinfos: Vec::with_capacity(inputs.len()),
@@ -114,11 +121,13 @@ pub(super) fn stage(
         dir,
     };
     let parts_ahead = PartsAhead::default();
+    // The sizes were checked against the upload budget, whose sum fits.
+    let mut base = 0u64;
     for input in inputs {
-        let narinfo = input.narinfo();
-        let path = input.path.clone();
-        let (staged, nar) = Staged::start(input, staging.dir.path(), parts_ahead.clone())?;
-        staging.narinfos.push(narinfo);
+        let (path, size) = (input.path.clone(), input.nar_size);
+        staging.narinfos.push(input.narinfo());
+        let (staged, nar) = Staged::start(input, &file, base, parts_ahead.clone());
+        base = base.saturating_add(size);
         staging.nars.insert(path.clone(), nar);
         staging.paths.insert(path, Arc::new(Mutex::new(staged)));
     }

@@ -7,7 +7,6 @@ use std::{
     fs::File,
     io::Write as _,
     os::unix::fs::FileExt,
-    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -23,7 +22,6 @@ use crate::{
         content_address::ContentAddress,
         hash::Sha256Hash,
         nar::{NarHasher, NarValidator},
-        store_path::StorePath,
     },
     server::{
         declared_input::DeclaredInput,
@@ -77,9 +75,11 @@ impl PartsAhead {
 #[derive(Debug)]
 pub(super) struct Staged {
     input: DeclaredInput,
-    /// Opened for each part only: an upload may stage more paths than a
-    /// process may hold files open.
-    file: PathBuf,
+    /// The upload's staging file, shared by all its paths: thousands of
+    /// small inputs cost one file, not thousands.
+    file: Arc<File>,
+    /// Where this path's NAR begins in `file`.
+    base: u64,
     /// Bytes checked, from the start.
     checked: u64,
     /// Parts written beyond `checked`, start → end; never overlapping or
@@ -99,23 +99,24 @@ pub(super) struct Staged {
 }
 
 impl Staged {
-    /// Creates the staging file of `input`, and the view of it its readers
-    /// get; its parts held ahead count against `parts_ahead`.
+    /// Stages `input` at `base` in the upload's staging `file`, and gives
+    /// the view of it its readers get; its parts held ahead count against
+    /// `parts_ahead`.
     pub(super) fn start(
         input: DeclaredInput,
-        staging: &Path,
+        file: &Arc<File>,
+        base: u64,
         parts_ahead: PartsAhead,
-    ) -> Result<(Self, NarFile), ServerError> {
+    ) -> (Self, NarFile) {
         let text = match input.content_address() {
             Some(ContentAddress::Text(_)) => Some(Sha256::new()),
             Some(ContentAddress::Fixed { .. }) | None => None,
         };
-        let file = nar_file(staging, &input.path);
-        File::create_new(&file).map_err(internal("creating an upload file"))?;
-        let (nar, readers) = NarFile::growing_at(file.clone(), input.nar_size);
+        let (nar, readers) = NarFile::growing_in(file.clone(), base, input.nar_size);
         let staged = Self {
             input,
-            file,
+            file: file.clone(),
+            base,
             checked: 0,
             ahead: BTreeMap::new(),
             parts_ahead,
@@ -125,7 +126,7 @@ impl Staged {
             readers: Some(readers),
             published: 0,
         };
-        Ok((staged, nar))
+        (staged, nar)
     }
 
     /// Takes `data` at `offset` (to the file, or to a reader) and checks
@@ -172,14 +173,14 @@ impl Staged {
                     if let Some(readers) = readers {
                         self.write_out(readers, readers.idle_held())?;
                     }
-                    write_at(&self.open()?, &data, offset)?;
+                    self.write_at(&data, offset)?;
                 }
             }
         } else {
             self.hold_ahead(offset, &data)?;
         }
         if self.ahead.contains_key(&self.checked) {
-            self.read_back(&self.open()?)?;
+            self.read_back()?;
         }
         // Readers never get a whole NAR before the upload is complete.
         self.publish(self.checked.min(self.input.nar_size.saturating_sub(1)));
@@ -204,7 +205,7 @@ impl Staged {
         if before.is_none() && after.is_none() {
             self.parts_ahead.take()?;
         }
-        write_at(&self.open()?, data, offset)?;
+        self.write_at(data, offset)?;
         if after.is_some() {
             self.ahead.remove(&end);
         }
@@ -216,21 +217,19 @@ impl Staged {
         Ok(())
     }
 
-    fn open(&self) -> Result<File, ServerError> {
-        File::options()
-            .read(true)
-            .write(true)
-            .open(&self.file)
-            .map_err(internal("opening an upload file"))
+    /// Writes `data` at `offset` of this path's NAR.
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), ServerError> {
+        self.file
+            .write_all_at(data, self.base + offset)
+            .map_err(internal("writing the upload file"))
     }
 
     /// Writes bytes that `readers` held, at their offsets, to the file, and
     /// tells them so.
     fn write_out(&self, readers: &Writer, held: Vec<(u64, Bytes)>) -> Result<(), ServerError> {
         if let Some((last, bytes)) = held.last() {
-            let file = self.open()?;
             for (at, bytes) in &held {
-                write_at(&file, bytes, *at)?;
+                self.write_at(bytes, *at)?;
             }
             readers.written_out(last + bytes.len() as u64);
         }
@@ -238,15 +237,16 @@ impl Staged {
     }
 
     /// Checks the parts written ahead that are now contiguous, reading them
-    /// back from `file`.
-    fn read_back(&mut self, file: &File) -> Result<(), ServerError> {
+    /// back from the file.
+    fn read_back(&mut self) -> Result<(), ServerError> {
         let mut buffer = vec![0; READ_BACK];
         while let Some(ahead_end) = self.ahead.remove(&self.checked) {
             self.parts_ahead.give_back(1);
             while self.checked < ahead_end {
                 let n = (ahead_end - self.checked).min(READ_BACK as u64) as usize;
-                file.read_exact_at(&mut buffer[..n], self.checked)
-                    .map_err(internal("reading an upload file back"))?;
+                self.file
+                    .read_exact_at(&mut buffer[..n], self.base + self.checked)
+                    .map_err(internal("reading the upload file back"))?;
                 self.check(&buffer[..n])?;
             }
         }
@@ -340,20 +340,25 @@ impl Drop for Staged {
     }
 }
 
-/// The staging file of `path`'s NAR under `staging`.
-fn nar_file(staging: &Path, path: &StorePath) -> PathBuf {
-    staging.join(format!("{}.nar", path.hash_part()))
-}
-
-fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), ServerError> {
-    file.write_all_at(data, offset)
-        .map_err(internal("writing an upload file"))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::server::upload::tests::{nar_of, source, text};
+
+    /// What the staging file holds from `staged`'s place to its end.
+    fn written(staged: &Staged) -> Vec<u8> {
+        let len = staged
+            .file
+            .metadata()
+            .unwrap()
+            .len()
+            .saturating_sub(staged.base);
+        let mut bytes = vec![0; len as usize];
+        staged.file.read_exact_at(&mut bytes, staged.base).unwrap();
+        bytes
+    }
 
     async fn read_all(nar: &NarFile) -> Result<Vec<u8>, ServerError> {
         collect(nar.read_range(0, 0)?).await
@@ -390,16 +395,17 @@ mod tests {
         parts_ahead: PartsAhead,
     ) -> (tempfile::TempDir, DeclaredInput, Vec<u8>, Staged, NarFile) {
         let staging = tempfile::tempdir().unwrap();
-        std::fs::create_dir(staging.path().join("nar")).unwrap();
         let (input, nar) = announce(staging.path());
-        let (staged, served) = Staged::start(input.clone(), staging.path(), parts_ahead).unwrap();
+        let file = Arc::new(tempfile::tempfile_in(staging.path()).unwrap());
+        // Behind another path's place, as in an upload.
+        let (staged, served) = Staged::start(input.clone(), &file, 4321, parts_ahead);
         (staging, input, nar, staged, served)
     }
 
     #[tokio::test]
     async fn parts_in_any_order_make_the_nar_which_readers_get_once_released() {
         let contents: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
-        let (staging, input, nar, mut staged, served) = stage_source(&contents);
+        let (_staging, _, nar, mut staged, served) = stage_source(&contents);
         let cuts = [0, 9_000, 20_000, 33_333, nar.len()];
         let parts: Vec<(u64, &[u8])> = cuts
             .windows(2)
@@ -414,7 +420,7 @@ mod tests {
                 .unwrap()
         );
         // Nobody was reading: all of it is in the file.
-        let staged_file = std::fs::read(nar_file(staging.path(), &input.path)).unwrap();
+        let staged_file = written(&staged);
         assert_eq!(staged_file, nar);
         // Checked in full, but held back until the whole upload is.
         let reader = tokio::spawn(async move { read_all(&served).await });
@@ -427,7 +433,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_keeps_up_gets_the_nar_without_a_file() {
         let contents: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let (staging, input, nar, mut staged, served) = stage_source(&contents);
+        let (_staging, _, nar, mut staged, served) = stage_source(&contents);
         let reader = tokio::spawn(collect(served.read_range(0, 0).unwrap()));
         let nar = Bytes::from(nar);
         for at in (0..nar.len()).step_by(30_000) {
@@ -440,7 +446,7 @@ mod tests {
         assert!(!reader.is_finished());
         staged.release();
         assert_eq!(reader.await.unwrap().unwrap(), nar);
-        let staged_file = std::fs::read(nar_file(staging.path(), &input.path)).unwrap();
+        let staged_file = written(&staged);
         assert!(
             staged_file.is_empty(),
             "{} bytes written",
