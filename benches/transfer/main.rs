@@ -38,6 +38,7 @@
 #[path = "../../tests/support/builder.rs"]
 mod builder;
 mod cases;
+mod link;
 mod measure;
 mod options;
 mod report;
@@ -46,7 +47,6 @@ mod setup;
 mod stores;
 #[path = "../../tests/support/two_stores.rs"]
 mod two_stores;
-mod wan;
 
 use crate::{
     options::{Case, parse_options},
@@ -82,16 +82,18 @@ fn main() {
     for case in bench.options.cases.clone() {
         progress(&format!("case {}", case.name()));
         match case {
-            Case::Download | Case::DownloadText | Case::SmallDown => {
+            Case::Download | Case::DownloadText | Case::SmallDown | Case::ClosureDown => {
                 report.measured.extend(bench.download(case))
             }
-            Case::Upload | Case::SmallUp => report.measured.extend(bench.upload(case)),
+            Case::Upload | Case::SmallUp | Case::ClosureUp => {
+                report.measured.extend(bench.upload(case))
+            }
             Case::Trivial => report.measured.extend(bench.trivial()),
             Case::Offload => report.measured.extend(bench.offload()),
             Case::Concurrent => report.concurrent = bench.concurrent(),
         }
     }
-    for note in bench.wan_report(&report) {
+    for note in bench.link_report(&report) {
         progress(&note);
         bench.notes.push(note);
     }
