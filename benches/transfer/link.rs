@@ -28,7 +28,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{MIB, setup::progress, stores::Side};
@@ -166,9 +166,13 @@ pub(crate) struct Probe {
     /// The shortest of a few UDP round trips and TCP connects.
     pub(crate) udp_rtt: Duration,
     pub(crate) tcp_connect: Duration,
-    /// Raw TCP throughput each way, in bits per second, after slow start.
+    /// Raw TCP throughput each way, in bits per second, after slow start,
+    /// with socket buffers larger than the link's bandwidth-delay product.
     pub(crate) tcp_up: f64,
     pub(crate) tcp_down: f64,
+    /// The line's CPU seconds for those streams, and the bytes it carried.
+    pub(crate) line_cpu: f64,
+    pub(crate) line_bytes: u64,
 }
 
 impl Link {
@@ -277,13 +281,19 @@ impl Link {
             // Out of the backlog, so the rate probes accept their own.
             listener.accept().map_err(|e| e.to_string())?;
         }
-        let tcp_up = tcp_rate(&listener, Side::Client)?;
-        let tcp_down = tcp_rate(&listener, Side::Builder)?;
+        let line = self.line();
+        let carried =
+            || line.up.bytes.load(Ordering::Relaxed) + line.down.bytes.load(Ordering::Relaxed);
+        let (cpu_before, carried_before) = (line.cpu_secs(), carried());
+        let tcp_up = tcp_rate(&listener, Side::Client, self.profile)?;
+        let tcp_down = tcp_rate(&listener, Side::Builder, self.profile)?;
         Ok(Probe {
             udp_rtt,
             tcp_connect,
             tcp_up,
             tcp_down,
+            line_cpu: line.cpu_secs() - cpu_before,
+            line_bytes: carried() - carried_before,
         })
     }
 }
@@ -311,8 +321,12 @@ const RATE_PROBE: Duration = Duration::from_secs(3);
 const RATE_SKIP: Duration = Duration::from_secs(1);
 
 /// Bits per second of one TCP stream from `sender`'s namespace to the
-/// other, from a connection `listener` (the builder's) accepts.
-fn tcp_rate(listener: &TcpListener, sender: Side) -> Result<f64, String> {
+/// other, on a connection `listener` (the builder's) accepts.
+fn tcp_rate(listener: &TcpListener, sender: Side, profile: &Profile) -> Result<f64, String> {
+    let rate = match sender {
+        Side::Client => profile.up,
+        Side::Builder => profile.down,
+    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let connect =
         in_namespace(Side::Client, move || TcpStream::connect(addr)).map_err(|e| e.to_string())?;
@@ -321,6 +335,25 @@ fn tcp_rate(listener: &TcpListener, sender: Side) -> Result<f64, String> {
         Side::Client => (connect, accepted),
         Side::Builder => (accepted, connect),
     };
+    // Four bandwidth-delay products, past the default `tcp_wmem` whose
+    // 4 MiB hold about 450 Mbit/s at a 50 ms round trip: the probe measures
+    // the link, not the endpoints, and what it sent drains soon.
+    let bdp = rate * 2 * profile.delay.as_millis() as u64 / 8 / 1000;
+    let buffer = libc::c_int::try_from(4 * bdp)
+        .unwrap_or(libc::c_int::MAX)
+        .max(1 << 20);
+    set_option(
+        from.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        buffer,
+    )?;
+    set_option(
+        to.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        buffer,
+    )?;
     let writer = thread::spawn(move || -> io::Result<()> {
         let chunk = vec![0x5au8; 1 << 16];
         let start = Instant::now();
@@ -424,6 +457,29 @@ const FRAME_MAX: usize = VNET_HDR + (1 << 16) + 256;
 
 /// Frames per `recvmmsg`/`sendmmsg`.
 const BATCH: usize = 32;
+
+/// How long the reading threads let frames gather after a short read, and
+/// how early the sending threads send frames that are almost due, along
+/// with one that is: waking a thread per frame costs tens of µs on a VM.
+const GATHER: Duration = Duration::from_millis(1);
+const SLACK: Duration = Duration::from_micros(500);
+
+/// When the kernel received the frame of `header`, from `SO_TIMESTAMPNS`.
+fn arrived(header: &libc::msghdr) -> Option<SystemTime> {
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
+    while let Some(message) = unsafe { cmsg.as_ref() } {
+        if message.cmsg_level == libc::SOL_SOCKET && message.cmsg_type == libc::SO_TIMESTAMPNS {
+            let at = unsafe {
+                libc::CMSG_DATA(cmsg)
+                    .cast::<libc::timespec>()
+                    .read_unaligned()
+            };
+            return Some(UNIX_EPOCH + Duration::new(at.tv_sec as u64, at.tv_nsec as u32));
+        }
+        cmsg = unsafe { libc::CMSG_NXTHDR(header, cmsg) };
+    }
+    None
+}
 
 impl Line {
     fn start(profile: &'static Profile) -> Result<Self, String> {
@@ -581,6 +637,7 @@ fn packet_socket(dev: &str) -> Result<OwnedFd, String> {
     for (level, option, value) in [
         (libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1),
         (libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1),
+        (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1),
         (libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20),
         (libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 16 << 20),
     ] {
@@ -719,6 +776,7 @@ struct Receive {
 impl Receive {
     fn run(mut self) {
         let mut buffers = vec![vec![0u8; FRAME_MAX]; BATCH];
+        let mut controls = vec![[0u64; 8]; BATCH];
         let mut iovs: Vec<libc::iovec> = buffers
             .iter_mut()
             .map(|buffer| libc::iovec {
@@ -728,14 +786,19 @@ impl Receive {
             .collect();
         let mut messages: Vec<libc::mmsghdr> = iovs
             .iter_mut()
-            .map(|iov| {
+            .zip(&mut controls)
+            .map(|(iov, control)| {
                 let mut message: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 message.msg_hdr.msg_iov = iov;
                 message.msg_hdr.msg_iovlen = 1;
+                message.msg_hdr.msg_control = control.as_mut_ptr().cast();
                 message
             })
             .collect();
         while !self.stop.load(Ordering::Relaxed) {
+            for message in &mut messages {
+                message.msg_hdr.msg_controllen = size_of::<[u64; 8]>();
+            }
             let n = unsafe {
                 libc::recvmmsg(
                     self.input.as_raw_fd(),
@@ -748,22 +811,31 @@ impl Receive {
             if n <= 0 {
                 continue;
             }
-            let now = Instant::now();
+            let (now, wall) = (Instant::now(), SystemTime::now());
             for (message, buffer) in messages.iter_mut().zip(&buffers).take(n as usize) {
                 let len = message.msg_len as usize;
                 if message.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len < VNET_HDR + 14 {
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                self.forward(now, &buffer[..len]);
+                let age = arrived(&message.msg_hdr)
+                    .and_then(|at| wall.duration_since(at).ok())
+                    .unwrap_or_default();
+                self.forward(now.checked_sub(age).unwrap_or(now), &buffer[..len]);
+            }
+            // Let frames gather rather than wake for each: their kernel
+            // timestamps keep their arrival times, and the delay is longer.
+            if (n as usize) < BATCH {
+                thread::sleep(GATHER);
             }
         }
     }
 
-    fn forward(&mut self, now: Instant, data: &[u8]) {
+    /// Queues a frame that arrived at `arrival`, or drops it.
+    fn forward(&mut self, arrival: Instant, data: &[u8]) {
         let frame = parse(data);
         self.counters.frames.fetch_add(1, Ordering::Relaxed);
-        let Some(due) = self.shaper.admit(now, frame.wire_bytes) else {
+        let Some(due) = self.shaper.admit(arrival, frame.wire_bytes) else {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -816,7 +888,7 @@ fn send_loop(output: &OwnedFd, queued: &mpsc::Receiver<Due>, counters: &Counters
         let ready = pending
             .iter()
             .take(BATCH)
-            .take_while(|(due, _)| *due <= now)
+            .take_while(|(due, _)| *due <= now + SLACK)
             .count()
             .max(1);
         let batch: Vec<Due> = pending.drain(..ready).collect();
