@@ -306,7 +306,7 @@ impl Bench {
             let line = if self.link.is_some() { " line s |" } else { "" };
             let _ = writeln!(
                 out,
-                "\n| CPU, median (each side with the Nix processes it waited for) | builder s | client s | builder s/GiB | client s/GiB |{line}\n|---|---|---|---|---|---|{}",
+                "\n| CPU, median (each side with the Nix processes it waited for) | builder s | client s | builder s/GiB | client s/GiB |{line}\n|---|---|---|---|---|{}",
                 if line.is_empty() { "" } else { "---|" }
             );
             let secs =
