@@ -21,6 +21,7 @@ use std::{
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
     process::{Command, Stdio},
     sync::{
         Arc, Mutex, RwLock,
@@ -92,12 +93,22 @@ pub(crate) const QUEUE: Duration = Duration::from_millis(20);
 pub(crate) const BUILDER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub(crate) const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 
+/// What this run's namespaces and interfaces are named after: `dtl`, the
+/// benchmark's pid and `-b` or `-c`. Runs side by side (from another
+/// worktree) keep apart, and a crashed run's leftovers are found by pid.
+const PREFIX: &str = "dtl";
+
+fn name(pid: u32, side: Side) -> String {
+    let letter = match side {
+        Side::Builder => 'b',
+        Side::Client => 'c',
+    };
+    format!("{PREFIX}{pid}-{letter}")
+}
+
 /// `side`'s network namespace.
-pub(crate) fn namespace(side: Side) -> &'static str {
-    match side {
-        Side::Builder => "dtb-srv",
-        Side::Client => "dtb-cli",
-    }
+pub(crate) fn namespace(side: Side) -> String {
+    name(std::process::id(), side)
 }
 
 pub(crate) fn ip(side: Side) -> Ipv4Addr {
@@ -177,14 +188,14 @@ pub(crate) struct Probe {
 
 impl Link {
     pub(crate) fn setup(profile: &'static Profile) -> Result<Self, String> {
-        // What a crashed run left behind.
-        Self::remove();
+        Self::remove_stale();
         let mut link = Link {
             profile,
             line: None,
         };
         for side in [Side::Builder, Side::Client] {
             let (ns, outside, inside) = (namespace(side), outside(side), inside(side));
+            let ns = ns.as_str();
             tool("ip", &["netns", "add", ns])?;
             tool(
                 "ip",
@@ -213,12 +224,31 @@ impl Link {
         Ok(link)
     }
 
-    pub(crate) fn remove() {
+    /// Removes the namespaces and pairs of the run with `pid`.
+    fn remove(pid: u32) {
         for side in [Side::Builder, Side::Client] {
-            let _ = tool("ip", &["netns", "delete", namespace(side)]);
+            let _ = tool("ip", &["netns", "delete", &name(pid, side)]);
             // A namespace outlives its name while anything still uses it;
             // deleting our end of the pair takes the other end at once.
-            let _ = tool("ip", &["link", "delete", &outside(side)]);
+            let _ = tool("ip", &["link", "delete", &format!("{}-h", name(pid, side))]);
+        }
+    }
+
+    /// Removes what runs that crashed left behind.
+    fn remove_stale() {
+        let Ok(entries) = std::fs::read_dir("/run/netns") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let pid = file
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok());
+            if let Some(pid) = pid.filter(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                Self::remove(pid);
+            }
         }
     }
 
@@ -302,7 +332,7 @@ impl Drop for Link {
     fn drop(&mut self) {
         // The line's sockets hold the outside ends.
         self.line = None;
-        Self::remove();
+        Self::remove(std::process::id());
     }
 }
 

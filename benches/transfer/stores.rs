@@ -45,7 +45,7 @@ impl World {
             let store = stores.store(name);
             std::fs::create_dir_all(store.home.join(".config/drv-thru")).expect("creating a home");
             if link {
-                store.in_netns(namespace(side))
+                store.in_netns(&namespace(side))
             } else {
                 store
             }
