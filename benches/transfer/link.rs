@@ -181,6 +181,8 @@ pub(crate) struct Probe {
     /// with socket buffers larger than the link's bandwidth-delay product.
     pub(crate) tcp_up: f64,
     pub(crate) tcp_down: f64,
+    /// The endpoints' TCP congestion control, which ssh-ng's TCP uses.
+    pub(crate) congestion: String,
     /// The line's CPU seconds for those streams, and the bytes it carried.
     pub(crate) line_cpu: f64,
     pub(crate) line_bytes: u64,
@@ -317,7 +319,11 @@ impl Link {
         let (cpu_before, carried_before) = (line.cpu_secs(), carried());
         let tcp_up = tcp_rate(&listener, Side::Client, self.profile)?;
         let tcp_down = tcp_rate(&listener, Side::Builder, self.profile)?;
+        let congestion = in_namespace(Side::Client, || {
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        })?;
         Ok(Probe {
+            congestion: congestion.trim().to_owned(),
             udp_rtt,
             tcp_connect,
             tcp_up,

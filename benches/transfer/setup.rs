@@ -210,14 +210,15 @@ impl Bench {
                      pairs this process bridges frame by frame, each way a queue of {} ms at the \
                      rate that drops when full, then the one-way delay. Probe before the cases: \
                      UDP round trip {:.1} ms, TCP connect {:.1} ms, one TCP stream {:.0} Mbit/s \
-                     up and {:.0} Mbit/s down, for which the line used {:.2} CPU s ({:.2} s per \
-                     GiB)",
+                     up and {:.0} Mbit/s down ({}), for which the line used {:.2} CPU s ({:.2} s \
+                     per GiB)",
                     profile.describe(),
                     QUEUE.as_millis(),
                     ms(probe.udp_rtt),
                     ms(probe.tcp_connect),
                     probe.tcp_up / 1e6,
                     probe.tcp_down / 1e6,
+                    probe.congestion,
                     probe.line_cpu,
                     probe.line_cpu / (probe.line_bytes.max(1) as f64 / (1u64 << 30) as f64)
                 );
