@@ -88,7 +88,7 @@ if [[ $(id -u) -eq 0 ]]; then
   cargo bench --locked --bench transfer -- --size 8M --runs 1 --small-count 100 --clients 4
   echo "== benchmark over the emulated WAN (small)"
   cargo bench --locked --bench transfer -- --wan --size 8M --runs 1 --small-count 100 \
-    --cases download,upload,small-up,small-down
+    --cases download,upload,small-up,small-down,closure
 fi
 
 # Every parser of outside bytes, fuzzed for a bounded number of inputs

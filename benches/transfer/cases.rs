@@ -13,8 +13,7 @@ use std::{
 };
 
 use crate::{
-    builder::Builder,
-    measure::{ConcurrentRun, Measured, timed},
+    measure::{ConcurrentRun, Measured, Remote, timed},
     options::Case,
     setup::{Bench, progress},
     stores::{Side, builder_status, clear_cache},
@@ -23,6 +22,11 @@ use crate::{
 /// The method name of a build in the client's own store, the reference
 /// the build overheads are measured against.
 pub(crate) const LOCAL_BUILD: &str = "local nix build";
+
+/// The baselines' method names.
+pub(crate) const FILE: &str = "nix copy file://";
+pub(crate) const HTTP: &str = "nix copy http://";
+pub(crate) const SSH_NG: &str = "nix copy ssh-ng://";
 
 /// What to undo before each run of a method, so every run does the same work.
 #[derive(Clone, Copy)]
@@ -36,13 +40,22 @@ pub(crate) struct Reset<'a> {
 }
 
 impl Bench {
+    /// The far end of variant `variant`'s builds.
+    fn builder(&self, variant: usize) -> Remote<'_> {
+        Remote::Builder(&self.variants[variant].server)
+    }
+
+    /// Times `command` once per run, after `reset`; on a link, with the
+    /// line's CPU time.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn measure(
         &self,
         case: Case,
         method: String,
+        variant: Option<usize>,
         bytes: u64,
         reset: Reset<'_>,
-        server: Option<&Builder>,
+        remote: Remote<'_>,
         mut command: impl FnMut() -> Command,
     ) -> Measured {
         let mut samples = Vec::new();
@@ -58,13 +71,19 @@ impl Bench {
             self.world.forget_narinfo_cache(Side::Builder);
             sync();
             let what = format!("{} / {method} (run {})", case.name(), run + 1);
-            let sample = timed(command(), &what, server);
+            let line = self.link.as_ref().map(|link| link.line());
+            let line_before = line.map(|line| line.cpu_secs());
+            let mut sample = timed(command(), &what, remote);
+            sample.line_cpu = line
+                .zip(line_before)
+                .map(|(l, before)| l.cpu_secs() - before);
             progress(&format!("{what}: {:.2} s", sample.secs));
             samples.push(sample);
         }
         Measured {
             case,
             method,
+            variant,
             bytes,
             samples,
         }
@@ -72,15 +91,27 @@ impl Bench {
 
     pub(crate) fn download(&self, case: Case) -> Vec<Measured> {
         let p = &self.paths;
-        let (drv, paths, bytes): (&str, Vec<String>, u64) = match case {
-            Case::Download => (&p.rand_drv, vec![p.rand.clone()], self.options.size),
-            Case::DownloadText => (&p.text_drv, vec![p.text.clone()], self.options.size),
-            _ => (&p.small_down_drv, self.small_down_paths(), p.small_bytes),
-        };
-        let top = match case {
-            Case::Download => p.rand.as_str(),
-            Case::DownloadText => p.text.as_str(),
-            _ => p.small_down.as_str(),
+        let closure = p.closure.as_ref();
+        let (drv, top, paths, bytes): (&str, &str, Vec<String>, u64) = match (case, closure) {
+            (Case::Download, _) => (
+                &p.rand_drv,
+                &p.rand,
+                vec![p.rand.clone()],
+                self.options.size,
+            ),
+            (Case::DownloadText, _) => (
+                &p.text_drv,
+                &p.text,
+                vec![p.text.clone()],
+                self.options.size,
+            ),
+            (Case::ClosureDown, Some(c)) => (&c.down_drv, &c.down, vec![c.down.clone()], c.bytes),
+            _ => (
+                &p.small_down_drv,
+                &p.small_down,
+                self.small_down_paths(),
+                p.small_bytes,
+            ),
         };
         let warm = Reset {
             client: &paths,
@@ -92,14 +123,15 @@ impl Bench {
             ..warm
         };
         let mut results = Vec::new();
-        for variant in &self.variants {
+        for (i, variant) in self.variants.iter().enumerate() {
             for (reset, which) in [(cold, "cold"), (warm, "warm")] {
                 results.push(self.measure(
                     case,
                     format!("{} (builder cache {which})", variant.label),
+                    Some(i),
                     bytes,
                     reset,
-                    Some(&variant.server),
+                    self.builder(i),
                     || self.drv_thru_build(variant, drv),
                 ));
             }
@@ -110,7 +142,9 @@ impl Bench {
         results
     }
 
-    /// The three `nix copy` baselines; `copy` makes the command for a URL.
+    /// The `nix copy` baselines: from `file://`, `http://` and `ssh-ng://`
+    /// on loopback, only `ssh-ng://` over a link. `copy` makes the command
+    /// for a URL.
     pub(crate) fn baselines(
         &self,
         case: Case,
@@ -118,23 +152,30 @@ impl Bench {
         reset: Reset<'_>,
         copy: impl Fn(&str) -> Command,
     ) -> Vec<Measured> {
-        if self.wan.is_some() {
-            return Vec::new();
-        }
         let cache = match case {
-            Case::Upload | Case::SmallUp => "cache-up",
+            Case::Upload | Case::SmallUp | Case::ClosureUp => "cache-up",
             _ => "cache-down",
         };
-        let mut urls = vec![("nix copy file://", self.file_url(cache))];
-        if let Some(http) = self.http_url(cache) {
-            urls.push(("nix copy http://", http));
+        let mut urls = Vec::new();
+        if self.link.is_none() {
+            urls.push((FILE, self.file_url(cache), Remote::None));
+            if let Some((service, port)) = &self.http {
+                let url = format!("http://127.0.0.1:{port}/{cache}");
+                urls.push((HTTP, url, Remote::Server(service.child.id())));
+            }
         }
         if let Ok(ssh) = &self.ssh {
-            urls.push(("nix copy ssh-ng://", ssh.url.clone()));
+            urls.push((
+                SSH_NG,
+                ssh.url.clone(),
+                Remote::Server(ssh.service.child.id()),
+            ));
         }
         urls.into_iter()
-            .map(|(method, url)| {
-                self.measure(case, method.to_owned(), bytes, reset, None, || copy(&url))
+            .map(|(method, url, remote)| {
+                self.measure(case, method.to_owned(), None, bytes, reset, remote, || {
+                    copy(&url)
+                })
             })
             .collect()
     }
@@ -145,13 +186,14 @@ impl Bench {
 
     pub(crate) fn upload(&self, case: Case) -> Vec<Measured> {
         let p = &self.paths;
-        let (drv, out, srcs, bytes): (&str, &str, Vec<String>, u64) = match case {
-            Case::Upload => (
+        let (drv, out, srcs, bytes): (&str, &str, Vec<String>, u64) = match (case, &p.closure) {
+            (Case::Upload, _) => (
                 &p.upload_drv,
                 &p.upload_out,
                 vec![p.upload_src.clone()],
                 self.options.size,
             ),
+            (Case::ClosureUp, Some(c)) => (&c.up_drv, &c.up_out, vec![c.up_src.clone()], c.bytes),
             _ => (
                 &p.small_up_drv,
                 &p.small_up_out,
@@ -172,13 +214,15 @@ impl Bench {
         let mut results: Vec<Measured> = self
             .variants
             .iter()
-            .map(|variant| {
+            .enumerate()
+            .map(|(i, variant)| {
                 self.measure(
                     case,
                     variant.label.clone(),
+                    Some(i),
                     bytes,
                     reset,
-                    Some(&variant.server),
+                    self.builder(i),
                     || self.drv_thru_build(variant, drv),
                 )
             })
@@ -200,7 +244,8 @@ impl Bench {
         case: Case,
         method: String,
         drvs: &[String],
-        server: Option<&Builder>,
+        variant: Option<usize>,
+        remote: Remote<'_>,
         build: impl Fn(&str) -> Command,
     ) -> Measured {
         let samples = drvs
@@ -209,7 +254,7 @@ impl Bench {
             .map(|(i, drv)| {
                 sync();
                 let what = format!("{} / {method} (run {})", case.name(), i + 1);
-                let sample = timed(build(drv), &what, server);
+                let sample = timed(build(drv), &what, remote);
                 progress(&format!("{what}: {:.3} s", sample.secs));
                 sample
             })
@@ -217,6 +262,7 @@ impl Bench {
         Measured {
             case,
             method,
+            variant,
             bytes: 0,
             samples,
         }
@@ -228,12 +274,14 @@ impl Bench {
             .variants
             .iter()
             .zip(self.paths.remote.chunks(runs))
-            .map(|(variant, drvs)| {
+            .enumerate()
+            .map(|(i, (variant, drvs))| {
                 self.series(
                     Case::Trivial,
                     format!("{} build", variant.label),
                     drvs,
-                    Some(&variant.server),
+                    Some(i),
+                    self.builder(i),
                     |drv| self.drv_thru_build(variant, drv),
                 )
             })
@@ -260,7 +308,8 @@ impl Bench {
             Case::Offload,
             "nix build, drv-thru machine line".to_owned(),
             next(),
-            Some(&variant.server),
+            Some(0),
+            self.builder(0),
             |drv| self.offloaded_build(&machine_line, drv),
         )];
         match &self.ssh {
@@ -271,6 +320,7 @@ impl Bench {
                     "nix build, ssh-ng machine line".to_owned(),
                     next(),
                     None,
+                    Remote::Server(ssh.service.child.id()),
                     |drv| {
                         let mut command = self.offloaded_build(&ssh_line, drv);
                         command.env("NIX_SSHOPTS", &ssh.opts);
@@ -295,11 +345,18 @@ impl Bench {
 
     /// `nix build` of each of `drvs` in the client's own store.
     fn local_series(&self, case: Case, drvs: &[String]) -> Measured {
-        self.series(case, LOCAL_BUILD.to_owned(), drvs, None, |drv| {
-            let mut command = self.world.command(Side::Client, "nix");
-            command.args(["build", "--no-link", drv]);
-            command
-        })
+        self.series(
+            case,
+            LOCAL_BUILD.to_owned(),
+            drvs,
+            None,
+            Remote::None,
+            |drv| {
+                let mut command = self.world.command(Side::Client, "nix");
+                command.args(["build", "--no-link", drv]);
+                command
+            },
+        )
     }
 
     pub(crate) fn concurrent(&self) -> Vec<ConcurrentRun> {

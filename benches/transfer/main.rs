@@ -4,18 +4,24 @@
 //! cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] [--cases LIST]
 //!                                  [--small-count 2000] [--clients 8] [--dir DIR] [--keep]
 //!                                  [--compare OTHER_DRV_THRU_BINARY [--compare-label before]]
-//!                                  [--wan]
+//!                                  [--link NAME | --wan]
 //! ```
 //!
 //! `--compare` measures a second drv-thru build (its own builder process and
 //! client) in the same run, for before/after figures on equal terms.
 //!
-//! `--wan` measures drv-thru alone, and only download, upload, small-up and
-//! small-down, over an emulated link instead of loopback: the builder and the
-//! client each get a network namespace joined to this one by a veth pair
-//! capped at 1 Gbit/s (`tbf`), with no route between them. The client dials
-//! a UDP delay line in this process that forwards to the builder 25 ms later
-//! each way (50 ms round trip; this kernel has no `netem`).
+//! `--link NAME` measures the transfer cases over an emulated link instead of
+//! loopback, against `nix copy` over ssh-ng on the same link (see `link.rs`):
+//!
+//! - `1gbit-50ms`: 1 Gbit/s each way, 50 ms round trip (`--wan` is this one);
+//! - `100mbit-20ms`: 100 Mbit/s each way, 20 ms round trip;
+//! - `home`: 20 Mbit/s up (client to builder), 100 Mbit/s down, 30 ms round trip.
+//!
+//! Each direction queues up to 20 ms at its rate and drops when full.
+//!
+//! `closure` (the cases `closure-down` and `closure-up`) moves a path of real
+//! binaries and text: about `--size` of this machine's shared libraries and
+//! documentation, which the report gives zstd -1's ratio for.
 //!
 //! On the end-to-end tests' harness (`tests/support/`), it makes two Nix
 //! stores on this machine (a directory bind-mounted over `/nix` in a private
@@ -30,7 +36,9 @@
 //! (`python3 -m http.server`) and over `ssh-ng://` through an sshd started in
 //! the builder's store (skipped with a note when there is no sshd). Caches are
 //! filled before timing; drv-thru's builder cache is measured both cold (filled
-//! by the timed request) and warm.
+//! by the timed request) and warm. CPU seconds are given for both ends of
+//! every method: the builder or sshd (with its sessions and `nix-daemon
+//! --stdio`), and the client with the Nix processes it waited for.
 //!
 //! Prints a markdown table of medians (or JSON with `--json`). It asserts
 //! nothing about timing.
@@ -38,6 +46,7 @@
 #[path = "../../tests/support/builder.rs"]
 mod builder;
 mod cases;
+mod link;
 mod measure;
 mod options;
 mod report;
@@ -46,7 +55,6 @@ mod setup;
 mod stores;
 #[path = "../../tests/support/two_stores.rs"]
 mod two_stores;
-mod wan;
 
 use crate::{
     options::{Case, parse_options},
@@ -82,16 +90,18 @@ fn main() {
     for case in bench.options.cases.clone() {
         progress(&format!("case {}", case.name()));
         match case {
-            Case::Download | Case::DownloadText | Case::SmallDown => {
+            Case::Download | Case::DownloadText | Case::SmallDown | Case::ClosureDown => {
                 report.measured.extend(bench.download(case))
             }
-            Case::Upload | Case::SmallUp => report.measured.extend(bench.upload(case)),
+            Case::Upload | Case::SmallUp | Case::ClosureUp => {
+                report.measured.extend(bench.upload(case))
+            }
             Case::Trivial => report.measured.extend(bench.trivial()),
             Case::Offload => report.measured.extend(bench.offload()),
             Case::Concurrent => report.concurrent = bench.concurrent(),
         }
     }
-    for note in bench.wan_report(&report) {
+    for note in bench.link_report(&report) {
         progress(&note);
         bench.notes.push(note);
     }

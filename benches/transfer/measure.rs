@@ -21,8 +21,45 @@ pub(crate) struct Sample {
     pub(crate) server_rss: Option<u64>,
     /// CPU seconds of the client and the processes it waited for (its Nix).
     pub(crate) client_cpu: f64,
-    /// CPU seconds of the builder and the processes it waited for.
+    /// CPU seconds of the far end (drv-thru's builder, or sshd with its
+    /// sessions and `nix-daemon --stdio`) and the processes it waited for.
     pub(crate) server_cpu: Option<f64>,
+    /// CPU seconds of the `--link` line's threads.
+    pub(crate) line_cpu: Option<f64>,
+}
+
+/// Who does the far end of a timed command's work.
+#[derive(Clone, Copy)]
+pub(crate) enum Remote<'a> {
+    /// Nobody: `nix copy` from `file://`, local builds.
+    None,
+    Builder(&'a Builder),
+    /// A server whose sessions are threads or child processes it reaps
+    /// (python's http.server, sshd).
+    Server(u32),
+}
+
+impl Remote<'_> {
+    fn pid(self) -> Option<u32> {
+        match self {
+            Remote::None => None,
+            Remote::Builder(builder) => Some(builder.pid()),
+            Remote::Server(pid) => Some(pid),
+        }
+    }
+}
+
+/// Waits a while for `pid`'s child processes to end, so their CPU time is
+/// in its own: sshd reaps a session only after the client has gone.
+fn wait_for_children(pid: u32) {
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(&children) {
+            Ok(list) if !list.trim().is_empty() => thread::sleep(Duration::from_millis(10)),
+            _ => return,
+        }
+    }
 }
 
 /// CPU seconds `pid` and its reaped children have used, from
@@ -67,11 +104,15 @@ pub(crate) fn reset_hwm(pid: u32) {
 }
 
 /// Runs `command` to completion, sampling the child's peak RSS.
-pub(crate) fn timed(mut command: Command, what: &str, server: Option<&Builder>) -> Sample {
+pub(crate) fn timed(mut command: Command, what: &str, remote: Remote<'_>) -> Sample {
+    let server = match remote {
+        Remote::Builder(builder) => Some(builder),
+        _ => None,
+    };
     if let Some(server) = server {
         reset_hwm(server.pid());
     }
-    let server_cpu_before = server.and_then(|s| cpu_secs(s.pid()));
+    let server_cpu_before = remote.pid().and_then(cpu_secs);
     let client_cpu_before = children_cpu_secs();
     let start = Instant::now();
     let mut child = command
@@ -106,6 +147,9 @@ pub(crate) fn timed(mut command: Command, what: &str, server: Option<&Builder>) 
     let _ = stdout.read_to_string(&mut out);
     let status = child.wait().expect("waiting for a child");
     let secs = start.elapsed().as_secs_f64();
+    if let Remote::Server(pid) = remote {
+        wait_for_children(pid);
+    }
     done.store(true, Ordering::Relaxed);
     let client_rss = sampler.join().expect("sampler");
     let err = err_reader.join().expect("stderr reader");
@@ -123,10 +167,12 @@ pub(crate) fn timed(mut command: Command, what: &str, server: Option<&Builder>) 
         client_rss,
         server_rss: server.and_then(|s| vm_hwm(s.pid())),
         client_cpu: children_cpu_secs() - client_cpu_before,
-        server_cpu: server
-            .and_then(|s| cpu_secs(s.pid()))
+        server_cpu: remote
+            .pid()
+            .and_then(cpu_secs)
             .zip(server_cpu_before)
             .map(|(after, before)| after - before),
+        line_cpu: None,
     }
 }
 
@@ -158,6 +204,8 @@ pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
 pub(crate) struct Measured {
     pub(crate) case: Case,
     pub(crate) method: String,
+    /// Which drv-thru build was measured, if any.
+    pub(crate) variant: Option<usize>,
     pub(crate) bytes: u64,
     pub(crate) samples: Vec<Sample>,
 }
@@ -173,6 +221,15 @@ impl Measured {
 
     pub(crate) fn mib_s(&self) -> f64 {
         self.bytes as f64 / MIB / self.median()
+    }
+
+    /// The median CPU seconds per GiB moved that `pick` finds.
+    pub(crate) fn per_gib(&self, pick: fn(&Sample) -> Option<f64>) -> Option<f64> {
+        let gib = self.bytes as f64 / (1u64 << 30) as f64;
+        (gib > 0.0)
+            .then(|| self.median_of(pick))
+            .flatten()
+            .map(|secs| secs / gib)
     }
 
     /// The median of what `pick` finds in the samples that have it.

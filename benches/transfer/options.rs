@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::link::{PROFILES, Profile};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Case {
     Download,
@@ -9,18 +11,22 @@ pub(crate) enum Case {
     Upload,
     SmallUp,
     SmallDown,
+    ClosureDown,
+    ClosureUp,
     Trivial,
     Offload,
     Concurrent,
 }
 
 impl Case {
-    const ALL: [Case; 8] = [
+    const ALL: [Case; 10] = [
         Case::Download,
         Case::DownloadText,
         Case::Upload,
         Case::SmallUp,
         Case::SmallDown,
+        Case::ClosureDown,
+        Case::ClosureUp,
         Case::Trivial,
         Case::Offload,
         Case::Concurrent,
@@ -33,10 +39,26 @@ impl Case {
             Case::Upload => "upload",
             Case::SmallUp => "small-up",
             Case::SmallDown => "small-down",
+            Case::ClosureDown => "closure-down",
+            Case::ClosureUp => "closure-up",
             Case::Trivial => "trivial",
             Case::Offload => "offload",
             Case::Concurrent => "concurrent",
         }
+    }
+
+    /// Whether the case's data is random, so no method can move it in
+    /// fewer bytes.
+    pub(crate) fn incompressible(self) -> bool {
+        matches!(
+            self,
+            Case::Download | Case::Upload | Case::SmallUp | Case::SmallDown
+        )
+    }
+
+    /// Whether the case moves data, and so runs over a `--link` too.
+    pub(crate) fn transfers(self) -> bool {
+        !matches!(self, Case::Trivial | Case::Offload | Case::Concurrent)
     }
 }
 
@@ -52,13 +74,26 @@ pub(crate) struct Options {
     pub(crate) keep: bool,
     pub(crate) compare: Option<PathBuf>,
     pub(crate) compare_label: String,
-    pub(crate) wan: bool,
+    /// The emulated link, if not loopback.
+    pub(crate) link: Option<&'static Profile>,
 }
 
-pub(crate) const USAGE: &str = "usage: cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] \
-[--cases download,download-text,upload,small-up,small-down,trivial,offload,concurrent] \
+pub(crate) fn usage() -> String {
+    let links: Vec<String> = PROFILES
+        .iter()
+        .map(|p| format!("  {}", p.describe()))
+        .collect();
+    format!(
+        "usage: cargo bench --bench transfer -- [--size 1G] [--runs 3] [--json] \
+[--cases download,download-text,upload,small-up,small-down,closure,trivial,offload,concurrent] \
 [--small-count 2000] [--clients 8] [--dir DIR] [--keep] [--compare OTHER_DRV_THRU_BINARY [--compare-label before]] \
-[--wan (only download, upload, small-up, small-down: over a 50 ms, 1 Gbit/s emulated link)]";
+[--link NAME | --wan]\n\
+`closure` is closure-down and closure-up. --link measures the transfer cases, against nix copy over \
+ssh-ng only, over an emulated link (--wan is --link {}):\n{}",
+        PROFILES[0].name,
+        links.join("\n")
+    )
+}
 
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -88,7 +123,7 @@ pub(crate) fn parse_options() -> Result<Options, String> {
         keep: false,
         compare: None,
         compare_label: "before".to_owned(),
-        wan: false,
+        link: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -105,16 +140,18 @@ pub(crate) fn parse_options() -> Result<Options, String> {
             "--json" => options.json = true,
             "--cases" => {
                 let list = value("--cases")?;
-                options.cases = list
-                    .split(',')
-                    .filter(|name| !name.is_empty())
-                    .map(|name| {
-                        Case::ALL
-                            .into_iter()
-                            .find(|case| case.name() == name)
-                            .ok_or(format!("unknown case {name:?}"))
-                    })
-                    .collect::<Result<_, _>>()?;
+                options.cases = Vec::new();
+                for name in list.split(',').filter(|name| !name.is_empty()) {
+                    if name == "closure" {
+                        options.cases.extend([Case::ClosureDown, Case::ClosureUp]);
+                        continue;
+                    }
+                    let case = Case::ALL
+                        .into_iter()
+                        .find(|case| case.name() == name)
+                        .ok_or(format!("unknown case {name:?}"))?;
+                    options.cases.push(case);
+                }
             }
             "--small-count" => {
                 options.small_count = value("--small-count")?
@@ -130,14 +167,21 @@ pub(crate) fn parse_options() -> Result<Options, String> {
             "--keep" => options.keep = true,
             "--compare" => options.compare = Some(PathBuf::from(value("--compare")?)),
             "--compare-label" => options.compare_label = value("--compare-label")?,
-            "--wan" => options.wan = true,
-            "--help" | "-h" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            "--wan" => options.link = Some(&PROFILES[0]),
+            "--link" => {
+                let name = value("--link")?;
+                options.link = Some(
+                    Profile::named(&name)
+                        .ok_or_else(|| format!("unknown link {name:?}\n{}", usage()))?,
+                );
+            }
+            "--help" | "-h" => return Err(usage()),
+            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
     if options.runs == 0 || options.size < 1024 || options.small_count == 0 || options.clients == 0
     {
-        return Err(format!("sizes and counts must be positive\n{USAGE}"));
+        return Err(format!("sizes and counts must be positive\n{}", usage()));
     }
     options.cases.sort();
     options.cases.dedup();

@@ -1,19 +1,16 @@
 //! The table and JSON of results.
 
-use std::{
-    collections::BTreeMap, fmt::Write as _, process::Command, sync::atomic::Ordering, thread,
-};
+use std::{collections::BTreeMap, fmt::Write as _, process::Command, thread};
 
 use serde_json::{Value, json};
 
 use crate::{
     MIB,
-    cases::LOCAL_BUILD,
+    cases::{FILE, HTTP, LOCAL_BUILD, SSH_NG},
+    link::QUEUE,
     measure::{ConcurrentRun, Measured, median, percentile},
     options::Case,
     setup::{Bench, human},
-    stores::Side,
-    wan::{tbf_drops, wan_net},
 };
 
 pub(crate) fn fmt_ratio(numerator: f64, denominator: f64) -> String {
@@ -42,44 +39,82 @@ pub(crate) struct Report {
 }
 
 impl Bench {
-    /// What crossed the emulated link. Fails if drv-thru moved more than
-    /// the delay line carried, which would mean it found a way around.
-    pub(crate) fn wan_report(&self, report: &Report) -> Vec<String> {
-        let Some(_) = &self.wan else {
+    /// What crossed the emulated link, and what the line cost. Fails if a
+    /// method moved more random data than the line carried for it, which
+    /// would mean it found a way around.
+    pub(crate) fn link_report(&self, report: &Report) -> Vec<String> {
+        let Some(link) = &self.link else {
             return Vec::new();
         };
-        let mut notes = Vec::new();
-        for variant in &self.variants {
-            let Some(line) = &variant.line else {
-                continue;
-            };
-            let moved: u64 = report
+        let line = link.line();
+        let moved = |pick: &dyn Fn(&Measured) -> bool| -> u64 {
+            report
                 .measured
                 .iter()
-                .filter(|m| m.method.starts_with(&variant.label))
+                .filter(|m| m.case.incompressible() && pick(m))
                 .map(|m| m.bytes * m.samples.len() as u64)
-                .sum();
-            let carried =
-                line.up.bytes.load(Ordering::Relaxed) + line.down.bytes.load(Ordering::Relaxed);
+                .sum()
+        };
+        let mut checks: Vec<_> = self
+            .variants
+            .iter()
+            .enumerate()
+            .filter_map(|(i, variant)| {
+                let watched = variant.watched.as_ref()?;
+                Some((watched, moved(&|m: &Measured| m.variant == Some(i))))
+            })
+            .collect();
+        if let Some(watched) = &self.ssh_watched {
+            checks.push((watched, moved(&|m: &Measured| m.method == SSH_NG)));
+        }
+        let mut carried = Vec::new();
+        for (watched, moved) in checks {
+            let total = watched.total();
             assert!(
-                carried >= moved,
-                "{}: the delay line carried {carried} bytes, less than the {moved} moved",
-                variant.label
+                total >= moved,
+                "{}: the line carried {total} bytes for it, less than the {moved} it moved",
+                watched.name
             );
-            notes.push(format!(
-                "delay line of {}: {}",
-                variant.label,
-                line.summary()
+            carried.push(format!(
+                "{} {:.1} MiB, for {:.1} MiB of random data moved",
+                watched.name,
+                total as f64 / MIB,
+                moved as f64 / MIB
             ));
         }
-        let drops = [Side::Client, Side::Builder].map(|side| {
-            tbf_drops(&wan_net(side).outside()).map_or("?".to_owned(), |n| n.to_string())
-        });
-        notes.push(format!(
-            "tbf dropped {} packets towards the client, {} towards the builder",
-            drops[0], drops[1]
-        ));
-        notes
+        let line_cpu: f64 = report
+            .measured
+            .iter()
+            .flat_map(|m| m.samples.iter().filter_map(|s| s.line_cpu))
+            .sum();
+        let all = report
+            .measured
+            .iter()
+            .map(|m| m.bytes * m.samples.len() as u64)
+            .sum::<u64>() as f64
+            / (1u64 << 30) as f64;
+        vec![
+            format!("the line carried {}", carried.join("; ")),
+            format!("line: {}", line.summary()),
+            format!(
+                "the line's threads used {line_cpu:.2} CPU s during the timed runs ({} per GiB \
+                 moved); that includes the receiving end's kernel work on each frame it hands on",
+                if all > 0.0 {
+                    format!("{:.2} s", line_cpu / all)
+                } else {
+                    "–".to_owned()
+                }
+            ),
+        ]
+    }
+
+    /// The baselines the transfer table compares drv-thru with.
+    fn baseline_methods(&self) -> &'static [&'static str] {
+        if self.link.is_some() {
+            &[SSH_NG]
+        } else {
+            &[FILE, HTTP, SSH_NG]
+        }
     }
 
     pub(crate) fn meta(&self) -> Value {
@@ -104,6 +139,13 @@ impl Bench {
             "small_bytes": self.paths.small_bytes,
             "clients": self.options.clients,
             "max_concurrent_builds": 2,
+            "link": self.link.as_ref().map(|link| json!({
+                "name": link.profile.name,
+                "up_bits_per_sec": link.profile.up,
+                "down_bits_per_sec": link.profile.down,
+                "rtt_ms": 2 * link.profile.delay.as_millis(),
+                "queue_ms": QUEUE.as_millis(),
+            })),
             "notes": self.notes,
         })
     }
@@ -113,10 +155,16 @@ impl Bench {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "drv-thru transfer benchmark, {}; {}; {} CPUs; size {}, {} small paths ({}); medians of {} runs\n",
+            "drv-thru transfer benchmark, {}; {}; {} CPUs; {}; size {}, {} small paths ({}); medians of {} runs\n",
             meta["date"].as_str().unwrap_or(""),
             meta["nix"].as_str().unwrap_or(""),
             meta["cpus"],
+            self.link
+                .as_ref()
+                .map_or("loopback".to_owned(), |link| format!(
+                    "link {}",
+                    link.profile.describe()
+                )),
             human(self.options.size),
             self.options.small_count,
             human(self.paths.small_bytes),
@@ -128,8 +176,21 @@ impl Bench {
             .filter(|m| !matches!(m.case, Case::Trivial | Case::Offload))
             .collect();
         if !transfer.is_empty() {
-            out.push_str("| case | method | median s | MiB/s | min–max s | vs file:// | vs http | vs ssh-ng |\n");
-            out.push_str("|---|---|---|---|---|---|---|---|\n");
+            let baselines = self.baseline_methods();
+            let names: String = baselines
+                .iter()
+                .map(|b| {
+                    format!(
+                        " vs {} |",
+                        b.trim_start_matches("nix copy ").trim_end_matches("://")
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "| case | method | median s | MiB/s | min–max s |{names}\n|---|---|---|---|---|{}",
+                "---|".repeat(baselines.len())
+            );
             for m in &transfer {
                 let baseline = |name: &str| {
                     transfer
@@ -142,24 +203,22 @@ impl Bench {
                     secs.iter().copied().fold(f64::INFINITY, f64::min),
                     secs.iter().copied().fold(0.0, f64::max),
                 );
-                let ratios = if m.method.starts_with("drv-thru") {
-                    ["nix copy file://", "nix copy http://", "nix copy ssh-ng://"]
-                        .map(|b| fmt_ratio(baseline(b), m.median()))
-                } else {
-                    ["", "", ""].map(str::to_owned)
-                };
+                let ratios: String = baselines
+                    .iter()
+                    .map(|b| match m.variant {
+                        Some(_) => format!(" {} |", fmt_ratio(baseline(b), m.median())),
+                        None => "  |".to_owned(),
+                    })
+                    .collect();
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {:.2} | {} | {:.2}–{:.2} | {} | {} | {} |",
+                    "| {} | {} | {:.2} | {} | {:.2}–{:.2} |{ratios}",
                     m.case.name(),
                     m.method,
                     m.median(),
                     rate(m.mib_s()),
                     min,
                     max,
-                    ratios[0],
-                    ratios[1],
-                    ratios[2]
                 );
             }
             out.push_str("\nRatios are throughput relative to the baseline (baseline time ÷ drv-thru time; above 1 is faster). drv-thru times are a whole `drv-thru build` of an instantiated .drv (session, upload, a no-op or trivial build, import).\n");
@@ -242,26 +301,34 @@ impl Bench {
                 );
             }
         }
-        let cpu: Vec<&Measured> = report
-            .measured
-            .iter()
-            .filter(|m| m.bytes > 0 && (m.method.starts_with("drv-thru") || self.wan.is_none()))
-            .collect();
+        let cpu: Vec<&Measured> = report.measured.iter().filter(|m| m.bytes > 0).collect();
         if !cpu.is_empty() {
-            out.push_str(
-                "\n| CPU seconds, median (each side with the Nix processes it waited for) | builder | client |\n|---|---|---|\n",
+            let line = if self.link.is_some() { " line s |" } else { "" };
+            let _ = writeln!(
+                out,
+                "\n| CPU, median (each side with the Nix processes it waited for) | builder s | client s | builder s/GiB | client s/GiB |{line}\n|---|---|---|---|---|{}",
+                if line.is_empty() { "" } else { "---|" }
             );
+            let secs =
+                |value: Option<f64>| value.map_or("–".to_owned(), |secs| format!("{secs:.2}"));
             for m in cpu {
-                let builder = m.median_of(|s| s.server_cpu);
+                let line = if self.link.is_some() {
+                    format!(" {} |", secs(m.median_of(|s| s.line_cpu)))
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     out,
-                    "| {} / {} | {} | {:.2} |",
+                    "| {} / {} | {} | {} | {} | {} |{line}",
                     m.case.name(),
                     m.method,
-                    builder.map_or("–".to_owned(), |secs| format!("{secs:.2}")),
-                    m.median_of(|s| Some(s.client_cpu)).unwrap_or(f64::NAN)
+                    secs(m.median_of(|s| s.server_cpu)),
+                    secs(m.median_of(|s| Some(s.client_cpu))),
+                    secs(m.per_gib(|s| s.server_cpu)),
+                    secs(m.per_gib(|s| Some(s.client_cpu))),
                 );
             }
+            out.push_str("\nThe builder side of `nix copy ssh-ng://` is sshd with its sessions and `nix-daemon --stdio`; of `http://`, python's server; `file://` has none.\n");
         }
         for note in &self.notes {
             let _ = writeln!(out, "\nNote: {note}");
@@ -280,6 +347,7 @@ impl Bench {
                     .filter(|b| b.case == m.case && b.method.starts_with("nix copy"))
                     .map(|b| (b.method.as_str(), b.median() / m.median()))
                     .collect();
+                let per_gib = |pick| m.per_gib(pick).map_or(Value::Null, |secs| json!(secs));
                 json!({
                     "case": m.case.name(),
                     "method": m.method,
@@ -287,11 +355,14 @@ impl Bench {
                     "secs": m.secs(),
                     "median_secs": m.median(),
                     "mib_per_sec": if m.bytes > 0 { json!(m.mib_s()) } else { Value::Null },
-                    "throughput_vs": if m.method.starts_with("drv-thru") { json!(baselines) } else { Value::Null },
+                    "throughput_vs": if m.variant.is_some() { json!(baselines) } else { Value::Null },
                     "server_peak_rss_bytes": m.samples.iter().map(|s| s.server_rss).collect::<Vec<_>>(),
                     "client_peak_rss_bytes": m.samples.iter().map(|s| s.client_rss).collect::<Vec<_>>(),
                     "server_cpu_secs": m.samples.iter().map(|s| s.server_cpu).collect::<Vec<_>>(),
                     "client_cpu_secs": m.samples.iter().map(|s| s.client_cpu).collect::<Vec<_>>(),
+                    "server_cpu_secs_per_gib": per_gib(|s| s.server_cpu),
+                    "client_cpu_secs_per_gib": per_gib(|s| Some(s.client_cpu)),
+                    "line_cpu_secs": m.samples.iter().map(|s| s.line_cpu).collect::<Vec<_>>(),
                 })
             })
             .collect();

@@ -1,14 +1,17 @@
 //! Baseline services: HTTP and sshd in the builder's store.
 
 use std::{
-    net::{TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::stores::{Side, World};
+use crate::{
+    link::{BUILDER_IP, in_namespace},
+    stores::{Side, World},
+};
 
 pub(crate) struct Service {
     pub(crate) child: Child,
@@ -28,10 +31,16 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-pub(crate) fn wait_for_port(port: u16, child: &mut Child) -> bool {
+/// Waits until `child` listens at `addr`, which `side`'s link namespace
+/// reaches if given, else this one.
+pub(crate) fn wait_for_port(addr: SocketAddr, side: Option<Side>, child: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        let connected = match side {
+            Some(side) => in_namespace(side, move || TcpStream::connect(addr)).is_ok(),
+            None => TcpStream::connect(addr).is_ok(),
+        };
+        if connected {
             return true;
         }
         if child.try_wait().ok().flatten().is_some() {
@@ -59,7 +68,11 @@ pub(crate) fn start_http(dir: &Path) -> Result<(Service, u16), String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|err| format!("python3: {err}"))?;
-    if wait_for_port(port, &mut child) {
+    if wait_for_port(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        None,
+        &mut child,
+    ) {
         Ok((Service { child }, port))
     } else {
         let _ = child.kill();
@@ -68,14 +81,17 @@ pub(crate) fn start_http(dir: &Path) -> Result<(Service, u16), String> {
 }
 
 pub(crate) struct Ssh {
-    pub(crate) _service: Service,
+    pub(crate) service: Service,
+    /// Where sshd listens.
+    pub(crate) port: u16,
     pub(crate) opts: String,
     pub(crate) url: String,
 }
 
 /// An sshd in the builder's store, so `nix-daemon --stdio` serves that store
 /// with the benchmark's Nix settings (no substituters), as drv-thru's builder
-/// does: sshd gives its sessions an environment of its own.
+/// does: sshd gives its sessions an environment of its own. With a link, it
+/// listens on the builder's address there.
 pub(crate) fn start_sshd(world: &World) -> Result<Ssh, String> {
     let sshd = Path::new("/usr/sbin/sshd");
     if !sshd.exists() {
@@ -99,10 +115,15 @@ pub(crate) fn start_sshd(world: &World) -> Result<Ssh, String> {
     std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))
         .map_err(|e| e.to_string())?;
     let port = free_port();
+    let (listen, side) = if world.link {
+        (BUILDER_IP, Some(Side::Builder))
+    } else {
+        (Ipv4Addr::LOCALHOST, None)
+    };
     std::fs::write(
         dir.join("sshd_config"),
         format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPermitRootLogin yes\n\
+            "Port {port}\nListenAddress {listen}\nHostKey {host}\nPermitRootLogin yes\n\
              AuthorizedKeysFile {auth}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
              PidFile none\nLogLevel ERROR\nSetEnv NIX_CONF_DIR={conf}\n",
             host = dir.join("host").display(),
@@ -111,6 +132,7 @@ pub(crate) fn start_sshd(world: &World) -> Result<Ssh, String> {
         ),
     )
     .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("sshd.log")).map_err(|e| format!("sshd.log: {e}"))?;
     let mut child = world
         .command(Side::Builder, sshd)
         .arg("-D")
@@ -119,23 +141,22 @@ pub(crate) fn start_sshd(world: &World) -> Result<Ssh, String> {
         .arg(dir.join("sshd_config"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .map_err(|e| format!("sshd: {e}"))?;
-    if !wait_for_port(port, &mut child) {
+    if !wait_for_port(SocketAddr::from((listen, port)), side, &mut child) {
         let _ = child.kill();
-        return Err("sshd did not start".to_owned());
+        let log = std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default();
+        return Err(format!("sshd did not start: {}", log.trim()));
     }
     Ok(Ssh {
-        _service: Service { child },
+        service: Service { child },
+        port,
         opts: format!(
             "-p {port} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
             dir.join("client").display()
         ),
-        url: format!(
-            "ssh-ng://root@127.0.0.1?remote-program={}",
-            daemon.display()
-        ),
+        url: format!("ssh-ng://root@{listen}?remote-program={}", daemon.display()),
     })
 }
 

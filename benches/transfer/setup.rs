@@ -1,10 +1,12 @@
 //! The bench's Nix expression, and everything made before timing.
 
 use std::{
-    collections::HashMap,
-    io::{Read as _, Write as _},
+    collections::{HashMap, HashSet},
+    io::{self, Read as _, Write as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::Command,
+    sync::Arc,
 };
 
 use serde_json::json;
@@ -12,11 +14,11 @@ use serde_json::json;
 use crate::{
     MIB,
     builder::Builder,
+    link::{Link, QUEUE, TCP, UDP, Watched},
     options::{Case, Options},
     services::{Service, Ssh, start_http, start_sshd},
     stores::{Side, World, drv_thru_bin, start_builder},
     two_stores,
-    wan::{DelayLine, WAN_DELAY, WAN_TBF, Wan},
 };
 
 pub(crate) const EXPRESSION: &str = r#"
@@ -42,6 +44,9 @@ let
   smallOutputs = map (i: "o${toString i}") (range smallCount);
   smallSrcs = map (i: builtins.path { path = ./data/small + "/s${toString i}"; name = "bench-small-src-${toString i}"; }) (range smallCount);
   upSrc = builtins.path { path = ./data/upload.bin; name = "bench-upload-src"; };
+  # The same files twice: the builder has the first, and lacks the second.
+  closureSrc = builtins.path { path = ./data/closure; name = "bench-closure-src"; };
+  closureUpSrc = builtins.path { path = ./data/closure; name = "bench-closure-up-src"; };
   fresh = tag: builtins.listToAttrs (map (i: {
     name = "n${toString i}";
     value = mk "bench-${tag}-${toString i}" "${if tag == "conc" then "sleep 0.3; " else ""}echo ${tag} ${toString i} > $out" { };
@@ -61,6 +66,10 @@ in rec {
 
   # A source the builder lacks; the build does not read it.
   upload = mk "bench-upload" ": ${upSrc}; echo uploaded > $out" { };
+
+  # Real binaries and text: shared libraries and documentation of this machine.
+  closureDown = mk "bench-closure-down" "cp -r ${closureSrc} $out" { };
+  closureUp = mk "bench-closure-up" ": ${closureUpSrc}; echo uploaded > $out" { };
 
   # Many small sources the builder lacks.
   smallUp = mk "bench-small-up" "echo uploaded > $out" { srcs = smallSrcs; passAsFile = [ "srcs" ]; };
@@ -99,8 +108,19 @@ pub(crate) struct Variant {
     /// Its builder, and its name in the client's builders.json.
     pub(crate) server: Builder,
     pub(crate) name: String,
-    /// What the client dials with `--wan`.
-    pub(crate) line: Option<DelayLine>,
+    /// Its traffic on the `--link` line.
+    pub(crate) watched: Option<Arc<Watched>>,
+}
+
+/// The `closure` cases' paths.
+pub(crate) struct Closure {
+    pub(crate) down_drv: String,
+    pub(crate) down: String,
+    pub(crate) up_drv: String,
+    pub(crate) up_out: String,
+    pub(crate) up_src: String,
+    /// The files' bytes.
+    pub(crate) bytes: u64,
 }
 
 pub(crate) struct Paths {
@@ -123,6 +143,7 @@ pub(crate) struct Paths {
     pub(crate) conc: Vec<String>,
     /// Fresh trivial derivations for the offload case, `runs` per method.
     pub(crate) offload: Vec<String>,
+    pub(crate) closure: Option<Closure>,
 }
 
 pub(crate) struct Bench {
@@ -132,9 +153,12 @@ pub(crate) struct Bench {
     pub(crate) paths: Paths,
     pub(crate) http: Option<(Service, u16)>,
     pub(crate) ssh: Result<Ssh, String>,
+    /// sshd's traffic on the `--link` line.
+    pub(crate) ssh_watched: Option<Arc<Watched>>,
     pub(crate) notes: Vec<String>,
-    /// After `variants`, so the builders leave the namespaces before they go.
-    pub(crate) wan: Option<Wan>,
+    /// After `variants` and `ssh`, so the servers leave the namespaces
+    /// before they go.
+    pub(crate) link: Option<Link>,
     pub(crate) _tmp: Option<tempfile::TempDir>,
 }
 
@@ -165,40 +189,44 @@ impl Bench {
         let busybox =
             two_stores::busybox().ok_or("no static busybox (apt-get install busybox-static)")?;
         let mut notes = Vec::new();
-        let wan = if options.wan {
-            let (wan_cases, skipped): (Vec<Case>, Vec<Case>) =
-                options.cases.iter().partition(|case| {
-                    matches!(
-                        case,
-                        Case::Download | Case::Upload | Case::SmallUp | Case::SmallDown
-                    )
-                });
-            if !skipped.is_empty() {
-                let names: Vec<&str> = skipped.iter().map(|case| case.name()).collect();
-                notes.push(format!(
-                    "--wan measures only download, upload, small-up and small-down; skipped {}",
-                    names.join(", ")
-                ));
+        let link = match options.link {
+            Some(profile) => {
+                let (cases, skipped): (Vec<Case>, Vec<Case>) =
+                    options.cases.iter().partition(|case| case.transfers());
+                if !skipped.is_empty() {
+                    let names: Vec<&str> = skipped.iter().map(|case| case.name()).collect();
+                    notes.push(format!(
+                        "--link measures only the transfer cases; skipped {}",
+                        names.join(", ")
+                    ));
+                }
+                options.cases = cases;
+                let link = Link::setup(profile)?;
+                progress(&format!("probing the link {}", profile.describe()));
+                let probe = link.probe()?;
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+                let note = format!(
+                    "link {}. The builder and the client are in network namespaces whose veth \
+                     pairs this process bridges frame by frame, each way a queue of {} ms at the \
+                     rate that drops when full, then the one-way delay. Probe before the cases: \
+                     UDP round trip {:.1} ms, TCP connect {:.1} ms, one TCP stream {:.0} Mbit/s \
+                     up and {:.0} Mbit/s down ({}), for which the line used {:.2} CPU s ({:.2} s \
+                     per GiB)",
+                    profile.describe(),
+                    QUEUE.as_millis(),
+                    ms(probe.udp_rtt),
+                    ms(probe.tcp_connect),
+                    probe.tcp_up / 1e6,
+                    probe.tcp_down / 1e6,
+                    probe.congestion,
+                    probe.line_cpu,
+                    probe.line_cpu / (probe.line_bytes.max(1) as f64 / (1u64 << 30) as f64)
+                );
+                progress(&note);
+                notes.push(note);
+                Some(link)
             }
-            options.cases = wan_cases;
-            let wan = Wan::setup()?;
-            let rtt = wan.probe()?;
-            progress(&format!(
-                "a round trip through the delay line takes {:.1} ms",
-                rtt.as_secs_f64() * 1000.0
-            ));
-            notes.push(format!(
-                "WAN: builder and client in network namespaces joined through this host by veth \
-                 pairs, each direction shaped by `{}`, {} ms one-way delay added by a userspace \
-                 UDP delay line (probe round trip {:.1} ms); no nix copy baselines, as the line \
-                 carries only drv-thru's UDP",
-                WAN_TBF.join(" "),
-                WAN_DELAY.as_millis(),
-                rtt.as_secs_f64() * 1000.0
-            ));
-            Some(wan)
-        } else {
-            None
+            None => None,
         };
         let (tmp, dir) = match &options.dir {
             Some(dir) => {
@@ -221,7 +249,7 @@ impl Bench {
             }
             other => other,
         };
-        let world = World::new(dir.clone(), wan.is_some());
+        let world = World::new(dir.clone(), link.is_some());
         std::fs::create_dir_all(dir.join("bb/bin")).map_err(|e| e.to_string())?;
         std::fs::copy(busybox, dir.join("bb/bin/busybox")).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(dir.join("data/small")).map_err(|e| e.to_string())?;
@@ -256,6 +284,18 @@ impl Bench {
             write_random(&dir.join(format!("data/small/s{i}")), small_size(i));
             small_bytes += small_size(i) as u64;
         }
+        let closure_cases = [Case::ClosureDown, Case::ClosureUp];
+        let with_closure = options.cases.iter().any(|c| closure_cases.contains(c));
+        let closure_bytes = if with_closure {
+            let payload = write_closure(&dir.join("data/closure"), options.size)
+                .map_err(|e| format!("the closure payload: {e}"))?;
+            let note = payload.describe();
+            progress(&note);
+            notes.push(note);
+            payload.bytes()
+        } else {
+            0
+        };
 
         // The client instantiates everything; the builder only what it builds.
         let fresh_attrs = |tag: &str, n: usize| -> Vec<String> {
@@ -270,6 +310,9 @@ impl Bench {
         client_attrs.extend(fresh_attrs("local", runs));
         client_attrs.extend(fresh_attrs("conc", runs * options.clients));
         client_attrs.extend(fresh_attrs("offload", runs * 3));
+        if with_closure {
+            client_attrs.extend(["closureDown", "closureUp"].map(str::to_owned));
+        }
         progress("instantiating in the client store");
         let drvs = instantiate(&world, Side::Client, &client_attrs);
         let drv = |attr: &str| drvs[attr].clone();
@@ -280,9 +323,12 @@ impl Bench {
             world.run_ok(Side::Client, "nix-store", &["--realise", &drv("tools")]);
         }
         progress("building download data in the builder store");
-        let builder_attrs: Vec<String> = ["tools", "rand", "text", "smallDown"]
+        let mut builder_attrs: Vec<String> = ["tools", "rand", "text", "smallDown"]
             .map(str::to_owned)
             .to_vec();
+        if with_closure {
+            builder_attrs.push("closureDown".to_owned());
+        }
         let builder_drvs = instantiate(&world, Side::Builder, &builder_attrs);
         for attr in &builder_attrs {
             assert_eq!(
@@ -319,6 +365,20 @@ impl Bench {
             .filter(|p| p.contains("-bench-small-src-"))
             .collect();
         assert_eq!(small_srcs.len(), options.small_count);
+        let closure = with_closure.then(|| {
+            let up_drv = drv("closureUp");
+            Closure {
+                down: outputs(Side::Builder, &drv("closureDown")).remove(0),
+                down_drv: drv("closureDown"),
+                up_out: query_out(&up_drv),
+                up_src: refs(&up_drv)
+                    .into_iter()
+                    .find(|p| p.ends_with("-bench-closure-up-src"))
+                    .expect("the closure upload refers to its source"),
+                up_drv,
+                bytes: closure_bytes,
+            }
+        });
 
         let paths = Paths {
             rand_drv: drv("rand"),
@@ -348,21 +408,28 @@ impl Bench {
                 .iter()
                 .map(|a| drv(a))
                 .collect(),
+            closure,
         };
 
-        let (http, ssh) = if wan.is_some() {
-            (None, Err("--wan".to_owned()))
+        let (http, ssh) = if link.is_some() {
+            (None, start_sshd(&world))
         } else {
             progress("filling the file:// caches for the baselines");
             let mut down: Vec<&str> = vec![&paths.rand, &paths.text, &paths.small_down];
+            let mut up = vec![paths.upload_src.as_str()];
+            up.extend(paths.small_srcs.iter().map(String::as_str));
+            if let Some(closure) = &paths.closure {
+                down.push(&closure.down);
+                up.push(&closure.up_src);
+            }
             down.sort();
             let down_url = format!("file://{}/cache-down?compression=none", dir.display());
             let mut args = vec!["copy", "--to", down_url.as_str()];
             args.extend(down);
             world.run_ok(Side::Builder, "nix", &args);
             let up_url = format!("file://{}/cache-up?compression=none", dir.display());
-            let mut args = vec!["copy", "--to", up_url.as_str(), paths.upload_src.as_str()];
-            args.extend(paths.small_srcs.iter().map(String::as_str));
+            let mut args = vec!["copy", "--to", up_url.as_str()];
+            args.extend(up);
             world.run_ok(Side::Client, "nix", &args);
 
             let http = match start_http(&dir) {
@@ -372,12 +439,15 @@ impl Bench {
                     None
                 }
             };
-            let ssh = start_sshd(&world);
-            if let Err(err) = &ssh {
-                notes.push(format!("ssh-ng baseline skipped: {err}"));
-            }
-            (http, ssh)
+            (http, start_sshd(&world))
         };
+        if let Err(err) = &ssh {
+            notes.push(format!("ssh-ng baseline skipped: {err}"));
+        }
+        let ssh_watched = link
+            .as_ref()
+            .zip(ssh.as_ref().ok())
+            .map(|(link, ssh)| link.line().watch(crate::cases::SSH_NG, TCP, ssh.port));
 
         // The client is a trusted client of the builder and knows its key.
         let key = world.home(Side::Client).join(".config/drv-thru/secret.key");
@@ -399,14 +469,10 @@ impl Bench {
             let server = start_builder(&world, &bin, &name, &client_id);
             let public_key = std::fs::read_to_string(server.data_dir.join("signing-public.key"))
                 .map_err(|e| format!("builder signing key: {e}"))?;
-            let (label, line) = if wan.is_some() {
-                let line = DelayLine::start(server.addr)?;
-                let label = format!("{label} over {} ms WAN", 2 * WAN_DELAY.as_millis());
-                (label, Some(line))
-            } else {
-                (label, None)
-            };
-            let addr = line.as_ref().map_or(server.addr, |line| line.addr);
+            let watched = link
+                .as_ref()
+                .map(|link| link.line().watch(&label, UDP, server.addr.port()));
+            let addr = server.addr;
             builders.insert(
                 name.clone(),
                 json!({
@@ -421,7 +487,7 @@ impl Bench {
                 bin,
                 server,
                 name,
-                line,
+                watched,
             });
         }
         let builders = json!({ "builders": builders }).to_string();
@@ -447,8 +513,9 @@ impl Bench {
             paths,
             http,
             ssh,
+            ssh_watched,
             notes,
-            wan,
+            link,
             _tmp: tmp,
         })
     }
@@ -482,14 +549,116 @@ impl Bench {
         command
     }
 
-    pub(crate) fn http_url(&self, cache: &str) -> Option<String> {
-        self.http
-            .as_ref()
-            .map(|(_, port)| format!("http://127.0.0.1:{port}/{cache}"))
-    }
-
     pub(crate) fn file_url(&self, cache: &str) -> String {
         format!("file://{}/{cache}", self.world.dir.display())
+    }
+}
+
+/// The closure cases' files, as [`write_closure`] chose them.
+pub(crate) struct Payload {
+    pub(crate) files: usize,
+    pub(crate) lib_bytes: u64,
+    pub(crate) doc_bytes: u64,
+    /// zstd -1's output over all the files' bytes.
+    pub(crate) zstd_bytes: u64,
+}
+
+impl Payload {
+    pub(crate) fn bytes(&self) -> u64 {
+        self.lib_bytes + self.doc_bytes
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "closure: {} files, {} from {LIBS} and {} of text from {DOCS} (no .gz); zstd -1 \
+             makes them {:.0} % of {}",
+            self.files,
+            human(self.lib_bytes),
+            human(self.doc_bytes),
+            100.0 * self.zstd_bytes as f64 / self.bytes().max(1) as f64,
+            human(self.bytes())
+        )
+    }
+}
+
+/// Where the closure cases' binaries and text come from.
+const LIBS: &str = "/usr/lib/x86_64-linux-gnu";
+const DOCS: &str = "/usr/share/doc";
+
+/// Copies about `size` bytes of this machine's shared libraries (three
+/// quarters) and documentation into `dest`: real binaries and text, as a
+/// closure holds. Files are taken in path order, each once however many
+/// links it has, none over an eighth of `size`, so many files make it up.
+pub(crate) fn write_closure(dest: &Path, size: u64) -> io::Result<Payload> {
+    let mut seen = HashSet::new();
+    let mut payload = Payload {
+        files: 0,
+        lib_bytes: 0,
+        doc_bytes: 0,
+        zstd_bytes: 0,
+    };
+    let mut encoder = zstd::stream::write::Encoder::new(Counter(0), 1)?;
+    for (source, name, budget) in [(LIBS, "lib", size / 4 * 3), (DOCS, "doc", size)] {
+        let mut files = Vec::new();
+        walk(Path::new(source), &mut files)?;
+        files.sort();
+        for file in files {
+            let used = payload.bytes();
+            let Ok(meta) = std::fs::metadata(&file) else {
+                continue;
+            };
+            let skip = meta.len() > size / 8
+                || used + meta.len() > budget
+                || (name == "doc" && file.extension().is_some_and(|e| e == "gz"))
+                || !seen.insert((meta.dev(), meta.ino()));
+            if skip {
+                continue;
+            }
+            let relative = file.strip_prefix(source).expect("walked from the source");
+            let to = dest.join(name).join(relative);
+            std::fs::create_dir_all(to.parent().expect("a file is in a directory"))?;
+            std::fs::copy(&file, &to)?;
+            io::copy(&mut std::fs::File::open(&to)?, &mut encoder)?;
+            payload.files += 1;
+            if name == "lib" {
+                payload.lib_bytes += meta.len();
+            } else {
+                payload.doc_bytes += meta.len();
+            }
+        }
+    }
+    payload.zstd_bytes = encoder.finish()?.0;
+    if payload.files == 0 {
+        return Err(io::Error::other(format!("no files in {LIBS} or {DOCS}")));
+    }
+    Ok(payload)
+}
+
+/// The regular files under `dir`, not following links.
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            walk(&entry.path(), files)?;
+        } else if kind.is_file() {
+            files.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// A writer that only counts.
+struct Counter(u64);
+
+impl io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use crate::{
     builder::{Builder, Options},
+    link::{BUILDER_IP, namespace},
     two_stores::{self, Store},
-    wan::wan_net,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,22 +30,22 @@ pub(crate) struct World {
     pub(crate) dir: PathBuf,
     builder: Store,
     client: Store,
-    /// Whether each side runs in its `--wan` network namespace.
-    pub(crate) wan: bool,
+    /// Whether each side runs in its `--link` network namespace.
+    pub(crate) link: bool,
     /// The client's `XDG_RUNTIME_DIR`: a private directory on a tmpfs, as a
     /// systemd login session has (`None` without `/dev/shm`).
     runtime: Option<tempfile::TempDir>,
 }
 
 impl World {
-    /// The stores in `dir`, each in its `--wan` network namespace if `wan`.
-    pub(crate) fn new(dir: PathBuf, wan: bool) -> Self {
+    /// The stores in `dir`, each in its `--link` network namespace if `link`.
+    pub(crate) fn new(dir: PathBuf, link: bool) -> Self {
         let stores = Arc::new(two_stores::World::at(dir.clone(), "max-jobs = 2\n"));
         let store = |side: Side, name: &str| {
             let store = stores.store(name);
             std::fs::create_dir_all(store.home.join(".config/drv-thru")).expect("creating a home");
-            if wan {
-                store.in_netns(wan_net(side).namespace)
+            if link {
+                store.in_netns(&namespace(side))
             } else {
                 store
             }
@@ -54,7 +54,7 @@ impl World {
             builder: store(Side::Builder, "builder"),
             client: store(Side::Client, "client").with_etc(&dir.join("client-etc")),
             dir,
-            wan,
+            link,
             runtime: tempfile::Builder::new()
                 .prefix("drv-thru-bench-run-")
                 .tempdir_in("/dev/shm")
@@ -83,7 +83,7 @@ impl World {
     }
 
     /// `program` with `side`'s store mounted on `/nix` (and in `side`'s
-    /// network namespace with `--wan`).
+    /// network namespace with `--link`).
     pub(crate) fn command(&self, side: Side, program: impl AsRef<OsStr>) -> Command {
         let mut command = isolated(self.store(side), &self.dir, program);
         if let (Side::Client, Some(runtime)) = (side, &self.runtime) {
@@ -181,8 +181,8 @@ fn shorten(text: &str) -> String {
 
 /// Starts `bin` as the builder named `name`, trusting the client `trusted`.
 pub(crate) fn start_builder(world: &World, bin: &Path, name: &str, trusted: &str) -> Builder {
-    let listen = if world.wan {
-        format!("{}.2:0", wan_net(Side::Builder).prefix)
+    let listen = if world.link {
+        format!("{BUILDER_IP}:0")
     } else {
         "127.0.0.1:0".to_owned()
     };
