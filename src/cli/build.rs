@@ -86,9 +86,8 @@ pub(super) struct Args {
     )]
     nar_fetches: Option<u8>,
 
-    /// Compress NAR transfers with zstd, both ways: `auto` when the link is
-    /// slower than this machine's compressor (never on loopback), or
-    /// `always` or `never`. The client's Nix sees the same NARs either way.
+    /// Compress NAR transfers (inputs up, outputs down) with zstd on the
+    /// fly. Your Nix sees the same NARs either way.
     #[arg(
         long,
         value_name = "WHEN",

@@ -48,12 +48,13 @@ use crate::transport::quic::Link;
 /// `--compress`: whether bulk transfers are compressed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CompressMode {
-    /// When the link is slower than the compressor (see [`decide`]).
+    /// When the link is slower than this machine's compressor; never on
+    /// loopback.
     #[default]
     Auto,
-    /// Always, as on a slow link.
+    /// Always, both ways.
     Always,
-    /// Never, as on loopback.
+    /// Never.
     Never,
 }
 
