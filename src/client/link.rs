@@ -132,14 +132,18 @@ impl Decision {
 
 /// The rule: compress when `mode` says so, or, in [`CompressMode::Auto`],
 /// when `link` is not on this machine and has not shown itself as fast as a
-/// compressor making `compressor` bytes per second.
-pub fn decide(mode: CompressMode, link: &LinkEstimate, compressor: u64) -> Decision {
+/// compressor making `compressor()` bytes per second (asked only then).
+pub fn decide(
+    mode: CompressMode,
+    link: &LinkEstimate,
+    compressor: impl FnOnce() -> u64,
+) -> Decision {
     match mode {
         CompressMode::Always => Decision::Forced,
         CompressMode::Never => Decision::Off,
         CompressMode::Auto if link.same_host => Decision::SameHost,
         CompressMode::Auto => match link.shown() {
-            Some(speed) if speed >= compressor => Decision::FasterThanCompressor,
+            Some(speed) if speed >= compressor() => Decision::FasterThanCompressor,
             _ => Decision::SlowerThanCompressor,
         },
     }
@@ -180,7 +184,7 @@ impl LinkPolicy {
     /// Whether the next transfer in `direction` is compressed; the reason
     /// is logged.
     pub async fn compress(&self, direction: Direction) -> bool {
-        if let CompressMode::Always | CompressMode::Never = self.mode {
+        if self.mode != CompressMode::Auto {
             return self.mode == CompressMode::Always;
         }
         let connection = self.link.connection().await;
@@ -191,14 +195,12 @@ impl LinkPolicy {
             carried: (carried > 0).then_some(carried),
             window: window.filter(|_| direction == Direction::Up),
         };
-        let compressor = compressor_speed();
-        let decision = decide(self.mode, &estimate, compressor);
+        let decision = decide(self.mode, &estimate, compressor_speed);
         debug!(
             ?direction,
             compress = decision.compress(),
             why = decision.why(),
             link_bytes_per_s = estimate.shown(),
-            compressor_bytes_per_s = compressor,
             "transfer compression"
         );
         decision.compress()
@@ -313,7 +315,9 @@ pub fn compressor_speed() -> u64 {
             })
             .min()
             .unwrap_or(Duration::MAX);
-        rate(sample.len() as u64, best).unwrap_or(0)
+        let speed = rate(sample.len() as u64, best).unwrap_or(0);
+        debug!(bytes_per_s = speed, "zstd measured on this machine");
+        speed
     })
 }
 
@@ -378,18 +382,20 @@ mod tests {
     fn loopback_is_never_compressed_in_auto() {
         let estimate = link(true, None, None);
         assert_eq!(
-            decide(CompressMode::Auto, &estimate, COMPRESSOR),
+            decide(CompressMode::Auto, &estimate, || COMPRESSOR),
             Decision::SameHost
         );
-        // Even a slow-looking one: the bytes never leave the machine.
+        // Even a slow-looking one: the bytes never leave the machine, and
+        // the compressor is not even measured.
         let slow = link(true, Some(MB), Some(MB));
-        assert!(!decide(CompressMode::Auto, &slow, COMPRESSOR).compress());
+        let unmeasured = || panic!("the compressor was measured");
+        assert!(!decide(CompressMode::Auto, &slow, unmeasured).compress());
     }
 
     #[test]
     fn an_unmeasured_remote_link_is_compressed() {
         assert_eq!(
-            decide(CompressMode::Auto, &link(false, None, None), COMPRESSOR),
+            decide(CompressMode::Auto, &link(false, None, None), || COMPRESSOR),
             Decision::SlowerThanCompressor
         );
     }
@@ -398,30 +404,30 @@ mod tests {
     fn a_link_that_carried_more_than_the_compressor_makes_is_not_compressed() {
         let fast = link(false, Some(COMPRESSOR), None);
         assert_eq!(
-            decide(CompressMode::Auto, &fast, COMPRESSOR),
+            decide(CompressMode::Auto, &fast, || COMPRESSOR),
             Decision::FasterThanCompressor
         );
         let slow = link(false, Some(COMPRESSOR - 1), None);
-        assert!(decide(CompressMode::Auto, &slow, COMPRESSOR).compress());
+        assert!(decide(CompressMode::Auto, &slow, || COMPRESSOR).compress());
     }
 
     #[test]
     fn a_wide_congestion_window_alone_shows_a_fast_link() {
         let wide = link(false, Some(10 * MB), Some(2 * COMPRESSOR));
-        assert!(!decide(CompressMode::Auto, &wide, COMPRESSOR).compress());
+        assert!(!decide(CompressMode::Auto, &wide, || COMPRESSOR).compress());
         let narrow = link(false, Some(10 * MB), Some(20 * MB));
-        assert!(decide(CompressMode::Auto, &narrow, COMPRESSOR).compress());
+        assert!(decide(CompressMode::Auto, &narrow, || COMPRESSOR).compress());
     }
 
     #[test]
     fn the_flag_overrides_the_rule_both_ways() {
         for estimate in [link(true, None, None), link(false, Some(MB), None)] {
             assert_eq!(
-                decide(CompressMode::Always, &estimate, COMPRESSOR),
+                decide(CompressMode::Always, &estimate, || COMPRESSOR),
                 Decision::Forced
             );
             assert_eq!(
-                decide(CompressMode::Never, &estimate, COMPRESSOR),
+                decide(CompressMode::Never, &estimate, || COMPRESSOR),
                 Decision::Off
             );
         }
