@@ -1,8 +1,8 @@
 //! Whether a bulk transfer is worth compressing: only when the link is
 //! slower than the compressor.
 //!
-//! zstd at gRPC's level 3 turns a NAR into fewer bytes at some hundreds of
-//! MB/s of CPU per core. Over a link slower than that, the transfer then
+//! zstd at gRPC's level 3 turns a NAR into fewer bytes at about 100–300 MB/s
+//! of input per core, by the data. Over a link slower than that, the transfer then
 //! moves at the link's speed divided by the compression ratio (or at the
 //! compressor's, whichever is lower); over a faster one, compressing only
 //! spends CPU and makes the transfer wait for it. So a transfer is
