@@ -666,6 +666,21 @@ in
         '';
       };
 
+      compress = lib.mkOption {
+        type = types.enum [
+          "auto"
+          "always"
+          "never"
+        ];
+        default = "auto";
+        description = ''
+          Whether the CLI compresses NAR transfers (inputs up, outputs down)
+          with zstd on the fly (`DRV_THRU_COMPRESS` in login sessions; the
+          `--compress` flag). `auto` does when the link is slower than the
+          machine's compressor, never on loopback.
+        '';
+      };
+
       builders = lib.mkOption {
         type = types.attrsOf (types.submodule builderModule);
         default = { };
@@ -977,7 +992,8 @@ in
         lib.optionalAttrs (clientCfg.relay != null) { DRV_THRU_RELAY = clientCfg.relay; }
         // lib.optionalAttrs (clientCfg.narFetches != null) {
           DRV_THRU_NAR_FETCHES = toString clientCfg.narFetches;
-        };
+        }
+        // lib.optionalAttrs (clientCfg.compress != "auto") { DRV_THRU_COMPRESS = clientCfg.compress; };
     })
 
     (lib.mkIf helperCfg.enable {

@@ -13,8 +13,11 @@
 //!   line, building on one builder per connection.
 //! - [`cache_proxy`] and [`spool`]: the builder's signed outputs served to
 //!   the local Nix, over loopback HTTP or from files.
+//! - [`link`]: whether a transfer is compressed, from what the connection
+//!   measured of its link.
 
 pub mod cache_proxy;
+pub mod link;
 pub mod remote_build;
 pub mod session;
 pub mod spool;
@@ -32,6 +35,7 @@ use tonic::{
     transport::Channel,
 };
 
+use self::link::{CompressMode, LinkPolicy};
 use crate::{
     config::{self, NamedBuilder},
     keys,
@@ -174,6 +178,7 @@ pub struct Connection {
     pub channel: BuilderChannel,
     link: Link,
     credentials: Credentials,
+    policy: LinkPolicy,
 }
 
 impl Connection {
@@ -197,8 +202,20 @@ impl Connection {
             .collect()
     }
 
+    /// Whether its transfers are compressed, decided by `mode` and what the
+    /// connection measures of its link (see [`link`]).
+    pub fn link_policy(&self, mode: CompressMode) -> LinkPolicy {
+        self.policy.with_mode(mode)
+    }
+
     /// Closes the endpoint, telling the builder we are gone.
     pub async fn close(self) {
+        let (sent, received) = self.policy.wire_totals().await;
+        tracing::debug!(
+            sent,
+            received,
+            "connection closing: UDP payload bytes moved"
+        );
         self.endpoint.close().await;
     }
 }
@@ -245,6 +262,7 @@ pub async fn dial(endpoint: &Endpoint, target: &Target) -> anyhow::Result<Connec
     Ok(Connection {
         channel: InterceptedService::new(channel, credentials.clone()),
         endpoint: endpoint.clone(),
+        policy: LinkPolicy::new(CompressMode::Auto, link.clone()),
         link,
         credentials,
     })

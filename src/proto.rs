@@ -20,6 +20,14 @@ pub const ALPN: &[u8] = b"drv-thru/grpc/1";
 /// machine-readable form for third-party clients.
 pub const REFUSAL_METADATA: &str = "drvthru-refusal";
 
+/// gRPC's response metadata listing the message encodings a server accepts
+/// in requests; the builder sends it with `Builder/OpenSession`.
+pub const ACCEPT_ENCODING_METADATA: &str = "grpc-accept-encoding";
+
+/// What the builder lists in [`ACCEPT_ENCODING_METADATA`]: zstd-compressed
+/// messages or plain ones.
+pub const ACCEPTED_ENCODINGS: &str = "zstd,identity";
+
 /// URLs `Cache/GetNars` takes in one call, as `cache.proto` says.
 pub const MAX_NARS_PER_CALL: usize = 1024;
 

@@ -49,7 +49,7 @@ use std::{fs, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duratio
 
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::{codec::CompressionEncoding, transport::Server};
 use tracing::info;
 
 use self::{
@@ -476,9 +476,16 @@ impl Services {
             .add_service(health.max_decoding_message_size(PUBLIC_MESSAGE_SIZE))
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
+            // Compression is the client's choice, per call: it asks for zstd
+            // only where its link is slower than the compressor
+            // (`client::link`). A message that decompresses past the size
+            // limit is refused (`RESOURCE_EXHAUSTED`) as soon as it passes
+            // it, so compression buys a peer no larger messages.
             .add_service(
                 BuilderServer::from_arc(self.builder.clone())
-                    .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),
+                    .max_decoding_message_size(http2::MAX_MESSAGE_SIZE)
+                    .accept_compressed(CompressionEncoding::Zstd)
+                    .send_compressed(CompressionEncoding::Zstd),
             )
             .add_service(
                 TicketsServer::from_arc(self.tickets.clone())
@@ -486,7 +493,9 @@ impl Services {
             )
             .add_service(
                 CacheServer::from_arc(self.cache.clone())
-                    .max_decoding_message_size(http2::MAX_MESSAGE_SIZE),
+                    .max_decoding_message_size(http2::MAX_MESSAGE_SIZE)
+                    .accept_compressed(CompressionEncoding::Zstd)
+                    .send_compressed(CompressionEncoding::Zstd),
             )
     }
 }

@@ -23,6 +23,7 @@ use super::Failure;
 use crate::{
     client::{
         Target,
+        link::CompressMode,
         remote_build::{self, BuildOptions, Observer, Outcome, RemoteBuild},
     },
     nix::store_path::StorePath,
@@ -84,6 +85,17 @@ pub(super) struct Args {
         value_parser = clap::value_parser!(u8).range(1..=16),
     )]
     nar_fetches: Option<u8>,
+
+    /// Compress NAR transfers (inputs up, outputs down) with zstd on the
+    /// fly. Your Nix sees the same NARs either way.
+    #[arg(
+        long,
+        value_name = "WHEN",
+        env = "DRV_THRU_COMPRESS",
+        value_enum,
+        default_value_t = CompressMode::Auto
+    )]
+    compress: CompressMode,
 
     /// Show plain build logs instead of nix-output-monitor's view.
     #[arg(long)]
@@ -300,6 +312,7 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
             let options = BuildOptions {
                 rebuild: args.rebuild,
                 bulk_streams: args.nar_fetches.map(usize::from),
+                compress: args.compress,
             };
             // Dropping the run kills its Nix processes and removes its files.
             let outcome = interrupts

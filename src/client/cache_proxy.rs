@@ -36,9 +36,14 @@ use futures::{
 use http_body_util::{BodyExt, StreamBody};
 use hyper::{Response, StatusCode, body::Frame};
 use tokio::sync::{OnceCell, Semaphore, oneshot, watch};
+use tonic::codec::CompressionEncoding;
 use tracing::{debug, warn};
 
-use super::{BuilderChannel, spool::Spool};
+use super::{
+    BuilderChannel,
+    link::{Direction, LinkPolicy},
+    spool::Spool,
+};
 use crate::{
     loopback_cache::{Body, CacheFiles, LoopbackCache, respond},
     nix::{
@@ -122,6 +127,11 @@ struct Upstream {
     streams: Arc<Semaphore>,
     /// The local store, to tell which paths are worth fetching ahead.
     nix: Nix,
+    /// Whether a call asks for its NARs compressed.
+    link: LinkPolicy,
+    /// URLs of files that narinfos named compressed already, which are
+    /// never asked for compressed again.
+    compressed: Arc<Mutex<HashSet<String>>>,
 }
 
 /// The session's narinfos by hash part.
@@ -169,11 +179,12 @@ struct Spoolable {
 impl CacheProxy {
     /// Serves the builder's cache for `session_id` on a free loopback port,
     /// taking turns over `channels` and fetching up to `fetches` ranges of
-    /// one large NAR at once. With `key`, narinfos not signed by it are
-    /// refused before Nix sees them.
+    /// one large NAR at once, compressed where `link` says. With `key`,
+    /// narinfos not signed by it are refused before Nix sees them.
     pub fn start(
         channels: Vec<BuilderChannel>,
         fetches: usize,
+        link: LinkPolicy,
         session_id: String,
         key: Option<PublicKey>,
         nix: Nix,
@@ -201,6 +212,8 @@ impl CacheProxy {
             ahead_slots: Arc::new(Semaphore::new(AHEAD_SLOTS)),
             streams: Arc::new(Semaphore::new(MAX_CACHE_STREAMS_PER_SESSION)),
             nix,
+            link,
+            compressed: Arc::default(),
         };
         // Nix's first narinfo request would start the listing; it is already
         // known to come.
@@ -453,6 +466,10 @@ impl CacheFiles for Upstream {
                 )
             }
             Ok(narinfo) => {
+                if narinfo.is_compressed() {
+                    let mut compressed = self.compressed.lock().unwrap_or_else(|p| p.into_inner());
+                    compressed.insert(narinfo.url.clone());
+                }
                 if let Some(size) = file_size(&narinfo) {
                     let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
                     sizes.insert(narinfo.url, size);
@@ -490,8 +507,10 @@ impl CacheFiles for Upstream {
             return self.ranged(url, size);
         }
         let permit = self.streams.clone().acquire_owned().await;
+        let measure = self.link.measure(Direction::Down).await;
         let reply = self
-            .cache()
+            .cache_for(std::slice::from_ref(&url))
+            .await
             .get_nar(GetNarRequest {
                 session_id: self.session_id.clone(),
                 url,
@@ -508,8 +527,9 @@ impl CacheFiles for Upstream {
         };
         let received = self.received.clone();
         let frames = stream.map(move |chunk| {
-            // The stream stays counted for as long as Nix reads the body.
-            let _open = &permit;
+            // The stream stays counted, and measured, for as long as Nix
+            // reads the body.
+            let _open = (&permit, &measure);
             match chunk {
                 Ok(chunk) => {
                     received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
@@ -528,6 +548,26 @@ impl Upstream {
     fn cache(&self) -> CacheClient<BuilderChannel> {
         let at = self.next.fetch_add(1, Ordering::Relaxed) % self.caches.len();
         self.caches[at].clone()
+    }
+
+    /// The next channel's client for a call fetching the files at `urls`,
+    /// asking for them compressed if the link says so and none is
+    /// compressed already: zstd would only be spent on them twice.
+    async fn cache_for(&self, urls: &[String]) -> CacheClient<BuilderChannel> {
+        let cache = self.cache();
+        let compressed = {
+            let compressed = self.compressed.lock().unwrap_or_else(|p| p.into_inner());
+            urls.iter().find(|url| compressed.contains(*url)).cloned()
+        };
+        if let Some(url) = compressed {
+            debug!(url, "asking for it as it is: compressed already");
+            return cache;
+        }
+        if self.link.compress(Direction::Down).await {
+            cache.accept_compressed(CompressionEncoding::Zstd)
+        } else {
+            cache
+        }
     }
 
     async fn fetch_narinfo(&self, hash: &StorePathHash) -> Result<String, Response<Body>> {
@@ -591,6 +631,12 @@ impl Upstream {
                 }
                 match item.narinfo.parse::<NarInfo>() {
                     Ok(narinfo) => {
+                        if narinfo.is_compressed() {
+                            self.compressed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(narinfo.url.clone());
+                        }
                         listed.insert(*narinfo.store_path.hash_part(), item.narinfo);
                         narinfos.push(narinfo);
                     }
@@ -698,7 +744,9 @@ impl Upstream {
         };
         let mut senders = senders.into_iter();
         let open = self.streams.clone().acquire_owned().await;
-        let failure = match unstalled(STALL, self.cache().get_nars(request)).await {
+        let mut cache = self.cache_for(&urls).await;
+        let _measure = self.link.measure(Direction::Down).await;
+        let failure = match unstalled(STALL, cache.get_nars(request)).await {
             Ok(reply) => match self
                 .receive_batch(reply.into_inner(), &sizes, &mut senders)
                 .await
@@ -795,7 +843,9 @@ impl Upstream {
             length,
         };
         let _open = self.streams.acquire().await;
-        let mut stream = unstalled(STALL, self.cache().get_nar(request))
+        let mut cache = self.cache_for(std::slice::from_ref(&request.url)).await;
+        let _measure = self.link.measure(Direction::Down).await;
+        let mut stream = unstalled(STALL, cache.get_nar(request))
             .await
             .map_err(failed)?
             .into_inner();

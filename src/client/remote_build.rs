@@ -19,6 +19,7 @@ use super::{
     BuilderChannel, Connection, Target, bind,
     cache_proxy::CacheProxy,
     dial,
+    link::{CompressMode, LinkPolicy},
     session::{self, RemoteSession},
     trust::OutputImport,
 };
@@ -85,6 +86,8 @@ pub struct BuildOptions {
     /// QUIC streams for bulk transfers; by the path's round-trip time if
     /// `None`.
     pub bulk_streams: Option<usize>,
+    /// Whether bulk transfers are compressed.
+    pub compress: CompressMode,
 }
 
 /// How a remote build ended, short of an error.
@@ -215,6 +218,7 @@ impl RemoteBuild {
         let proxy = CacheProxy::start(
             built.bulk,
             built.width,
+            built.link,
             built.session.id.clone(),
             import.required_key().cloned(),
             nix.clone(),
@@ -265,6 +269,8 @@ pub struct SessionBuild {
     pub bulk: Vec<BuilderChannel>,
     /// How many of them a transfer should use.
     pub width: usize,
+    /// Whether a transfer is compressed.
+    pub link: LinkPolicy,
     /// How the build ended.
     pub finished: proto::BuildFinished,
 }
@@ -314,6 +320,7 @@ pub async fn build_in_session(
         None => connection.bulk_width(LONG_PATH_STREAMS).await,
     };
     let bulk = connection.bulk_channels(width);
+    let link = connection.link_policy(options.compress);
     if !session.missing.is_empty() {
         let bytes: u64 = plan
             .inputs
@@ -323,7 +330,7 @@ pub async fn build_in_session(
             .map(|info| info.nar_size)
             .sum();
         let report = observer.uploading(session.missing.len(), bytes);
-        let uploaded = session.upload(nix, bulk.clone(), report).await;
+        let uploaded = session.upload(nix, bulk.clone(), &link, report).await;
         observer.uploaded();
         uploaded?;
     }
@@ -340,6 +347,7 @@ pub async fn build_in_session(
         session,
         bulk,
         width,
+        link,
         finished: finished?,
     })
 }

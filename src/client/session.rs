@@ -9,9 +9,13 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tokio_util::io::ReaderStream;
-use tonic::{Code, Status};
+use tonic::{Code, Status, codec::CompressionEncoding};
 
-use super::{BuilderChannel, status_error};
+use super::{
+    BuilderChannel,
+    link::{Direction, LinkPolicy},
+    status_error,
+};
 use crate::{
     nix::store_path::StorePath,
     nixcmd::{Nix, PathInfo},
@@ -95,6 +99,9 @@ pub struct RemoteSession {
     /// The signing key the builder announces. Never trusted for being
     /// announced: only compared with keys the client trusts already.
     pub announced_key: String,
+    /// Whether the builder takes zstd-compressed uploads: it said so in
+    /// `OpenSession`'s `grpc-accept-encoding`.
+    accepts_zstd: bool,
     builder: BuilderClient<BuilderChannel>,
 }
 
@@ -156,8 +163,13 @@ impl RemoteSession {
                 signed_inputs,
             })
             .await
-            .map_err(status_error)?
-            .into_inner();
+            .map_err(status_error)?;
+        let accepts_zstd = response
+            .metadata()
+            .get(proto::ACCEPT_ENCODING_METADATA)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.split(',').any(|encoding| encoding.trim() == "zstd"));
+        let response = response.into_inner();
         let missing = response
             .missing_inputs
             .iter()
@@ -169,19 +181,24 @@ impl RemoteSession {
             missing,
             limits: response.limits.unwrap_or_default(),
             announced_key: response.signing_public_key,
+            accepts_zstd,
             builder,
         })
     }
 
     /// Uploads the missing inputs, streaming each NAR from the local store
-    /// in parts over `channels` in turn (one `UploadInputs` call each).
-    /// `progress` is called with the bytes sent so far.
+    /// in parts over `channels` in turn (one `UploadInputs` call each),
+    /// compressed if `link` says so and the builder takes it. `progress` is
+    /// called with the bytes sent so far.
     pub async fn upload(
         &mut self,
         nix: &Nix,
         channels: Vec<BuilderChannel>,
+        link: &LinkPolicy,
         progress: impl Fn(u64) + Send + 'static,
     ) -> anyhow::Result<()> {
+        let compress = self.accepts_zstd && link.compress(Direction::Up).await;
+        let _measure = link.measure(Direction::Up).await;
         let mut senders = Vec::new();
         let mut calls = Vec::new();
         for channel in channels {
@@ -195,6 +212,9 @@ impl RemoteSession {
             .expect("a new channel has room");
             let mut builder =
                 BuilderClient::new(channel).max_encoding_message_size(http2::MAX_MESSAGE_SIZE);
+            if compress {
+                builder = builder.send_compressed(CompressionEncoding::Zstd);
+            }
             calls.push(async move { builder.upload_inputs(ReceiverStream::new(rx)).await });
             senders.push(tx);
         }

@@ -34,10 +34,12 @@ use std::{
 
 use anyhow::{Context, anyhow, bail};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tonic::codec::CompressionEncoding;
 
 use self::shared::{SHARED_DIR, SharedOutputs};
 use super::{
     Connection, Target, bind, dial,
+    link::{CompressMode, Direction},
     remote_build::{BuildOptions, Observer, Plan, SessionBuild, build_in_session, built_elsewhere},
     status_error,
 };
@@ -434,7 +436,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
     /// Downloads a checked output's NAR from the builder's session
     /// `session_id` into the hook's shared directory; returns its file.
     async fn download(&self, session_id: &str, narinfo: &NarInfo) -> anyhow::Result<PathBuf> {
-        let mut stream = CacheClient::new(self.connection.channel.clone())
+        let link = self.connection.link_policy(CompressMode::Auto);
+        let mut cache = CacheClient::new(self.connection.channel.clone());
+        if !narinfo.is_compressed() && link.compress(Direction::Down).await {
+            cache = cache.accept_compressed(CompressionEncoding::Zstd);
+        }
+        let _measure = link.measure(Direction::Down).await;
+        let mut stream = cache
             .get_nar(proto::GetNarRequest {
                 session_id: session_id.to_owned(),
                 url: narinfo.url.clone(),

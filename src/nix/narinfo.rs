@@ -125,6 +125,12 @@ pub struct NarInfo {
 }
 
 impl NarInfo {
+    /// Whether the file [`Self::url`] names is compressed: anything but
+    /// `Compression: none` (a missing field is bzip2 to Nix).
+    pub fn is_compressed(&self) -> bool {
+        self.compression.as_deref() != Some("none")
+    }
+
     /// Whether [`Self::url`] is a plain file under the cache's `nar/`: no
     /// scheme, no absolute path, no `..`, no query. Signatures do not cover
     /// the URL, so a cache that passes narinfos on to a more privileged Nix

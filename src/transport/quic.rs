@@ -489,6 +489,11 @@ impl Link {
             .map(|path| path.rtt())
     }
 
+    /// The QUIC connection in use, for its statistics.
+    pub async fn connection(&self) -> Connection {
+        self.connection.lock().await.clone()
+    }
+
     /// A channel whose HTTP/2 connection is set up now.
     pub async fn channel(&self) -> Result<Channel, ConnectError> {
         super::tuned_client_endpoint()

@@ -141,15 +141,57 @@ pub async fn garbage_grpc_message(arena: &Arena) -> Outcome {
 /// The gRPC status of a hand-made call's response: from its headers
 /// (trailers-only) or its trailers.
 async fn grpc_status_of(response: http::Response<h2::RecvStream>) -> String {
-    let code_of = |headers: &http::HeaderMap| {
-        headers
+    match grpc_status_and_message(response).await {
+        Ok((code, _)) => code,
+        Err(missing) => missing,
+    }
+}
+
+/// `grpc-message` as it was before gRPC percent-encoded it.
+fn percent_decoded(message: &str) -> String {
+    let bytes = message.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = (bytes[at] == b'%')
+            .then(|| message.get(at + 1..at + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                at += 3;
+            }
+            None => {
+                decoded.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// The gRPC status code and message of a hand-made call's response, or
+/// what it lacks.
+async fn grpc_status_and_message(
+    response: http::Response<h2::RecvStream>,
+) -> Result<(String, String), String> {
+    let status_of = |headers: &http::HeaderMap| {
+        let code = headers
             .get("grpc-status")
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<i32>().ok())
-            .map(|code| format!("{:?}", tonic::Code::from(code)))
+            .and_then(|value| value.parse::<i32>().ok())?;
+        let message = headers
+            .get("grpc-message")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        Some((
+            format!("{:?}", tonic::Code::from(code)),
+            percent_decoded(message),
+        ))
     };
-    if let Some(code) = code_of(response.headers()) {
-        return code;
+    if let Some(status) = status_of(response.headers()) {
+        return Ok(status);
     }
     let mut body = response.into_body();
     while let Some(chunk) = body.data().await {
@@ -158,8 +200,8 @@ async fn grpc_status_of(response: http::Response<h2::RecvStream>) -> String {
         }
     }
     match body.trailers().await {
-        Ok(Some(trailers)) => code_of(&trailers).unwrap_or_else(|| "no grpc-status".to_owned()),
-        _ => "no trailers".to_owned(),
+        Ok(Some(trailers)) => status_of(&trailers).ok_or_else(|| "no grpc-status".to_owned()),
+        _ => Err("no trailers".to_owned()),
     }
 }
 
@@ -949,4 +991,122 @@ pub async fn unread_get_nar_streams(arena: &Arena, streams: usize) -> Outcome {
         None => format!("held: {streams} unread streams"),
     };
     (seen, held)
+}
+
+/// What a zstd bomb inflates to: 256 times the largest message.
+const BOMB_BYTES: u64 = 1 << 30;
+
+/// `message`, already compressed, in gRPC's length-prefixed framing.
+fn compressed_grpc_frame(message: &[u8]) -> Bytes {
+    let mut framed = vec![1];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.into()
+}
+
+/// An `UploadInputsRequest` starting a part of `store_path` whose data is
+/// [`BOMB_BYTES`] of zeros, zstd-compressed into a few KiB without ever
+/// being whole in memory.
+fn zstd_bomb(store_path: &str) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut head = prost::Message::encode_to_vec(&UploadInputsRequest {
+        store_path: store_path.to_owned(),
+        ..Default::default()
+    });
+    // Field 3 (`data`), length-delimited.
+    head.push(3 << 3 | 2);
+    prost::encoding::encode_varint(BOMB_BYTES, &mut head);
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+    encoder.write_all(&head).unwrap();
+    let zeros = vec![0; 1 << 20];
+    for _ in 0..BOMB_BYTES / zeros.len() as u64 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    encoder.finish().unwrap()
+}
+
+/// A hand-made gRPC call of `path` as the holder of `authorization`,
+/// with `headers` besides; its response and its body to send.
+fn authorized_call(
+    client: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+    authorization: &str,
+    headers: &[(&'static str, &str)],
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let mut request = grpc_request(path);
+    let all = request.headers_mut();
+    all.insert("authorization", authorization.parse().unwrap());
+    for (name, value) in headers {
+        all.insert(*name, value.parse().unwrap());
+    }
+    client.send_request(request, false).unwrap()
+}
+
+/// An upload part whose one message is a zstd frame of a few KiB that
+/// inflates to 1 GiB: the builder must stop inflating at its 4 MiB message
+/// limit, refuse the call and keep nothing of the upload.
+pub async fn zstd_bomb_in_an_upload_part(arena: &Arena) -> Outcome {
+    let ticket = arena.ticket(&["--unlimited", "--expires", "1day"]);
+    let authorization = ticket.secret().authorization(ticket.id());
+    let target = drv_thru::client::Target::Ticket(Box::new(ticket));
+    let (endpoint, connection) = bare_connection(&target, &arena.key("zstd-bomb")).await;
+    let mut client = h2_client(&connection).await;
+    let (input, _) = fresh_text_input("zstd-bomb");
+    let mut request = session_request();
+    request.inputs.insert(0, input.clone());
+    let (response, mut body) = authorized_call(
+        &mut client,
+        "/drvthru.v1.Builder/OpenSession",
+        &authorization,
+        &[],
+    );
+    body.send_data(grpc_frame(&prost::Message::encode_to_vec(&request)), true)
+        .unwrap();
+    let mut reply = response.await.unwrap().into_body();
+    let mut framed = Vec::new();
+    while let Some(chunk) = reply.data().await {
+        framed.extend_from_slice(&chunk.unwrap());
+    }
+    let opened: proto::OpenSessionResponse =
+        prost::Message::decode(framed.get(5..).expect("OpenSession answered")).unwrap();
+
+    let bomb = zstd_bomb(&input.store_path);
+    let (response, mut body) = authorized_call(
+        &mut client,
+        "/drvthru.v1.Builder/UploadInputs",
+        &authorization,
+        &[("grpc-encoding", "zstd")],
+    );
+    let first = UploadInputsRequest {
+        session_id: opened.session_id,
+        ..Default::default()
+    };
+    body.send_data(grpc_frame(&prost::Message::encode_to_vec(&first)), false)
+        .unwrap();
+    body.send_data(compressed_grpc_frame(&bomb), true).unwrap();
+    let seen = match tokio::time::timeout(Duration::from_secs(10), response).await {
+        Ok(Ok(response)) => match grpc_status_and_message(response).await {
+            // tonic's message names the limit: "Error decompressing: size
+            // limit, of 4194304 bytes, exceeded while decompressing message".
+            Ok((code, message)) if message.contains("size limit") => code,
+            Ok((code, message)) => format!("{code} ({message})"),
+            Err(missing) => missing,
+        },
+        Ok(Err(err)) => format!("reset: {err}"),
+        Err(_) => "no answer".to_owned(),
+    };
+    let mut staged = arena.staging_bytes();
+    for _ in 0..50 {
+        if staged == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        staged = arena.staging_bytes();
+    }
+    endpoint.close().await;
+    nothing_held(format!(
+        "{seen}, {staged} bytes staged ({} KiB inflating to {} MiB)",
+        bomb.len() >> 10,
+        BOMB_BYTES >> 20
+    ))
 }

@@ -123,3 +123,23 @@ async fn ticket_holders_cannot_hurt_a_build() {
         .await;
     table.finish();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zstd_bomb_inflates_no_further_than_the_message_limit() {
+    if !available() {
+        return;
+    }
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let arena = Arena::start("zstd-bomb");
+    let mut table = FaultTable::new("compressed messages");
+    let a = &arena;
+    table
+        .run(
+            a,
+            "zstd bomb in an upload part",
+            "ResourceExhausted, 0 bytes staged",
+            attacks::zstd_bomb_in_an_upload_part(a),
+        )
+        .await;
+    table.finish();
+}

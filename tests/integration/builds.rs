@@ -22,16 +22,16 @@ use crate::{
 };
 
 /// A builder and a client, each with its own store.
-struct Pair {
+pub struct Pair {
     salt: String,
-    world: Arc<World>,
-    client: Store,
-    builder_store: Store,
-    builder: Builder,
+    pub world: Arc<World>,
+    pub client: Store,
+    pub builder_store: Store,
+    pub builder: Builder,
 }
 
 impl Pair {
-    fn new(salt: &str, builder_args: &[&str]) -> Self {
+    pub fn new(salt: &str, builder_args: &[&str]) -> Self {
         Self::with_builder(
             salt,
             |store| crate::builder::launcher_in(store, crate::builder::binary()),
@@ -64,7 +64,7 @@ impl Pair {
 
     /// Asserts that `output` is of a successful build, showing the client's
     /// stderr and the builder's log if not.
-    fn assert_built(&self, output: &std::process::Output) {
+    pub fn assert_built(&self, output: &std::process::Output) {
         assert!(
             output.status.success(),
             "{}\nbuilder:\n{}",
@@ -73,13 +73,13 @@ impl Pair {
         );
     }
 
-    fn ticket(&self, flags: &[&str]) -> String {
+    pub fn ticket(&self, flags: &[&str]) -> String {
         let ticket: Ticket = self.builder.ticket(flags);
         ticket.to_string()
     }
 
     /// `drv-thru build path:FLAKE#attr ARGS --no-nom` in the client store.
-    fn build(&self, attr: &str, args: &[&str]) -> std::process::Output {
+    pub fn build(&self, attr: &str, args: &[&str]) -> std::process::Output {
         let installable = self.world.installable(attr);
         let mut all = vec!["build", installable.as_str(), "--no-nom"];
         all.extend_from_slice(args);
@@ -91,13 +91,13 @@ impl Pair {
             .unwrap()
     }
 
-    fn out_path(&self, attr: &str) -> String {
+    pub fn out_path(&self, attr: &str) -> String {
         let expression = format!("{}.outPath", self.world.installable(attr));
         self.client.run_ok("nix", &["eval", "--raw", &expression])
     }
 }
 
-fn stderr(output: &std::process::Output) -> String {
+pub fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
@@ -564,7 +564,7 @@ fn upload_over_its_limit_is_refused_and_leaves_nothing() {
 }
 
 impl Pair {
-    fn data_dir_has_uploads(&self) -> bool {
+    pub fn data_dir_has_uploads(&self) -> bool {
         std::fs::read_dir(self.builder.data_dir.join("uploads"))
             .map(|mut entries| entries.next().is_some())
             .unwrap_or(false)

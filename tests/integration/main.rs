@@ -8,6 +8,7 @@ mod builder;
 mod builds;
 mod cache;
 mod common;
+mod compression;
 mod crash;
 mod fleet;
 mod helper;

@@ -11,7 +11,7 @@ use tokio_stream::{
     Stream, StreamExt,
     wrappers::{ReceiverStream, WatchStream},
 };
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 use tracing::{error, info, warn};
 
 use super::owner;
@@ -458,13 +458,20 @@ impl builder_server::Builder for BuilderService {
             .set_phase(&session_id, BuildPhase::WaitingForClient);
         info!(session = %session_id, client = %label.label, peer = %peer.endpoint_id.fmt_short(), drv = %drv_path, "session admitted");
         self.end_when_over(session, peer);
-        Ok(Response::new(proto::OpenSessionResponse {
+        let mut response = Response::new(proto::OpenSessionResponse {
             session_id,
             limits: Some(limits.into()),
             signing_public_key: self.signing_key.clone(),
             client_label: label.label,
             missing_inputs: missing.iter().map(ToString::to_string).collect(),
-        }))
+        });
+        // gRPC's own way of saying which encodings requests may use, so a
+        // client compresses its upload only for a builder that takes it.
+        response.metadata_mut().insert(
+            proto::ACCEPT_ENCODING_METADATA,
+            MetadataValue::from_static(proto::ACCEPTED_ENCODINGS),
+        );
+        Ok(response)
     }
 
     async fn upload_inputs(

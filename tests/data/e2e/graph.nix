@@ -110,6 +110,12 @@ rec {
     sha256sum ${builtins.path { path = ./big; name = "big-src"; }}/data.bin > $out
   '' { };
 
+  # A copy of the large input source the test building this writes to
+  # ./big first: as many bytes come back as went up.
+  copy = mk "copy" ''
+    cp ${builtins.path { path = ./big; name = "big-src"; }}/data.bin $out
+  '' { };
+
   # Many small inputs (text files), each uploaded on its own.
   many = mk "many" ''
     cat ${toString (builtins.genList
