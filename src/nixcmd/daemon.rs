@@ -33,6 +33,11 @@ use crate::{
 /// this size each.
 const MAX_FRAME: usize = 1 << 20;
 
+/// What is gathered before writing to Nix: small NARs, frame headers and
+/// path infos. Larger chunks bypass the buffer, rather than be copied
+/// into it.
+const BUFFER: usize = 64 << 10;
+
 /// Adds `infos`' paths, in this order, to the store behind `nix`, each
 /// NAR read from what `open` gives for its path once the ones before it
 /// are sent. Signatures are checked (`require-sigs` on, and each
@@ -58,7 +63,7 @@ where
     let stdout = child.stdout.take().expect("stdout was piped");
     let stderr = tokio::spawn(collect_tail(child.stderr.take().expect("stderr was piped")));
     let mut reader = Reader::new(BufReader::new(stdout));
-    let mut out = BufWriter::with_capacity(MAX_FRAME + 16, stdin);
+    let mut out = BufWriter::with_capacity(BUFFER, stdin);
 
     let talked = async {
         wire::connect(&mut reader, &mut out)
