@@ -51,6 +51,11 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: Display,
 {
+    // A turn like any Nix command run to the end, held for the whole
+    // import, as `nix copy` held one before: peers' uploads must not start
+    // more Nix processes than the handle allows.
+    // The semaphore is never closed.
+    let _turn = nix.config.turns.acquire().await;
     let args = ["--option", "require-sigs", "true", "--stdio"];
     let line = nix.command_line(Program::NixDaemon, args.map(Into::into).to_vec());
     let mut command = nix.tokio_command(&line);
