@@ -1,6 +1,6 @@
 //! The one place in drv-thru that runs Nix.
 //!
-//! Every `nix` and `nix-store` process goes through a [`Nix`] handle, which fixes how commands are
+//! Every `nix`, `nix-store` and `nix-daemon` process goes through a [`Nix`] handle, which fixes how commands are
 //! started: the program is run directly with an argument vector (never through a shell), stdin is
 //! closed, the environment is cleared down to a short list of variables Nix needs plus whatever the
 //! handle adds (`NIX_CONF_DIR`, `NIX_REMOTE`, …), and the handle's `--store` and `--option` settings
@@ -15,12 +15,13 @@
 //!   `.drv` files, so one evaluation gives both (2.8 has no `--print-out-paths`);
 //! - building: `nix-store --realise DRV!out,dev` means the same in both, where `nix build DRV`
 //!   builds every output in 2.8 but nothing in 2.26, and `DRV^out` does not parse in 2.8;
-//! - a `.drv` argument to `nix path-info` or `nix copy` means "its outputs" in 2.8 but the file
-//!   itself in 2.26; `--derivation` means the file in both, but fails in 2.8 for other paths, so
-//!   derivations and other paths go in separate calls;
-//! - `nix path-info --json` is an array in 2.8 and an object keyed by path in 2.26, with
-//!   `{"valid": false}` or `null` for missing paths and exit code 0 either way: both shapes are
-//!   parsed and missing paths are found from the output, never from the exit code;
+//! - a `.drv` argument to `nix copy` means "its outputs" in 2.8 but the file itself in 2.26;
+//!   `--derivation` means the file in both, but fails in 2.8 for other paths, so derivations and
+//!   other paths go in separate calls;
+//! - questions about paths (validity, path info, closures) and imports skip the command line: they
+//!   go to `nix-daemon --stdio` in the worker protocol, whose answers are the same from Nix 2.8 on
+//!   and which costs one Nix process per piece of work, none at all while a handle's spare
+//!   connection is ready;
 //! - `nix show-config` (2.8) is `nix config show` from 2.20 on; the old name still works in 2.26
 //!   with a warning and is tried first.
 //!
@@ -33,6 +34,7 @@ mod dump;
 pub mod log;
 mod parse;
 mod process;
+mod questions;
 mod realise;
 mod trust;
 mod verifiable;
@@ -55,6 +57,7 @@ use crate::nix::store_path::StorePath;
 pub use dump::NarDump;
 pub use log::{BuildEvent, Level, LogParser, strip_controls};
 pub use parse::{Evaluated, PathInfo};
+pub use questions::Questions;
 pub use realise::{KillHandle, LogRecord, RealiseOutcome, RealiseRun, kill_builds_rooted_in};
 pub use trust::{TrustBasis, TrustInfo};
 
@@ -165,6 +168,9 @@ pub enum NixCmdError {
     /// why.
     #[error("{0}")]
     Refused(String),
+    /// A path asked about is not valid in the store.
+    #[error("{0} is not valid in the store")]
+    NotValid(StorePath),
     /// The NAR of a path offered for [`Nix::add_verifiable`] could not be
     /// read from its source.
     #[error("cannot read the NAR of {path}: {reason}")]
@@ -236,6 +242,8 @@ struct Config {
     /// clone of the handle: peers can ask for work that runs Nix, and each
     /// process costs far more than waiting for a turn.
     turns: Arc<tokio::sync::Semaphore>,
+    /// The store connection opened ahead of need, if the handle keeps one.
+    spare: Option<Arc<daemon::Spare>>,
 }
 
 /// Nix commands run to the end at once through one handle; more wait.
@@ -302,6 +310,15 @@ impl NixBuilder {
         self
     }
 
+    /// Keeps a connection to the store (a `nix-daemon --stdio` that has asked nothing yet) open
+    /// ahead of need, so that a query or import does not wait the tens of milliseconds Nix takes
+    /// to start: one idle process for the handle and its clones, opened after each connection the
+    /// handle makes, the first one included.
+    pub fn spare_connection(mut self) -> Self {
+        self.config.spare = Some(Arc::default());
+        self
+    }
+
     /// The handle.
     pub fn build(self) -> Nix {
         Nix {
@@ -336,6 +353,7 @@ impl Nix {
                 options: Vec::new(),
                 credentials: None,
                 turns: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
+                spare: None,
             },
         }
     }
@@ -379,43 +397,21 @@ impl Nix {
         parse::evaluated(&output.stdout_text()).map_err(|reason| output.parse_error(&line, reason))
     }
 
-    /// The given paths that are not valid in the store, in the order given.
-    ///
-    /// Runs `nix-store --check-validity --print-invalid`, in batches.
-    pub async fn invalid_paths(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, NixCmdError> {
-        let mut invalid = Vec::new();
-        for batch in batches(paths) {
-            let mut args: Vec<OsString> = vec!["--check-validity".into(), "--print-invalid".into()];
-            args.extend(batch.iter().map(|p| OsString::from(p.to_string())));
-            let line = self.command_line(Program::NixStore, args);
-            let output = self.run_ok(&line).await?;
-            let found: BTreeSet<StorePath> = parse::path_lines(&output.stdout_text())
-                .map_err(|reason| output.parse_error(&line, reason))?
-                .into_iter()
-                .collect();
-            invalid.extend(batch.iter().filter(|p| found.contains(p)).cloned());
-        }
-        Ok(invalid)
+    /// Questions about paths, asked together on one connection to the store; see [`Questions`].
+    pub async fn questions(&self) -> Result<Questions, NixCmdError> {
+        Ok(Questions::new(self.connection().await?))
     }
 
-    /// What the store knows about the given valid paths and everything they refer to, directly
-    /// or not, sorted by path. For a `.drv` this is the other `.drv` files and sources it needs,
-    /// not outputs.
-    ///
-    /// Runs `nix path-info --json --recursive` (with `--derivation` for `.drv` files), in
-    /// batches: one process for a closure and its path infos; fails if a path is not valid.
+    /// The given paths that are not valid in the store, in the order given: one question on a
+    /// connection of its own ([`Questions::invalid_paths`]).
+    pub async fn invalid_paths(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, NixCmdError> {
+        self.questions().await?.invalid_paths(paths).await
+    }
+
+    /// What the store knows about the given valid paths and everything they refer to: one
+    /// question on a connection of its own ([`Questions::closure_infos`]).
     pub async fn closure_infos(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, NixCmdError> {
-        let mut closure = std::collections::BTreeMap::new();
-        for (group, derivation) in split_derivations(paths) {
-            for batch in batches(&group) {
-                let line = self.path_info_line(batch, derivation, true);
-                let output = self.run_ok(&line).await?;
-                let infos = parse::path_infos(&output.stdout_text())
-                    .map_err(|reason| output.parse_error(&line, reason))?;
-                closure.extend(infos.into_iter().map(|info| (info.path.clone(), info)));
-            }
-        }
-        Ok(closure.into_values().collect())
+        self.questions().await?.closure_infos(paths).await
     }
 
     /// Points the symlink `link` at the valid `path` and registers it as a
@@ -433,24 +429,6 @@ impl Nix {
         self.run_ok(&self.command_line(Program::NixStore, args))
             .await?;
         Ok(())
-    }
-
-    /// The paths a valid path refers to directly, sorted (possibly including itself).
-    ///
-    /// Runs `nix-store --query --references`.
-    pub async fn references(&self, path: &StorePath) -> Result<Vec<StorePath>, NixCmdError> {
-        let args = ["--query", "--references"]
-            .map(OsString::from)
-            .into_iter()
-            .chain([OsString::from(path.to_string())])
-            .collect();
-        let line = self.command_line(Program::NixStore, args);
-        let output = self.run_ok(&line).await?;
-        let mut refs = parse::path_lines(&output.stdout_text())
-            .map_err(|reason| output.parse_error(&line, reason))?;
-        refs.sort();
-        refs.dedup();
-        Ok(refs)
     }
 
     /// The output paths of the given valid derivations, sorted and without duplicates.
@@ -485,39 +463,10 @@ impl Nix {
         Ok(outputs.into_iter().collect())
     }
 
-    /// What the store knows about the given paths: hashes, sizes, references, deriver, content
-    /// address and signatures. Paths that are not valid are left out; the rest come in the order
-    /// given.
-    ///
-    /// Runs `nix-store --check-validity --print-invalid` first (Nix 2.8 fails outright on a missing
-    /// `.drv`), then `nix path-info --json` for the valid paths: one call for `.drv` files with
-    /// `--derivation`, one for the rest.
+    /// What the store knows about the given paths: one question on a connection of its own
+    /// ([`Questions::path_info`]).
     pub async fn path_info(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, NixCmdError> {
-        let invalid: BTreeSet<StorePath> = self.invalid_paths(paths).await?.into_iter().collect();
-        let valid: Vec<StorePath> = paths
-            .iter()
-            .filter(|p| !invalid.contains(p))
-            .cloned()
-            .collect();
-        let mut found = std::collections::BTreeMap::new();
-        for (group, derivation) in split_derivations(&valid) {
-            for batch in batches(&group) {
-                let line = self.path_info_line(batch, derivation, false);
-                let output = self.run(&line).await?;
-                // The exit code says nothing about missing paths; read the output whatever it is,
-                // and fall back to the exit status only if there is nothing to read.
-                match parse::path_infos(&output.stdout_text()) {
-                    Ok(infos) => {
-                        found.extend(infos.into_iter().map(|i| (i.path.clone(), i)));
-                    }
-                    Err(reason) if output.success() => {
-                        return Err(output.parse_error(&line, reason));
-                    }
-                    Err(_) => return Err(output.failure(&line)),
-                }
-            }
-        }
-        Ok(paths.iter().filter_map(|p| found.remove(p)).collect())
+        self.questions().await?.path_info(paths).await
     }
 
     /// Streams the NAR serialisation of a valid path (`nix-store --dump PATH`).
@@ -658,13 +607,16 @@ impl Nix {
         E: fmt::Display,
     {
         let ordered = verifiable::check_and_order(infos)?;
-        daemon::add_multiple(self, &ordered, open).await
+        let mut connection = self.connection().await?;
+        let added = connection.add(&ordered, open).await;
+        connection.finish(added).await
     }
 
     /// Whether the store treats the current user as trusted, and which signing keys it trusts.
     ///
-    /// Asks `nix store info --json` (2.19+) or `nix store ping --json` (2.15–2.18) first, whose
-    /// `trusted` comes from the store or daemon itself. Nix 2.8 has neither; then the answer is
+    /// Takes the store's own word where it gives it: from Nix 2.15 on, the store says whether it
+    /// trusts the client when a connection opens, as `nix store info` reports. Nix 2.8 does not;
+    /// then the answer is
     /// worked out from `nix show-config --json` (`nix config show --json` on newer Nix) as the
     /// daemon does it: root, or a `trusted-users` entry `*`, the user's name, or `@group` for the
     /// user's primary group or a group listing the user. That reads the client's configuration,
@@ -699,21 +651,6 @@ impl Nix {
             }
         }
         Ok(())
-    }
-
-    /// `nix path-info --json [--recursive] [--derivation] -- PATHS...`.
-    fn path_info_line(
-        &self,
-        paths: &[StorePath],
-        derivation: bool,
-        recursive: bool,
-    ) -> CommandLine {
-        let mut args: Vec<OsString> = vec!["path-info".into(), "--json".into()];
-        if recursive {
-            args.push("--recursive".into());
-        }
-        push_paths(&mut args, paths, derivation);
-        self.command_line(Program::Nix, args)
     }
 
     /// The full command line for `program` with `args` after the handle's global flags.
@@ -834,28 +771,37 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn commands_run_to_the_end_take_turns() {
+    async fn commands_and_connections_take_turns() {
         use std::os::unix::fs::PermissionsExt as _;
-        // A stand-in that stays a while, so overlapping runs are seen: how
-        // many real Nix queries overlap depends on the machine's speed.
+        // Stand-ins that stay a while, so overlapping runs are seen: how
+        // many real Nix queries overlap depends on the machine's speed. The
+        // daemon's never shakes hands, so its connections fail, but only
+        // after holding their turn.
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let script = dir.path().join("nix-store");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho start >> {0}\nsleep 0.2\necho end >> {0}\n",
-                log.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let nix = Nix::builder().program_dir(dir.path()).build();
-        let paths = [path("x")];
-        let queries = (0..3 * MAX_RUNNING).map(|_| nix.invalid_paths(&paths));
-        for answer in futures::future::join_all(queries).await {
-            assert!(answer.unwrap().is_empty());
+        for program in ["nix-store", "nix-daemon"] {
+            let script = dir.path().join(program);
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\necho start >> {0}\nsleep 0.2\necho end >> {0}\n",
+                    log.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
+        let nix = Nix::builder().program_dir(dir.path()).build();
+        let link = dir.path().join("root");
+        let paths = [path("x")];
+        let roots = (0..2 * MAX_RUNNING).map(|_| nix.add_root(&link, &paths[0]));
+        let queries = (0..2 * MAX_RUNNING).map(|_| nix.invalid_paths(&paths));
+        let (roots, queries) = futures::join!(
+            futures::future::join_all(roots),
+            futures::future::join_all(queries)
+        );
+        assert!(roots.into_iter().all(|added| added.is_ok()));
+        assert!(queries.into_iter().all(|asked| asked.is_err()));
         let (mut running, mut most) = (0, 0);
         for line in std::fs::read_to_string(&log).unwrap().lines() {
             running = if line == "start" {
@@ -961,7 +907,7 @@ mod tests {
         assert!(matches!(err, NixCmdError::Spawn { .. }), "{err:?}");
         assert!(
             err.to_string()
-                .starts_with("cannot run `nix-store --check-validity --print-invalid /nix/store/")
+                .starts_with("cannot run `nix-daemon --option require-sigs true --stdio`")
         );
     }
 }

@@ -223,7 +223,7 @@ pub async fn run(
         },
         config.admin_group.clone(),
     ));
-    let nix = Nix::new();
+    let nix = Nix::builder().spare_connection().build();
     let sessions = Arc::new(Sessions::new(SessionCaps {
         per_client: config.max_sessions_per_client as usize,
         per_ticket: config.max_sessions_per_ticket as usize,

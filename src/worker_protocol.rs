@@ -448,6 +448,8 @@ impl Writer {
 pub struct Negotiated {
     /// The version both speak.
     pub version: Version,
+    /// Whether the store trusts the client, where it says (1.35 and later).
+    pub trusted: Option<bool>,
 }
 
 /// The store side of the handshake, up to (not including) the first log
@@ -489,16 +491,21 @@ pub async fn accept<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         w.u64(if trusted { 1 } else { 2 });
     }
     w.send(out).await?;
-    Ok(Negotiated { version })
+    Ok(Negotiated {
+        version,
+        trusted: version.has(35).then_some(trusted),
+    })
 }
 
-/// The version the client side speaks: Nix 2.8's, which every later Nix
-/// still accepts, and which has everything [`connect`]'s callers use.
-pub const CLIENT: Version = OLDEST;
+/// The version the client side speaks: Nix 2.15's, which is Nix 2.8's
+/// with the store's word on whether it trusts the client. Every later Nix
+/// still accepts it, and it has everything [`connect`]'s callers use.
+pub const CLIENT: Version = Version::new(1, 35);
 
 /// The client side of the handshake, up to the store's first reply:
 /// magic numbers, version, no CPU affinity, no reserved space, the store's
-/// Nix version (1.33), and the log frames that end the handshake.
+/// Nix version (1.33), whether it trusts the client (1.35), and the log
+/// frames that end the handshake.
 pub async fn connect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reader: &mut Reader<R>,
     out: &mut W,
@@ -524,12 +531,22 @@ pub async fn connect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         .send(out)
         .await?;
     reader.bytes().await?;
+    let trusted = if version.has(35) {
+        // 0 is "unknown".
+        match reader.u64().await? {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    } else {
+        None
+    };
     if let Err(message) = reader.reply().await? {
         return Err(WireError::Malformed(format!(
             "the store refused the connection: {message}"
         )));
     }
-    Ok(Negotiated { version })
+    Ok(Negotiated { version, trusted })
 }
 
 /// Operation codes (Nix's `WorkerProto::Op`).

@@ -24,7 +24,7 @@ use crate::{
     client::{
         Target,
         link::CompressMode,
-        remote_build::{self, BuildOptions, Observer, Outcome, RemoteBuild},
+        remote_build::{self, BuildOptions, Observer, Outcome, Plan, RemoteBuild},
     },
     nix::store_path::StorePath,
     nixcmd::{EvalFlags, Evaluated, Nix, strip_controls},
@@ -288,7 +288,7 @@ pub(super) async fn run(args: Args, relay: RelayChoice) -> Result<(), Failure> {
     // From the start: a signal that found no handler would end drv-thru
     // without its Nix processes, and one handled only later is swallowed.
     let mut interrupts = Interrupts::install();
-    let nix = Nix::new();
+    let nix = Nix::builder().spare_connection().build();
     // Bound only once a builder is to be contacted, and kept here so that
     // whatever ends the preparation closes it rather than drops it.
     let endpoint = OnceCell::new();
@@ -377,9 +377,13 @@ async fn prepare(
     relay: RelayChoice,
     endpoint: &OnceCell<iroh::Endpoint>,
 ) -> Result<Prepared, Failure> {
-    let evaluated = remote_build::evaluate(nix, &args.installable, &args.eval_flags()).await?;
+    let flags = args.eval_flags();
+    let evaluation = remote_build::evaluate(nix, &args.installable, &flags);
     let Some(target) = args.target()? else {
-        if !args.rebuild && remote_build::outputs_valid(nix, &evaluated).await? {
+        let evaluated = evaluation.await?;
+        if !args.rebuild
+            && remote_build::outputs_valid(&mut nix.questions().await?, &evaluated).await?
+        {
             return Ok(valid_here(evaluated));
         }
         return Err(anyhow!(
@@ -387,39 +391,36 @@ async fn prepare(
         )
         .into());
     };
-    let build = RemoteBuild::prepare(
-        nix,
-        evaluated.clone(),
-        &target,
-        endpoint,
-        relay,
-        args.key_file.as_deref(),
-    );
-    if args.rebuild {
-        return Ok(Prepared::Remote(Box::new(build.await?)));
-    }
-    // The builder is dialled while the local store is asked: each costs a
-    // build's start tens of milliseconds. Valid outputs need no builder, so
-    // the answer does not wait for the dial.
-    tokio::pin!(build);
-    let mut prepared = None;
-    let valid = {
-        let check = remote_build::outputs_valid(nix, &evaluated);
-        tokio::pin!(check);
-        loop {
-            tokio::select! {
-                valid = &mut check => break valid?,
-                built = &mut build, if prepared.is_none() => prepared = Some(built),
-            }
+    // The builder is dialled while Nix evaluates: a dial costs a build's
+    // start tens of milliseconds, more over a long path. Valid outputs need
+    // no builder, so that answer does not wait for the dial.
+    let contact = remote_build::contact(&target, endpoint, relay, args.key_file.as_deref());
+    let local = async {
+        let evaluated = evaluation.await?;
+        let mut questions = nix.questions().await?;
+        if !args.rebuild && remote_build::outputs_valid(&mut questions, &evaluated).await? {
+            return Ok(Err(evaluated));
+        }
+        let plan = Plan::read(nix, &mut questions, evaluated.drv_path, evaluated.outputs).await?;
+        anyhow::Ok(Ok(plan))
+    };
+    tokio::pin!(contact, local);
+    let mut contacted = None;
+    let local = loop {
+        tokio::select! {
+            local = &mut local => break local?,
+            made = &mut contact, if contacted.is_none() => contacted = Some(made),
         }
     };
-    if valid {
-        return Ok(valid_here(evaluated));
-    }
-    let build = match prepared {
-        Some(built) => built?,
-        None => build.await?,
+    let plan = match local {
+        Ok(plan) => plan,
+        Err(valid) => return Ok(valid_here(valid)),
     };
+    let connection = match contacted {
+        Some(made) => made?,
+        None => contact.await?,
+    };
+    let build = RemoteBuild::prepare(nix, &target, connection, plan).await?;
     Ok(Prepared::Remote(Box::new(build)))
 }
 

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     nix::{signing::PublicKey, store_path::StorePath},
-    nixcmd::{EvalFlags, Evaluated, Nix, NixCmdError, PathInfo},
+    nixcmd::{EvalFlags, Evaluated, Nix, NixCmdError, PathInfo, Questions},
     proto::{self, BuildResult, build_response::Event},
     transport::endpoint::RelayChoice,
 };
@@ -56,9 +56,12 @@ pub async fn evaluate(
 }
 
 /// Whether every output of `evaluated` is valid in the local store already.
-pub async fn outputs_valid(nix: &Nix, evaluated: &Evaluated) -> anyhow::Result<bool> {
+pub async fn outputs_valid(
+    questions: &mut Questions,
+    evaluated: &Evaluated,
+) -> anyhow::Result<bool> {
     let outputs: Vec<StorePath> = evaluated.outputs.values().cloned().collect();
-    Ok(nix.invalid_paths(&outputs).await?.is_empty())
+    Ok(questions.invalid_paths(&outputs).await?.is_empty())
 }
 
 /// What to build: the derivation, the outputs asked for, and the
@@ -76,6 +79,30 @@ pub struct Plan {
     /// to. Offered to the builder, which takes those signed by a key it
     /// trusts instead of building them.
     pub signed: Vec<PathInfo>,
+}
+
+impl Plan {
+    /// The plan to build `drv` for `outputs`: its closure, and the paths
+    /// built elsewhere that may save building some of it, as the local
+    /// store answers `questions`.
+    pub async fn read(
+        nix: &Nix,
+        questions: &mut Questions,
+        drv: StorePath,
+        outputs: BTreeMap<String, StorePath>,
+    ) -> anyhow::Result<Self> {
+        let inputs = questions
+            .closure_infos(std::slice::from_ref(&drv))
+            .await
+            .with_context(|| format!("reading the closure of {drv} from the local store"))?;
+        let signed = built_elsewhere(nix, questions, &drv, &inputs).await;
+        Ok(Self {
+            drv,
+            outputs,
+            inputs,
+            signed,
+        })
+    }
 }
 
 /// How a remote build may be run.
@@ -123,6 +150,20 @@ pub trait Observer {
     fn imported_through_helper(&mut self);
 }
 
+/// Connects to `target` from the endpoint in `endpoint` (bound here with
+/// `relay` and the client key at `key_file`). Nothing in it needs the
+/// derivation, so it can run while Nix evaluates. The caller owns
+/// `endpoint` and closes it if this fails.
+pub async fn contact(
+    target: &Target,
+    endpoint: &OnceCell<iroh::Endpoint>,
+    relay: RelayChoice,
+    key_file: Option<&Path>,
+) -> anyhow::Result<Connection> {
+    let endpoint = endpoint.get_or_try_init(|| bind(relay, key_file)).await?;
+    dial(endpoint, target).await
+}
+
 /// A build ready to be sent to a connected builder: everything that may
 /// still refuse it before a session is opened has been checked.
 #[derive(Debug)]
@@ -133,42 +174,20 @@ pub struct RemoteBuild {
 }
 
 impl RemoteBuild {
-    /// Connects to `target` from the endpoint in `endpoint` (bound here with
-    /// `relay` and the client key at `key_file`), decides how the outputs
-    /// will be imported and reads the derivation's closure, all at once.
-    /// The caller owns `endpoint` and closes it if this fails.
+    /// The build of `plan` on the builder at the other end of `connection`,
+    /// once it is decided how its outputs will be imported: a refusal here
+    /// costs no ticket use and no upload.
     pub async fn prepare(
         nix: &Nix,
-        evaluated: Evaluated,
         target: &Target,
-        endpoint: &OnceCell<iroh::Endpoint>,
-        relay: RelayChoice,
-        key_file: Option<&Path>,
+        connection: Connection,
+        plan: Plan,
     ) -> anyhow::Result<Self> {
-        // A refusal here costs no ticket use and no upload.
-        let import = OutputImport::prepare(nix, target.trusted_signing_key());
-        let inputs = async {
-            let closure = nix
-                .closure_infos(std::slice::from_ref(&evaluated.drv_path))
-                .await?;
-            let signed = built_elsewhere(nix, &evaluated.drv_path, &closure).await;
-            anyhow::Ok((closure, signed))
-        };
-        let connection = async {
-            let endpoint = endpoint.get_or_try_init(|| bind(relay, key_file)).await?;
-            dial(endpoint, target).await
-        };
-        let (import, inputs, connection) = tokio::join!(import, inputs, connection);
-        let (inputs, signed) = inputs?;
+        let import = OutputImport::prepare(nix, target.trusted_signing_key()).await?;
         Ok(Self {
-            import: import?,
-            connection: connection?,
-            plan: Plan {
-                inputs,
-                signed,
-                drv: evaluated.drv_path,
-                outputs: evaluated.outputs,
-            },
+            import,
+            connection,
+            plan,
         })
     }
 
@@ -356,8 +375,13 @@ pub async fn build_in_session(
 /// local store holds with signatures, and the signed paths they refer to,
 /// outside `closure`. Offering them is only a saving, so a failure to find
 /// them offers none.
-pub async fn built_elsewhere(nix: &Nix, drv: &StorePath, closure: &[PathInfo]) -> Vec<PathInfo> {
-    match signed_outputs(nix, drv, closure).await {
+async fn built_elsewhere(
+    nix: &Nix,
+    questions: &mut Questions,
+    drv: &StorePath,
+    closure: &[PathInfo],
+) -> Vec<PathInfo> {
+    match signed_outputs(nix, questions, drv, closure).await {
         Ok(signed) => signed,
         Err(err) => {
             tracing::warn!("dependencies built elsewhere are not offered to the builder: {err}");
@@ -368,6 +392,7 @@ pub async fn built_elsewhere(nix: &Nix, drv: &StorePath, closure: &[PathInfo]) -
 
 async fn signed_outputs(
     nix: &Nix,
+    questions: &mut Questions,
     drv: &StorePath,
     closure: &[PathInfo],
 ) -> Result<Vec<PathInfo>, NixCmdError> {
@@ -381,7 +406,7 @@ async fn signed_outputs(
         return Ok(Vec::new());
     }
     let outputs = nix.derivation_outputs(&drvs).await?;
-    let signed: Vec<StorePath> = nix
+    let signed: Vec<StorePath> = questions
         .path_info(&outputs)
         .await?
         .into_iter()
@@ -392,7 +417,7 @@ async fn signed_outputs(
         return Ok(Vec::new());
     }
     let in_closure: BTreeSet<&StorePath> = closure.iter().map(|info| &info.path).collect();
-    Ok(nix
+    Ok(questions
         .closure_infos(&signed)
         .await?
         .into_iter()

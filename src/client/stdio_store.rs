@@ -40,7 +40,7 @@ use self::shared::{SHARED_DIR, SharedOutputs};
 use super::{
     Connection, Target, bind, dial,
     link::{CompressMode, Direction},
-    remote_build::{BuildOptions, Observer, Plan, SessionBuild, build_in_session, built_elsewhere},
+    remote_build::{BuildOptions, Observer, Plan, SessionBuild, build_in_session},
     status_error,
 };
 use crate::{
@@ -205,7 +205,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
             version: negotiated.version,
             name: name.to_owned(),
             key,
-            nix: Nix::new(),
+            nix: Nix::builder().spare_connection().build(),
             connection,
             shared,
             served: BTreeMap::new(),
@@ -508,18 +508,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
         drv: StorePath,
         outputs: BTreeMap<String, StorePath>,
     ) -> Result<wire::BuildResult, Failure> {
-        let inputs = self
-            .nix
-            .closure_infos(std::slice::from_ref(&drv))
-            .await
-            .with_context(|| format!("reading the closure of {drv} from the local store"))?;
-        let signed = built_elsewhere(&self.nix, &drv, &inputs).await;
-        let plan = Plan {
-            drv,
-            outputs,
-            inputs,
-            signed,
-        };
+        let mut questions = self.nix.questions().await?;
+        let plan = Plan::read(&self.nix, &mut questions, drv, outputs).await?;
+        drop(questions);
         let started = proto::now_unix();
         let Self {
             reader,

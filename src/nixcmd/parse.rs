@@ -1,17 +1,19 @@
-//! Parsing the JSON that Nix commands print, in the shapes of Nix 2.8 and of 2.18–2.26.
+//! Parsing the JSON that Nix commands print, in the shapes of Nix 2.8 and of 2.18–2.26, and the
+//! path infos its worker protocol carries.
 //!
 //! Pure functions from text to values, so the tests run on captured output without Nix. Each
 //! returns a reason string on failure; the caller wraps it with the command that printed the text.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::nix::content_address::ContentAddress;
-use crate::nix::hash::Sha256Hash;
+use crate::nix::hash::{Hash, HashAlgo, Sha256Hash};
 use crate::nix::narinfo::NarInfo;
 use crate::nix::signing::Signature;
 use crate::nix::store_path::StorePath;
+use crate::worker_protocol as wire;
 
 /// One derivation an installable evaluated to, with the paths its outputs will have.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,91 +116,35 @@ pub fn evaluated(stdout: &str) -> Result<Vec<Evaluated>, String> {
         .collect()
 }
 
-/// Parses `nix path-info --json`: an array of objects with `"path"` in 2.8, an object keyed by
-/// path in 2.18+. Paths that are not valid (`"valid": false` in 2.8, `null` in 2.18+) are left out.
-pub fn path_infos(stdout: &str) -> Result<Vec<PathInfo>, String> {
-    let value: Value = serde_json::from_str(stdout.trim()).map_err(|e| format!("not json: {e}"))?;
-    let mut infos = Vec::new();
-    match value {
-        Value::Array(entries) => {
-            for entry in &entries {
-                let entry = entry.as_object().ok_or("expected an array of objects")?;
-                let path = entry
-                    .get("path")
-                    .and_then(Value::as_str)
-                    .ok_or("an entry has no path")?;
-                if entry.get("valid") == Some(&Value::Bool(false)) {
-                    continue;
-                }
-                infos.push(path_info(store_path(path)?, entry)?);
-            }
-        }
-        Value::Object(entries) => {
-            for (path, entry) in &entries {
-                match entry {
-                    Value::Null => {}
-                    Value::Object(entry) if entry.get("valid") == Some(&Value::Bool(false)) => {}
-                    Value::Object(entry) => infos.push(path_info(store_path(path)?, entry)?),
-                    _ => return Err(format!("the entry of {path} is not an object")),
-                }
-            }
-        }
-        _ => return Err("expected a json array or object".to_owned()),
-    }
-    Ok(infos)
-}
-
-fn path_info(path: StorePath, entry: &Map<String, Value>) -> Result<PathInfo, String> {
-    let context = |what: &str| format!("{what} of {path}");
-    let nar_hash = entry
-        .get("narHash")
-        .and_then(Value::as_str)
-        .ok_or_else(|| context("missing narHash"))?
-        .parse()
-        .map_err(|e| format!("{}: {e}", context("bad narHash")))?;
-    let nar_size = entry
-        .get("narSize")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| context("missing narSize"))?;
-    let references = match entry.get("references") {
-        Some(Value::Array(refs)) => refs
-            .iter()
-            .map(|r| r.as_str().ok_or_else(|| context("bad reference")))
-            .map(|r| r.and_then(store_path))
-            .collect::<Result<_, _>>()?,
-        None | Some(Value::Null) => BTreeSet::new(),
-        Some(_) => return Err(context("bad references")),
+/// Reads `path`'s info as the worker protocol carries it (`QueryPathInfo`'s answer): the NAR
+/// hash in hex, empty strings for no deriver and no content address.
+pub fn wire_path_info(path: StorePath, info: wire::PathInfo) -> Result<PathInfo, String> {
+    let context = |what: &str, err: &dyn std::fmt::Display| format!("{what} of {path}: {err}");
+    let nar_hash = Hash::parse_digest(HashAlgo::Sha256, &info.nar_hash)
+        .and_then(Sha256Hash::try_from)
+        .map_err(|e| context("bad narHash", &e))?;
+    let references = info
+        .references
+        .iter()
+        .map(|r| store_path(r))
+        .collect::<Result<_, _>>()?;
+    let deriver = match info.deriver.as_str() {
+        "" => None,
+        deriver => Some(store_path(deriver)?),
     };
-    let deriver = match entry.get("deriver") {
-        Some(Value::String(d)) => Some(store_path(d)?),
-        None | Some(Value::Null) => None,
-        Some(_) => return Err(context("bad deriver")),
+    let ca = match info.ca.as_str() {
+        "" => None,
+        ca => Some(ca.parse().map_err(|e| context("bad ca", &e))?),
     };
-    let ca = match entry.get("ca") {
-        Some(Value::String(ca)) => Some(
-            ca.parse()
-                .map_err(|e| format!("{}: {e}", context("bad ca")))?,
-        ),
-        None | Some(Value::Null) => None,
-        Some(_) => return Err(context("bad ca")),
-    };
-    let signatures = match entry.get("signatures") {
-        Some(Value::Array(sigs)) => sigs
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .ok_or_else(|| context("bad signature"))?
-                    .parse()
-                    .map_err(|e| format!("{}: {e}", context("bad signature")))
-            })
-            .collect::<Result<_, _>>()?,
-        None | Some(Value::Null) => Vec::new(),
-        Some(_) => return Err(context("bad signatures")),
-    };
+    let signatures = info
+        .sigs
+        .iter()
+        .map(|s| s.parse().map_err(|e| context("bad signature", &e)))
+        .collect::<Result<_, _>>()?;
     Ok(PathInfo {
         path,
         nar_hash,
-        nar_size,
+        nar_size: info.nar_size,
         references,
         deriver,
         ca,
@@ -243,19 +189,6 @@ pub fn config_subset(stdout: &str) -> Result<ConfigSubset, String> {
     })
 }
 
-/// Parses the `trusted` field of `nix store info --json` (2.19+) or `nix store ping --json`
-/// (2.15–2.18): `{"trusted": 1, "url": "daemon", "version": "2.26.3"}`. `None` when the store did
-/// not say (older daemons, stores without the notion).
-pub fn store_trusted(stdout: &str) -> Result<Option<bool>, String> {
-    let value: Value = serde_json::from_str(stdout.trim()).map_err(|e| format!("not json: {e}"))?;
-    let info = value.as_object().ok_or("expected a json object")?;
-    Ok(match info.get("trusted") {
-        Some(Value::Bool(b)) => Some(*b),
-        Some(Value::Number(n)) => n.as_u64().map(|n| n != 0),
-        _ => None,
-    })
-}
-
 /// Parses `nix-store` output of one store path per line (`-qR`, `--references`, `--realise`,
 /// `--print-invalid`), ignoring empty lines.
 pub fn path_lines(stdout: &str) -> Result<Vec<StorePath>, String> {
@@ -292,12 +225,8 @@ pub(super) fn assert_ca_recomputes(info: &PathInfo) {
 mod tests {
     use super::*;
 
-    const PATH_INFO_28: &str = include_str!("../../tests/data/nixcmd/path-info-2.8.json");
-    const PATH_INFO_DRV_28: &str = include_str!("../../tests/data/nixcmd/path-info-drv-2.8.json");
-    const PATH_INFO_226: &str = include_str!("../../tests/data/nixcmd/path-info-2.26.json");
     const CONFIG_28: &str = include_str!("../../tests/data/nixcmd/show-config-2.8.json");
     const CONFIG_226: &str = include_str!("../../tests/data/nixcmd/config-show-2.26.json");
-    const STORE_INFO_226: &str = include_str!("../../tests/data/nixcmd/store-info-2.26.json");
     const BUILD_28: &str = include_str!("../../tests/data/nixcmd/build-dry-run-2.8.json");
     const BUILD_226: &str = include_str!("../../tests/data/nixcmd/build-dry-run-2.26.json");
 
@@ -327,84 +256,72 @@ mod tests {
         assert!(evaluated(bad).unwrap_err().contains("not in /nix/store"));
     }
 
-    #[test]
-    fn path_info_shapes_agree() {
-        // 2.8 needed two calls (see capture.sh); 2.26 one. Both list a missing path, the multi .drv,
-        // the source and the hello output.
-        let mut a = path_infos(PATH_INFO_28).unwrap();
-        a.extend(path_infos(PATH_INFO_DRV_28).unwrap());
-        let b = path_infos(PATH_INFO_226).unwrap();
-        assert_eq!(a.len(), 3);
-        assert_eq!(b.len(), 3);
-        let by_name = |infos: &[PathInfo], name: &str| {
-            infos
-                .iter()
-                .find(|i| i.path.name() == name)
-                .cloned()
-                .unwrap()
+    /// `QueryPathInfo`'s answer for the `.drv` of the 2.26 captures, as `nix path-info --json`
+    /// printed it there.
+    fn multi_drv() -> (StorePath, wire::PathInfo) {
+        let path = store_path("/nix/store/3va1gl78nb592cy4ngd1aj3pywlx8cx8-nixcmd-multi.drv");
+        let info = wire::PathInfo {
+            deriver: String::new(),
+            nar_hash: "8d9ae4960149bcf17ce66dfa1035eed6261adfb6bde4a87b966862ddd575ee6f".to_owned(),
+            references: vec![
+                "/nix/store/4gf863p6zvhq4vjvxfs8shxk9kzipdrx-nixcmd-hello.drv".to_owned(),
+                "/nix/store/i86aashvzkhvg84wh8b8sppr9mjiifqj-nixcmd-fixture-src".to_owned(),
+            ],
+            registration_time: 1795794325,
+            nar_size: 944,
+            ultimate: false,
+            sigs: Vec::new(),
+            ca: "text:sha256:1lfn7f6zcgd96lxnqlc4q25hx4bwx5kgm1ysr2p0ajldr762lq0w".to_owned(),
         };
-        for name in ["nixcmd-multi.drv", "nixcmd-fixture-src", "nixcmd-hello"] {
-            let (x, y) = (by_name(&a, name), by_name(&b, name));
-            assert_eq!(x.path, y.path);
-            assert_eq!(x.nar_hash, y.nar_hash);
-            assert_eq!(x.nar_size, y.nar_size);
-            assert_eq!(x.references, y.references);
-            assert_eq!(x.deriver, y.deriver);
-            assert_eq!(x.ca, y.ca);
-        }
-        let drv = by_name(&b, "nixcmd-multi.drv");
-        assert!(matches!(drv.ca, Some(ContentAddress::Text(_))));
-        assert!(
-            drv.references
-                .iter()
-                .any(|r| r.name() == "nixcmd-hello.drv")
-        );
-        assert!(
-            drv.references
-                .iter()
-                .any(|r| r.name() == "nixcmd-fixture-src")
-        );
-        assert_eq!(drv.deriver, None);
-        let src = by_name(&a, "nixcmd-fixture-src");
-        assert_eq!(
-            src.ca.as_ref().unwrap().to_string().get(..14),
-            Some("fixed:r:sha256")
-        );
-        let out = by_name(&a, "nixcmd-hello");
-        assert_eq!(out.ca, None);
-        assert_eq!(out.deriver.unwrap().name(), "nixcmd-hello.drv");
-        // Content addresses recompute to the paths they describe.
-        for info in [&drv, &src] {
-            assert_ca_recomputes(info);
-        }
+        (path.unwrap(), info)
     }
 
     #[test]
-    fn path_info_reads_signatures_and_skips_missing() {
-        let json = r#"{"/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt":{"ca":null,"deriver":null,
-            "narHash":"sha256-LXfzyoobFXLCjjtInN3FVBweyiWTuX6ry2PqLV5kkTQ=","narSize":8,"references":[],
-            "signatures":["k-1:2nffe0lw1Lh8JFkA6gLCsKe62t4wsBiNwe+Utnxwuj6+uv9gQRtNJ5bpFZ+H3aZDgWyiVhVUdyCx6Ln3fQBRCw=="]},
-            "/nix/store/00000000000000000000000000000000-gone":null}"#;
-        let infos = path_infos(json).unwrap();
-        assert_eq!(infos.len(), 1);
-        assert_eq!(infos[0].signatures.len(), 1);
-        assert_eq!(infos[0].signatures[0].key_name(), "k-1");
-        let old = r#"[{"path":"/nix/store/00000000000000000000000000000000-gone","valid":false}]"#;
-        assert!(path_infos(old).unwrap().is_empty());
-        assert!(path_infos("[]").unwrap().is_empty());
-        assert!(path_infos("{}").unwrap().is_empty());
-        assert!(path_infos("3").is_err());
-        let no_hash = r#"[{"path":"/nix/store/00000000000000000000000000000000-x","narSize":1}]"#;
-        assert!(path_infos(no_hash).unwrap_err().contains("narHash"));
+    fn wire_path_infos_read_every_field() {
+        let (path, info) = multi_drv();
+        let drv = wire_path_info(path.clone(), info.clone()).unwrap();
+        assert_eq!(drv.path, path);
+        let json_hash: Sha256Hash = "sha256-jZrklgFJvPF85m36EDXu1iYa37a95Kh7lmhi3dV17m8="
+            .parse()
+            .unwrap();
+        assert_eq!(drv.nar_hash, json_hash);
+        assert_eq!(drv.nar_size, 944);
+        assert!(matches!(drv.ca, Some(ContentAddress::Text(_))));
+        assert_eq!(drv.deriver, None);
+        assert_eq!(drv.references.len(), 2);
+        assert_ca_recomputes(&drv);
+
+        let signed = wire::PathInfo {
+            deriver: "/nix/store/4gf863p6zvhq4vjvxfs8shxk9kzipdrx-nixcmd-hello.drv".to_owned(),
+            sigs: vec!["k-1:2nffe0lw1Lh8JFkA6gLCsKe62t4wsBiNwe+Utnxwuj6+uv9gQRtNJ5bpFZ+H3aZDgWyiVhVUdyCx6Ln3fQBRCw==".to_owned()],
+            ca: String::new(),
+            ..info.clone()
+        };
+        let out = wire_path_info(path.clone(), signed).unwrap();
+        assert_eq!(out.deriver.unwrap().name(), "nixcmd-hello.drv");
+        assert_eq!(out.signatures[0].key_name(), "k-1");
+        assert_eq!(out.ca, None);
+
+        let prefixed = wire::PathInfo {
+            nar_hash: format!("sha256:{}", info.nar_hash),
+            ..info.clone()
+        };
+        assert!(
+            wire_path_info(path.clone(), prefixed)
+                .unwrap_err()
+                .contains("narHash")
+        );
+        let bad_ref = wire::PathInfo {
+            references: vec!["/tmp/x".to_owned()],
+            ..info
+        };
+        assert!(wire_path_info(path, bad_ref).is_err());
     }
 
     #[test]
     fn narinfo_from_path_info_round_trips() {
-        let info = path_infos(PATH_INFO_226)
-            .unwrap()
-            .into_iter()
-            .find(|i| i.path.name() == "nixcmd-multi.drv")
-            .unwrap();
+        let (path, info) = multi_drv();
+        let info = wire_path_info(path, info).unwrap();
         let narinfo = info.to_narinfo(format!("nar/{}.nar", info.nar_hash.to_nix_base32()));
         let text = narinfo.to_string();
         assert!(text.contains("Compression: none\n"), "{text}");
@@ -432,18 +349,6 @@ mod tests {
         assert!(!c.require_sigs);
         assert!(config_subset("[]").is_err());
         assert!(config_subset(r#"{"trusted-users":{"value":3}}"#).is_err());
-    }
-
-    #[test]
-    fn store_info_trust() {
-        assert_eq!(store_trusted(STORE_INFO_226), Ok(Some(true)));
-        assert_eq!(
-            store_trusted(r#"{"trusted":0,"url":"daemon"}"#),
-            Ok(Some(false))
-        );
-        assert_eq!(store_trusted(r#"{"trusted":false}"#), Ok(Some(false)));
-        assert_eq!(store_trusted(r#"{"url":"daemon"}"#), Ok(None));
-        assert!(store_trusted("Store URL: daemon").is_err());
     }
 
     #[test]

@@ -275,7 +275,13 @@ fn evaluates_and_queries_the_store() {
             names,
             BTreeSet::from(["nixcmd-multi.drv", "nixcmd-hello.drv", "nixcmd-fixture-src"])
         );
-        let refs = env.nix.references(&multi.drv_path).await.unwrap();
+        let refs = env
+            .nix
+            .path_info(std::slice::from_ref(&multi.drv_path))
+            .await
+            .unwrap()
+            .remove(0)
+            .references;
         assert_eq!(refs.len(), 2);
         let src = refs.iter().find(|p| !p.is_derivation()).unwrap().clone();
 

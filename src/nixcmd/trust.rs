@@ -37,7 +37,7 @@ impl TrustInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TrustBasis {
-    /// The store said so itself (`nix store info --json`, Nix 2.15+).
+    /// The store said so itself (in the worker protocol's handshake, Nix 2.15+).
     StoreReported,
     /// The user is root.
     Root,
@@ -90,22 +90,13 @@ async fn show_config(nix: &Nix) -> Result<ConfigSubset, NixCmdError> {
     Err(last_error.expect("two attempts were made"))
 }
 
-/// `trusted` from `nix store info --json` or `nix store ping --json`; `None` where neither
-/// command reports it (Nix 2.8 has no `store info` and no `--json` on `store ping`).
+/// Whether the store trusts this user, as it says when a connection opens (Nix 2.15 and later,
+/// where `nix store info` reports the same); `None` where it does not say (Nix 2.8) or cannot be
+/// reached.
 async fn store_reported_trust(nix: &Nix) -> Option<bool> {
-    for command in ["info", "ping"] {
-        let line = nix.command_line(
-            Program::Nix,
-            vec!["store".into(), command.into(), "--json".into()],
-        );
-        let Ok(output) = nix.run(&line).await else {
-            return None;
-        };
-        if output.success() {
-            return parse::store_trusted(&output.stdout_text()).ok().flatten();
-        }
-    }
-    None
+    let connection = nix.connection().await.ok()?;
+    let trusted = connection.trusted();
+    connection.finish(Ok(trusted)).await.ok().flatten()
 }
 
 /// Decides trust from the configuration, as a nix-daemon decides it for a connecting client.

@@ -19,17 +19,8 @@ realise --check "$(drv nondet)" 2> "check-nondet-$V.log"
 realise "$(drv multi)!dev" 2> "realise-multi-dev-$V.log"
 
 nix build --dry-run --json --no-link -f fixture.nix --argstr salt "$salt" multi > "build-dry-run-$V.json" 2>/dev/null
-missing=/nix/store/00000000000000000000000000000000-missing
-src=$(nix-instantiate --eval --raw fixture.nix -A src 2>/dev/null || nix-instantiate --eval fixture.nix -A src | tr -d '"')
-hello=$(nix-store -q --outputs "$(drv hello)")
 if [ "$V" = 2.8 ]; then
-  # 2.8 reads a .drv argument as "its outputs" unless --derivation is given, which in turn fails
-  # for paths without a deriver: two calls.
-  nix path-info --json "$missing" "$src" "$hello" > "path-info-$V.json"
-  nix path-info --json --derivation "$(drv multi)" > "path-info-drv-$V.json"
   nix show-config --json > "show-config-$V.json"
 else
-  nix path-info --json "$missing" "$(drv multi)" "$src" "$hello" > "path-info-$V.json"
   nix config show --json > "config-show-$V.json"
-  nix store info --json > "store-info-$V.json"
 fi
