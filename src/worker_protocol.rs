@@ -976,6 +976,43 @@ mod tests {
         (negotiated, out)
     }
 
+    /// What a store at `version` sends to [`connect`], saying `trust`
+    /// where the version has it.
+    async fn connect_to(version: Version, trust: u64) -> (Negotiated, Vec<u8>) {
+        let store = wire(|w| {
+            w.u64(MAGIC_2).u64(version.wire()).string("2.26.3");
+            if version.has(35) {
+                w.u64(trust);
+            }
+            w.last();
+        });
+        let mut out = Vec::new();
+        let negotiated = connect(&mut Reader::new(store.as_slice()), &mut out)
+            .await
+            .unwrap();
+        (negotiated, out)
+    }
+
+    #[tokio::test]
+    async fn connecting_reads_the_store_trust_where_it_is_said() {
+        let (negotiated, out) = connect_to(Version::new(1, 37), 2).await;
+        assert_eq!(negotiated.version, CLIENT);
+        assert_eq!(negotiated.trusted, Some(false));
+        let hello = wire(|w| {
+            w.u64(MAGIC_1).u64(CLIENT.wire()).u64(0).u64(0);
+        });
+        assert_eq!(out, hello);
+        assert_eq!(
+            connect_to(Version::new(1, 38), 1).await.0.trusted,
+            Some(true)
+        );
+        assert_eq!(connect_to(Version::new(1, 37), 0).await.0.trusted, None);
+        // Nix 2.8 does not say.
+        let (negotiated, _) = connect_to(Version::new(1, 34), 0).await;
+        assert_eq!(negotiated.version, Version::new(1, 34));
+        assert_eq!(negotiated.trusted, None);
+    }
+
     #[tokio::test]
     async fn handshake_with_nix_2_8_sends_version_and_trust() {
         let (negotiated, out) = handshake(Version::new(1, 34)).await;

@@ -368,6 +368,14 @@ enum Prepared {
     Remote(Box<RemoteBuild>),
 }
 
+/// What the local store holds of an evaluated installable.
+enum Locally {
+    /// Every output it asks for.
+    Valid(Evaluated),
+    /// Not every output: the plan to build it elsewhere.
+    Lacking(Plan),
+}
+
 /// Evaluates `args.installable` and, unless its outputs are valid here,
 /// gets a remote build ready from `endpoint` (bound here). The caller closes
 /// `endpoint` if this fails.
@@ -399,10 +407,10 @@ async fn prepare(
         let evaluated = evaluation.await?;
         let mut questions = nix.questions().await?;
         if !args.rebuild && remote_build::outputs_valid(&mut questions, &evaluated).await? {
-            return Ok(Err(evaluated));
+            return Ok(Locally::Valid(evaluated));
         }
         let plan = Plan::read(nix, &mut questions, evaluated.drv_path, evaluated.outputs).await?;
-        anyhow::Ok(Ok(plan))
+        anyhow::Ok(Locally::Lacking(plan))
     };
     tokio::pin!(contact, local);
     let mut contacted = None;
@@ -413,8 +421,8 @@ async fn prepare(
         }
     };
     let plan = match local {
-        Ok(plan) => plan,
-        Err(valid) => return Ok(valid_here(valid)),
+        Locally::Lacking(plan) => plan,
+        Locally::Valid(evaluated) => return Ok(valid_here(evaluated)),
     };
     let connection = match contacted {
         Some(made) => made?,

@@ -508,9 +508,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Store<R, W> {
         drv: StorePath,
         outputs: BTreeMap<String, StorePath>,
     ) -> Result<wire::BuildResult, Failure> {
-        let mut questions = self.nix.questions().await?;
-        let plan = Plan::read(&self.nix, &mut questions, drv, outputs).await?;
-        drop(questions);
+        let plan = Plan::read(&self.nix, &mut self.nix.questions().await?, drv, outputs).await?;
         let started = proto::now_unix();
         let Self {
             reader,
