@@ -1,10 +1,10 @@
 //! The one place in drv-thru that runs Nix.
 //!
-//! Every `nix`, `nix-store` and `nix-daemon` process goes through a [`Nix`] handle, which fixes how commands are
-//! started: the program is run directly with an argument vector (never through a shell), stdin is
-//! closed, the environment is cleared down to a short list of variables Nix needs plus whatever the
-//! handle adds (`NIX_CONF_DIR`, `NIX_REMOTE`, …), and the handle's `--store` and `--option` settings
-//! are passed to every command. Methods take typed values ([`StorePath`], [`PublicKey`]) and return
+//! Every `nix`, `nix-store` and `nix-daemon` process goes through a [`Nix`] handle, which fixes how
+//! commands are started: the program is run directly with an argument vector (never through a
+//! shell), stdin is closed, the environment is cleared down to a short list of variables Nix needs
+//! plus whatever the handle adds (`NIX_CONF_DIR`, `NIX_REMOTE`, …), and the handle's `--store` and
+//! `--option` settings are passed to every command. Methods take typed values ([`StorePath`], [`PublicKey`]) and return
 //! typed results; failures carry the command line and the end of Nix's stderr.
 //!
 //! Nix's command line and output changed between Nix 2.8 (Debian 12) and 2.18–2.26 (and Lix).
@@ -616,11 +616,10 @@ impl Nix {
     ///
     /// Takes the store's own word where it gives it: from Nix 2.15 on, the store says whether it
     /// trusts the client when a connection opens, as `nix store info` reports. Nix 2.8 does not;
-    /// then the answer is
-    /// worked out from `nix show-config --json` (`nix config show --json` on newer Nix) as the
-    /// daemon does it: root, or a `trusted-users` entry `*`, the user's name, or `@group` for the
-    /// user's primary group or a group listing the user. That reads the client's configuration,
-    /// which is normally the daemon's `/etc/nix/nix.conf` too.
+    /// then the answer is worked out from `nix show-config --json` (`nix config show --json` on
+    /// newer Nix) as the daemon does it: root, or a `trusted-users` entry `*`, the user's name, or
+    /// `@group` for the user's primary group or a group listing the user. That reads the client's
+    /// configuration, which is normally the daemon's `/etc/nix/nix.conf` too.
     pub async fn trust(&self) -> Result<TrustInfo, NixCmdError> {
         trust::probe(self).await
     }

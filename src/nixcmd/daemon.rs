@@ -295,11 +295,12 @@ impl Spare {
     /// failed to open; the next one starts opening after.
     async fn take(&self, nix: &Nix) -> Result<Connection, NixCmdError> {
         let ready = self.0.lock().expect("the lock is never poisoned").take();
-        let connection = match ready {
-            Some(ready) => match ready.await {
-                Ok(Ok(connection)) => Ok(connection),
-                _ => Connection::open(nix.clone()).await,
-            },
+        let opened = match ready {
+            Some(ready) => ready.await.ok().and_then(Result::ok),
+            None => None,
+        };
+        let connection = match opened {
+            Some(connection) => Ok(connection),
             None => Connection::open(nix.clone()).await,
         };
         // Only now: Nix sets a new store up when it first opens it, and two
